@@ -1,0 +1,161 @@
+"""MNIST: fetch the four official files, verify MD5, parse IDX, split, save, load.
+
+The source is torchvision's list of official mirrors, or the folder / URL prefix named
+by the MNIST_MIRROR environment variable (these machines are offline: CI points it at
+../shared/mnist). Prepared splits are saved as plain tensors (uint8 images, int64
+labels) and loaded back as one float tensor on the device.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import PrepareParams
+from .utils import StageError
+
+# name -> MD5, as torchvision.datasets.MNIST checks them (kept here so the library
+# does not need torchvision's dataset module to know them).
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+OFFICIAL_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+SPLITS = ("train", "val", "test")
+IDX_UBYTE = 0x08
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 28, 28]
+    labels: torch.Tensor  # int64 [N]
+
+
+def sources() -> list[str]:
+    """Where to look for the files, in order: MNIST_MIRROR if set, else the official mirrors."""
+    mirror = os.environ.get("MNIST_MIRROR", "").strip()
+    return [mirror] if mirror else list(OFFICIAL_MIRRORS)
+
+
+def fetch(name: str, source: str, timeout: float = 30.0) -> bytes:
+    """Read file `name` from a folder or a URL prefix."""
+    if "://" not in source:
+        path = Path(source) / name
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise StageError(f"{path}: cannot read MNIST file ({err.strerror or err})") from err
+    url = source.rstrip("/") + "/" + name
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise StageError(f"{url}: mirror unreachable ({getattr(err, 'reason', err)})") from err
+
+
+def fetch_verified(name: str) -> bytes:
+    """Fetch `name` from the first source that has it and check its MD5."""
+    errors = []
+    for source in sources():
+        try:
+            data = fetch(name, source)
+        except StageError as err:
+            errors.append(str(err))
+            continue
+        md5 = hashlib.md5(data).hexdigest()
+        if md5 != MNIST_FILES[name]:
+            raise StageError(f"{source.rstrip('/')}/{name}: MD5 {md5} does not match the official {MNIST_FILES[name]}")
+        return data
+    raise StageError("; ".join(errors))
+
+
+def parse_idx(data: bytes, name: str, expect_ndim: int) -> np.ndarray:
+    """Parse a (gzipped) IDX file of unsigned bytes; every inconsistency names the file."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise StageError(f"{name}: corrupt or truncated gzip data ({err})") from err
+    if len(data) < 4:
+        raise StageError(f"{name}: too short for an IDX header ({len(data)} bytes)")
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != IDX_UBYTE or ndim != expect_ndim:
+        magic = struct.unpack(">I", data[:4])[0]
+        raise StageError(
+            f"{name}: wrong IDX magic number 0x{magic:08x} (expected 0x{0x800 + expect_ndim:08x}: "
+            f"unsigned bytes, {expect_ndim} dimension{'s' if expect_ndim > 1 else ''})"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise StageError(f"{name}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise StageError(f"{name}: IDX header says {dims} = {expected} bytes of data, file has {len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_pair(images_name: str, labels_name: str, reader=fetch_verified) -> Split:
+    images = parse_idx(reader(images_name), images_name, expect_ndim=3)
+    labels = parse_idx(reader(labels_name), labels_name, expect_ndim=1)
+    if images.shape[0] != labels.shape[0]:
+        raise StageError(f"{images_name} has {images.shape[0]} images but {labels_name} has {labels.shape[0]} labels")
+    if images.shape[1:] != (28, 28):
+        raise StageError(f"{images_name}: images are {images.shape[1:]}, expected 28x28")
+    if labels.max(initial=0) > 9:
+        raise StageError(f"{labels_name}: label {labels.max()} outside 0..9")
+    return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+
+
+def make_splits(train: Split, test: Split, params: PrepareParams) -> dict[str, Split]:
+    """Carve a seeded validation split from train; apply the `limit_*` subsets."""
+    n_train = len(train.labels) if params.limit_train == 0 else params.limit_train
+    n_test = len(test.labels) if params.limit_test == 0 else params.limit_test
+    if not 0 < n_train <= len(train.labels):
+        raise StageError(f"params.yaml: prepare.limit_train must be 0..{len(train.labels)}, got {params.limit_train}")
+    if not 0 < n_test <= len(test.labels):
+        raise StageError(f"params.yaml: prepare.limit_test must be 0..{len(test.labels)}, got {params.limit_test}")
+    if not 0 < params.val_size < n_train:
+        raise StageError(f"params.yaml: prepare.val_size must be between 1 and {n_train - 1}, got {params.val_size}")
+    generator = torch.Generator().manual_seed(params.split_seed)
+    order = torch.randperm(len(train.labels), generator=generator)[:n_train]
+    val_idx, train_idx = order[: params.val_size], order[params.val_size :]
+    test_idx = torch.arange(len(test.labels))
+    if n_test < len(test.labels):
+        test_idx = torch.randperm(len(test.labels), generator=generator)[:n_test].sort().values
+    pick = lambda s, i: Split(s.images[i].contiguous(), s.labels[i].contiguous())  # noqa: E731
+    return {"train": pick(train, train_idx.sort().values), "val": pick(train, val_idx.sort().values), "test": pick(test, test_idx)}
+
+
+def save_split(split: Split, path: Path) -> None:
+    torch.save({"images": split.images, "labels": split.labels}, path)
+
+
+def load_split(prepared: str | Path, name: str) -> Split:
+    path = Path(prepared) / f"{name}.pt"
+    try:
+        data = torch.load(path, weights_only=True)
+        return Split(data["images"], data["labels"])
+    except FileNotFoundError as err:
+        raise StageError(f"{path}: not found; run `dvc repro prepare` first") from err
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise StageError(f"{path}: cannot load prepared split ({err})") from err
+
+
+def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1], on `device` (the whole set, once)."""
+    return images.to(device).unsqueeze(1).float().div_(255.0)

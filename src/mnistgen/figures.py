@@ -1,0 +1,80 @@
+"""Figures a user would rather look at than read: image grids, curves, latent scatter, histograms."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Images [N, 1, 28, 28] in [0, 1] -> one PNG grid (torchvision's make_grid + save_image)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=nrow, padding=2, pad_value=1.0)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], path: str | Path, title: str) -> Path:
+    """One panel per training metric, its validation twin drawn beside it."""
+    plt = _pyplot()
+    keys = [k for k in history[0] if k not in {"epoch", "epoch_seconds", "images_per_second"} and not k.startswith("val_")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(epochs, [h[key] for h in history], marker="o", label="train")
+        if f"val_{key}" in history[0]:
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], marker="s", label="val")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str) -> Path:
+    """2-D scatter of latent codes coloured by digit (PCA to 2-D when the latent is larger)."""
+    plt = _pyplot()
+    codes = codes.float().cpu()
+    if codes.shape[1] > 2:
+        centred = codes - codes.mean(0)
+        _, _, v = torch.pca_lowrank(centred, q=2, center=False)
+        codes = centred @ v[:, :2]
+        title += " (PCA)"
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    points = ax.scatter(codes[:, 0], codes[:, 1], c=labels.cpu(), cmap="tab10", s=2, alpha=0.6)
+    fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def class_histogram(histogram: list[int], path: str | Path, title: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    total = max(sum(histogram), 1)
+    ax.bar(range(10), [h / total for h in histogram], color="tab:blue")
+    ax.axhline(0.1, color="k", linestyle="--", linewidth=1, label="uniform")
+    ax.set_xticks(range(10))
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("fraction of samples")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)

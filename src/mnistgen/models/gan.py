@@ -1,0 +1,67 @@
+"""GAN (DCGAN-style): a discriminator scores real against generated; non-saturating loss."""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from . import nets
+from .base import GenerativeModel, adam
+
+
+class GAN(GenerativeModel):
+    family = "gan"
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.generator = nets.decoder(params, norm=True)
+        self.critic = self.make_critic(params)
+
+    @staticmethod
+    def make_critic(params):
+        return nets.encoder(params, 1, norm=True, slope=0.2)
+
+    def decode(self, z):
+        return torch.sigmoid(self.generator(z).float())
+
+    def make_optimizers(self):
+        p = self.params
+        return {
+            "critic": adam(self.critic.parameters(), p.lr, p.betas),
+            "generator": adam(self.generator.parameters(), p.lr, p.betas),
+        }
+
+    def score(self, x):
+        return self.critic(x).float().squeeze(1)
+
+    def critic_loss(self, real, fake):
+        real_score, fake_score = self.score(real), self.score(fake)
+        loss = F.binary_cross_entropy_with_logits(real_score, torch.ones_like(real_score)) + \
+            F.binary_cross_entropy_with_logits(fake_score, torch.zeros_like(fake_score))
+        return loss, {"d_real": torch.sigmoid(real_score).mean(), "d_fake": torch.sigmoid(fake_score).mean()}
+
+    def generator_loss(self, fake):
+        score = self.score(fake)
+        return F.binary_cross_entropy_with_logits(score, torch.ones_like(score))  # non-saturating
+
+    def train_step(self, x, optimizers, step):
+        z = self.sample_latent(len(x))
+        with torch.no_grad():
+            fake = self.decode(z)
+        d_loss, stats = self.critic_loss(x, fake)
+        optimizers["critic"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers["critic"].step()
+        out = {"d_loss": d_loss.detach(), **{k: v.detach() for k, v in stats.items()}}
+        if (step + 1) % self.params.n_critic == 0:  # the WGAN takes n_critic critic steps per generator step
+            g_loss = self.generator_loss(self.decode(self.sample_latent(len(x))))
+            optimizers["generator"].zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizers["generator"].step()
+            out["g_loss"] = g_loss.detach()
+        return out
+
+    @torch.no_grad()
+    def validation_losses(self, x):
+        d_loss, stats = self.critic_loss(x, self.decode(self.sample_latent(len(x))))
+        g_loss = self.generator_loss(self.decode(self.sample_latent(len(x))))
+        return {"d_loss": d_loss, "g_loss": g_loss, **stats}

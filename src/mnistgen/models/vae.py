@@ -1,0 +1,90 @@
+"""Variational autoencoder: Gaussian q(z|x), Bernoulli decoder, loss = reconstruction + beta * KL."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import nets
+from .base import GenerativeModel, adam, bce_per_image
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per sample, closed form (nats)."""
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """z = mu + eps * sigma: the sample stays differentiable in mu and logvar."""
+    return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, exp(logvar)) summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).square() / logvar.exp()).sum(-1)
+
+
+class VAE(GenerativeModel):
+    family = "vae"
+    has_encoder = True
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.encoder = nets.encoder(params, 2 * params.latent_dim)  # mu and log-variance heads
+        self.decoder = nets.decoder(params)
+
+    def make_optimizers(self):
+        return {"model": adam(self.parameters(), self.params.lr)}
+
+    def posterior(self, x):
+        mu, logvar = self.encoder(x).float().chunk(2, dim=1)
+        return mu, logvar
+
+    def encode(self, x):
+        return self.posterior(x)[0]
+
+    def decode(self, z):
+        return torch.sigmoid(self.decoder(z).float())
+
+    def negative_elbo(self, x, beta: float = 1.0):
+        """Per-image reconstruction (BCE) and KL terms and their sum, in nats."""
+        mu, logvar = self.posterior(x)
+        logits = self.decoder(reparameterize(mu, logvar))
+        recon = bce_per_image(logits, x)
+        kl = kl_divergence(mu, logvar)
+        return recon, kl, recon + beta * kl
+
+    def train_step(self, x, optimizers, step):
+        if self.params.dynamic_binarization:
+            x = torch.bernoulli(x)
+        recon, kl, loss = self.negative_elbo(x, self.params.beta)
+        loss = loss.mean()
+        optimizers["model"].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers["model"].step()
+        return {"loss": loss.detach(), "recon": recon.mean().detach(), "kl": kl.mean().detach()}
+
+    @torch.no_grad()
+    def validation_losses(self, x):
+        recon, kl, nelbo = self.negative_elbo(x)
+        return {"loss": nelbo.mean(), "recon": recon.mean(), "kl": kl.mean()}
+
+    @torch.no_grad()
+    def iwae_nll(self, x: torch.Tensor, k: int, chunk: int = 100) -> torch.Tensor:
+        """Importance-weighted bound on -log p(x) per image (Burda et al. 2015), k samples.
+
+        -log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x); k = 1 is the ELBO.
+        Samples are drawn in chunks so memory stays bounded for k = 5,000.
+        """
+        mu, logvar = self.posterior(x)
+        log_w = []
+        for start in range(0, k, chunk):
+            m = min(chunk, k - start)
+            z = mu + torch.randn(m, *mu.shape, device=mu.device) * (0.5 * logvar).exp()  # [m, N, d]
+            logits = self.decoder(z.flatten(0, 1)).float()
+            log_px_z = -bce_per_image(logits, x.repeat(m, 1, 1, 1)).view(m, -1)
+            log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+            log_qz = log_normal(z, mu, logvar)
+            log_w.append(log_px_z + log_pz - log_qz)
+        log_w = torch.cat(log_w)  # [k, N]
+        return -(torch.logsumexp(log_w, 0) - math.log(k))

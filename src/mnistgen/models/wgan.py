@@ -1,0 +1,69 @@
+"""WGAN-GP: a critic kept near 1-Lipschitz by a penalty on its gradient norm.
+
+The penalty is taken at y = eps * real + (1 - eps) * fake, eps ~ U[0, 1] drawn per sample:
+two-sided lambda * (||grad D(y)|| - 1)^2 (Gulrajani et al. 2017) or one-sided
+lambda * max(0, ||grad D(y)|| - 1)^2; the gradient norm comes from autograd, or, cheaper,
+from the difference quotient |D(y1) - D(y2)| / ||y1 - y2|| of two random points on the
+same real-fake segment.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import nets
+from .gan import GAN
+
+
+def per_sample_uniform(x: torch.Tensor) -> torch.Tensor:
+    """One eps ~ U[0, 1] per sample, broadcast over its pixels."""
+    return torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+
+
+def autograd_norm(critic, real, fake, eps=None) -> torch.Tensor:
+    """||grad_y D(y)|| per sample at y on the real-fake segment (create_graph for the double backward)."""
+    eps = per_sample_uniform(real) if eps is None else eps
+    y = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(y).float().sum(), y, create_graph=True)
+    return grad.flatten(1).norm(dim=1)
+
+
+def difference_quotient(critic, real, fake, eps1=None, eps2=None) -> torch.Tensor:
+    """|D(y1) - D(y2)| / ||y1 - y2|| per sample for two random points on each real-fake segment."""
+    eps1 = per_sample_uniform(real) if eps1 is None else eps1
+    eps2 = per_sample_uniform(real) if eps2 is None else eps2
+    y1 = eps1 * real + (1 - eps1) * fake
+    y2 = eps2 * real + (1 - eps2) * fake
+    scores = critic(torch.cat([y1, y2])).float().squeeze(1)
+    d1, d2 = scores.chunk(2)
+    return (d1 - d2).abs() / (y1 - y2).flatten(1).norm(dim=1).clamp_min(1e-12)
+
+
+def penalty(norm: torch.Tensor, weight: float, one_sided: bool) -> torch.Tensor:
+    excess = norm - 1
+    if one_sided:
+        excess = excess.clamp_min(0)
+    return weight * excess.square().mean()
+
+
+class WGAN(GAN):
+    family = "wgan"
+
+    @staticmethod
+    def make_critic(params):
+        return nets.encoder(params, 1, norm=False, slope=0.2)  # no batch norm: the penalty is per sample
+
+    def gradient_norm(self, real, fake):
+        if self.params.gradient == "finite_difference":
+            return difference_quotient(self.critic, real, fake)
+        return autograd_norm(self.critic, real, fake)
+
+    def critic_loss(self, real, fake):
+        real_score, fake_score = self.score(real), self.score(fake)
+        wasserstein = real_score.mean() - fake_score.mean()  # the critic's estimate of W(real, fake)
+        with torch.enable_grad():
+            norm = self.gradient_norm(real, fake)
+        gp = penalty(norm, self.params.gp_weight, self.params.penalty == "one_sided")
+        return -wasserstein + gp, {"wasserstein": wasserstein, "gp": gp, "grad_norm": norm.mean()}
+
+    def generator_loss(self, fake):
+        return -self.score(fake).mean()

@@ -1,0 +1,278 @@
+"""The MLflow side of the project, behind a few small functions: the only module that imports mlflow.
+
+Embedded default: tracking store sqlite:///mlflow.db and artifacts in mlartifacts/, both at
+the repo root; MLFLOW_TRACKING_URI overrides the store (a team server scales it out).
+Set MNISTGEN_TRACKING=off to train and evaluate without MLflow.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .utils import StageError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+ARTIFACT_ROOT = "mlartifacts"
+REGISTERED_NAMES = {"ae": "mnist-ae", "vae": "mnist-vae", "gan": "mnist-gan", "wgan": "mnist-wgan"}
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PACKAGE_DIR = Path(__file__).parent
+
+
+def enabled() -> bool:
+    return os.environ.get("MNISTGEN_TRACKING", "on").lower() not in {"off", "0", "false"}
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _mlflow():
+    # An unreachable server should fail fast with one message, not retry for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def client():
+    return _mlflow().MlflowClient()
+
+
+def check_reachable() -> None:
+    """Fail before any work starts when the tracking store cannot be reached."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise StageError(f"MLflow tracking store {uri} cannot be reached: folder {folder} does not exist")
+    try:
+        client().search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(f"MLflow tracking store {uri} cannot be reached: {first_line[:300]}") from err
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, creating it (artifacts under mlartifacts/ for a local store) if needed."""
+    mlflow = _mlflow()
+    found = mlflow.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if tracking_uri().startswith(("sqlite:", "file:")) or "://" not in tracking_uri():
+        location = (Path.cwd() / ARTIFACT_ROOT).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hash(prepared: str | Path = "data/prepared", lock: str | Path = "dvc.lock") -> str:
+    """DVC's md5 of data/prepared from dvc.lock; outside DVC, a digest of prepare's own hashes."""
+    import yaml
+
+    lock = Path(lock)
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for out in stages.get("prepare", {}).get("outs", []):
+            if out.get("path") == str(prepared).rstrip("/"):
+                return out["md5"]
+    meta = Path(prepared) / "meta.json"
+    if meta.exists():
+        from .utils import sha256_json
+
+        return "sha256:" + sha256_json(json.loads(meta.read_text())["sha256"])
+    return "unknown"
+
+
+class Run:
+    """One MLflow run; a no-op when tracking is off, so the library works on a bare GPU box."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, experiment: str, run_name: str, tags: dict[str, str]) -> "Run":
+        if not enabled():
+            return cls(None)
+        check_reachable()
+        run = client().create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+        return cls(run.info.run_id)
+
+    @classmethod
+    def resume(cls, run_id: str | None) -> "Run":
+        if run_id and enabled():
+            check_reachable()
+            return cls(run_id)
+        return cls(None)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.run_id:
+            from mlflow.entities import Param
+
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                client().log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.run_id:
+            import time
+
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
+            for i in range(0, len(items), 500):
+                client().log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.run_id:
+            for k, v in tags.items():
+                client().set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.run_id:
+            client().log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        if self.run_id:
+            client().log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_generator(self, weights: Path, config: Path, latent_dim: int, example) -> str | None:
+        """Log the trained model as a pyfunc (models-from-code: no pickled code, weights as a state_dict).
+
+        Returns the logged model's URI (models:/<model_id>) for registration.
+        """
+        if not self.run_id:
+            return None
+        import numpy as np
+
+        mlflow = _mlflow()
+        from mlflow.models import ModelSignature
+        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
+            params=ParamSchema([ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]),
+        )
+        import torch
+
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_FILE),
+                artifacts={"weights": str(weights), "config": str(config)},
+                code_paths=[str(PACKAGE_DIR)],
+                signature=signature,
+                input_example=np.asarray(example, dtype=np.float32),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "tqdm", f"mlflow=={mlflow.__version__}"],
+            )
+        return info.model_uri
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id:
+            client().set_terminated(self.run_id, status)
+
+
+def write_run_file(path: Path, run: Run, model_uri: str | None) -> None:
+    from .utils import write_json
+
+    write_json(path, {"run_id": run.run_id, "model_uri": model_uri, "tracking_uri": tracking_uri() if run.run_id else None})
+
+
+def read_run_file(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StageError(f"{path}: cannot read the training run record ({err})") from err
+
+
+# --- Model registry: versions tagged with their provenance and metrics, aliases moved by the gate.
+
+METRIC_TAG = "metric."
+
+
+class Registry:
+    """Registered models mnist-<family>; @challenger = newest candidate, @champion = moved only by the gate."""
+
+    def __init__(self):
+        check_reachable()
+        self.client = client()
+        self.undo: list = []  # how to put the registry back if a later step fails
+
+    def version_by_alias(self, name: str, alias: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower() or "does not exist" in str(err).lower():
+                return None
+            raise
+
+    @staticmethod
+    def version_metrics(version) -> dict[str, float]:
+        return {k.removeprefix(METRIC_TAG): float(v) for k, v in (version.tags or {}).items() if k.startswith(METRIC_TAG)}
+
+    def champion(self, name: str) -> tuple[str, dict[str, float]] | None:
+        version = self.version_by_alias(name, "champion")
+        return (str(version.version), self.version_metrics(version)) if version else None
+
+    def register(self, name: str, model_uri: str, run_id: str, tags: dict[str, str], metrics: dict[str, float]) -> str:
+        """A new version of `name` for this run's model (the same version again if this run is registered already)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        except MlflowException:
+            existing = []
+        if existing:
+            return str(max(existing, key=lambda v: int(v.version)).version)
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description=f"MNIST {name.split('-')[-1].upper()} generator: latent vectors -> 28x28 digits")
+            self.undo.append(("delete_model", name))
+        all_tags = {**tags, **{f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))}}
+        version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags)
+        self.undo.append(("delete_version", name, version.version))
+        return str(version.version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        previous = self.version_by_alias(name, alias)
+        self.client.set_registered_model_alias(name, alias, version)
+        self.undo.append(("alias", name, alias, str(previous.version) if previous else None))
+
+    def rollback(self) -> None:
+        """Undo this session's changes, newest first, so a failed promotion leaves the registry as it was."""
+        for step in reversed(self.undo):
+            try:
+                if step[0] == "alias":
+                    _, name, alias, previous = step
+                    if previous:
+                        self.client.set_registered_model_alias(name, alias, previous)
+                    else:
+                        self.client.delete_registered_model_alias(name, alias)
+                elif step[0] == "delete_version":
+                    self.client.delete_model_version(step[1], step[2])
+                elif step[0] == "delete_model":
+                    self.client.delete_registered_model(step[1])
+            except Exception as err:  # noqa: BLE001 - keep undoing the rest
+                print(f"warning: could not undo {step}: {err}")
+        self.undo.clear()

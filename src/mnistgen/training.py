@@ -1,0 +1,161 @@
+"""The one training loop shared by all four families (the objectives differ, the loop does not).
+
+The whole training set is one tensor on the device; each epoch draws a seeded permutation
+and slices batches from it, so there is no per-sample Python or DataLoader work. Losses
+stay on the device and are read once per epoch (no host sync inside the step loop). Each
+epoch ends with a checkpoint, from which an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .models.base import GenerativeModel
+from .utils import StageError, atomic_torch_save, autocast, progress_bar, sha256_json
+
+EpochCallback = Callable[[int, dict, GenerativeModel], None]
+
+
+class DivergenceError(StageError):
+    """A loss became NaN or inf: training stops and nothing is saved as a finished model."""
+
+
+def batches(n: int, batch_size: int) -> int:
+    """Full batches per epoch (the last partial batch is dropped: batch norm and the loss scale stay steady)."""
+    if batch_size > n:
+        raise StageError(f"batch_size {batch_size} is larger than the training set ({n} images)")
+    return n // batch_size
+
+
+@torch.no_grad()
+def validation_losses(model: GenerativeModel, images: torch.Tensor, batch_size: int) -> dict[str, float]:
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        with autocast(x.device):
+            for key, value in model.validation_losses(x).items():
+                sums[key] = sums.get(key, 0) + value.float() * len(x)
+    model.train()
+    return {f"val_{k}": (v / len(images)).item() for k, v in sums.items()}
+
+
+def check_finite(metrics: dict[str, float], family: str, epoch: int) -> None:
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        key, value = next(iter(bad.items()))
+        raise DivergenceError(
+            f"{family}: training diverged: {key} is {value} in epoch {epoch}; stopped, no model was saved or registered"
+        )
+
+
+class Checkpoint:
+    """models state, optimiser state, RNG states and history after each epoch, written atomically."""
+
+    def __init__(self, path: str | Path, fingerprint: dict):
+        self.path = Path(path)
+        self.fingerprint = sha256_json(fingerprint)
+
+    def save(self, model, optimizers, schedulers, epoch, history, shuffle_rng) -> None:
+        state = {
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "history": history,
+            "model": model.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle_rng.get_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        atomic_torch_save(state, self.path)
+
+    def load(self) -> dict | None:
+        """The saved state, None if there is none or it belongs to other params; a corrupt file is an error."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            state["epoch"], state["model"], state["rng"]  # noqa: B018 - the keys a resume needs
+        except Exception as err:  # noqa: BLE001
+            raise StageError(
+                f"{self.path}: corrupt checkpoint ({type(err).__name__}: {err}); delete it to train from scratch"
+            ) from err
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"{self.path}: made with other params or data; training from scratch")
+            return None
+        return state
+
+
+def restore(state, model, optimizers, schedulers, shuffle_rng) -> None:
+    model.load_state_dict(state["model"])
+    for key, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][key])
+    for key, sched in schedulers.items():
+        sched.load_state_dict(state["schedulers"][key])
+    torch.set_rng_state(state["rng"]["torch"])
+    shuffle_rng.set_state(state["rng"]["shuffle"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def train(
+    model: GenerativeModel,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    checkpoint: Checkpoint | None = None,
+    on_epoch: EpochCallback | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train `model` on device-resident images in [0, 1]; returns one dict of metrics per epoch."""
+    optimizers = model.make_optimizers()
+    schedulers = {}
+    if getattr(model.params, "lr_decay", False):  # linear decay to 0 over the run
+        schedulers = {k: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.0, total_iters=epochs) for k, o in optimizers.items()}
+    shuffle_rng = torch.Generator().manual_seed(seed)
+    steps = batches(len(train_images), batch_size)
+    history: list[dict] = []
+    start_epoch = 0
+    state = checkpoint.load() if checkpoint else None
+    if state is not None:
+        restore(state, model, optimizers, schedulers, shuffle_rng)
+        history, start_epoch = state["history"], state["epoch"]
+        print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
+    model.train()
+    for epoch in range(start_epoch + 1, epochs + 1):
+        started = time.perf_counter()
+        order = torch.randperm(len(train_images), generator=shuffle_rng).to(train_images.device)
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        bar = progress_bar(range(steps), f"{model.family} {epoch}/{epochs}", progress)
+        for step in bar:
+            x = train_images[order[step * batch_size : (step + 1) * batch_size]]
+            with autocast(x.device):
+                losses = model.train_step(x, optimizers, (epoch - 1) * steps + step)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0) + value.float()
+                counts[key] = counts.get(key, 0) + 1
+        for sched in schedulers.values():
+            sched.step()
+        metrics = {k: (sums[k] / counts[k]).item() for k in sums}  # the one host sync of the epoch
+        check_finite(metrics, model.family, epoch)
+        seconds = time.perf_counter() - started
+        metrics.update(validation_losses(model, val_images, 1000))
+        check_finite(metrics, model.family, epoch)
+        history.append({"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * batch_size / seconds})
+        print(f"{model.family} epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"))
+        if checkpoint:
+            checkpoint.save(model, optimizers, schedulers, epoch, history, shuffle_rng)
+        if on_epoch:
+            on_epoch(epoch, history[-1], model)
+    model.eval()
+    model.fit_prior(train_images)
+    return history

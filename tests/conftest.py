@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "pipelines"))
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture
+def mnist_mirror() -> Path:
+    """The offline copy of the four official MNIST files (../shared/mnist or MNIST_MIRROR)."""
+    path = Path(os.environ.get("MNIST_MIRROR", ROOT.parent / "shared" / "mnist"))
+    if not (path / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"no MNIST mirror at {path}")
+    return path

@@ -1,0 +1,51 @@
+"""Small builders shared by the tests: tiny prepared data, tiny params, workspaces."""
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from mnistgen import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_prepared(folder: Path, n_train=256, n_val=64, n_test=128, seed=0) -> None:
+    """Synthetic 'digits': a bright square whose position encodes the label."""
+    g = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 30, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for i, y in enumerate(labels.tolist()):
+            r, c = 2 + (y // 5) * 12, 2 + (y % 5) * 5
+            images[i, r : r + 10, c : c + 5] = 255
+        data.save_split(data.Split(images, labels), folder / f"{name}.pt")
+
+
+def tiny_model_params(family: str) -> dict:
+    return {"family": family, "arch": "mlp", "hidden": 16, "latent_dim": 4, "epochs": 1, "batch_size": 32,
+            "lr": 0.001, "n_critic": 2 if family == "wgan" else 1}
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def write_params(folder: Path, **sections) -> None:
+    params = repo_params()
+    params.update(sections)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_repo(dst: Path) -> Path:
+    """The project's own files (what git tracks, plus new files not ignored), without venv or outputs."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    return dst

@@ -1,0 +1,211 @@
+"""Tests for mnistgen.metrics (fast, seeded)."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mnistgen.metrics import (
+    class_coverage,
+    fid,
+    fid_from_stats,
+    gaussian_stats,
+    inception_score,
+    kid,
+    precision_recall,
+)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _random_gaussian(dim, seed):
+    """A random mean and a well-conditioned random covariance."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=dim)
+    a = rng.normal(size=(dim, dim))
+    cov = a @ a.T / dim + 0.5 * np.eye(dim)
+    return mean, cov
+
+
+def _sample(mean, cov, n, seed):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.multivariate_normal(mean, cov, size=n))
+
+
+def _closed_form_fid(m1, s1, m2, s2):
+    root1 = scipy.linalg.sqrtm(s1)
+    cross = scipy.linalg.sqrtm(root1 @ s2 @ root1)
+    return float(np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * cross.real))
+
+
+# ---------------------------------------------------------------- FID
+
+
+def test_gaussian_stats_match_numpy():
+    x = _randn(500, 5)
+    mu, sigma = gaussian_stats(x)
+    np.testing.assert_allclose(mu.numpy(), x.numpy().mean(0), atol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(x.numpy(), rowvar=False), atol=1e-12)
+
+
+def test_fid_of_set_with_itself_is_zero():
+    x = _randn(2000, 16) * 3 + 1
+    scale = float(gaussian_stats(x)[1].trace())
+    assert abs(fid(x, x)) < 1e-6 * scale
+
+
+def test_fid_matches_closed_form_for_gaussians():
+    dim, n = 6, 20000
+    m1, s1 = _random_gaussian(dim, seed=1)
+    m2, s2 = _random_gaussian(dim, seed=2)
+    expected = _closed_form_fid(m1, s1, m2, s2)
+    got = fid(_sample(m1, s1, n, seed=3), _sample(m2, s2, n, seed=4))
+    assert expected > 1.0
+    assert got == pytest.approx(expected, rel=0.03, abs=0.05)
+
+
+def test_fid_is_exact_on_known_stats():
+    dim = 5
+    m1, s1 = _random_gaussian(dim, seed=5)
+    m2, s2 = _random_gaussian(dim, seed=6)
+    got = fid_from_stats(*(torch.from_numpy(t) for t in (m1, s1, m2, s2)))
+    assert got == pytest.approx(_closed_form_fid(m1, s1, m2, s2), rel=1e-9)
+
+
+def test_fid_is_invariant_to_sample_order():
+    a, b = _randn(1000, 8, seed=1), _randn(1000, 8, seed=2) + 0.5
+    perm = torch.randperm(1000, generator=torch.Generator().manual_seed(3))
+    assert fid(a[perm], b) == pytest.approx(fid(a, b), rel=1e-9, abs=1e-12)
+    assert fid(a, b[perm.flip(0)]) == pytest.approx(fid(a, b), rel=1e-9, abs=1e-12)
+
+
+def test_fid_from_stats_agrees_with_fid():
+    a, b = _randn(800, 10, seed=1), _randn(900, 10, seed=2) * 1.5
+    assert fid_from_stats(*gaussian_stats(a), *gaussian_stats(b)) == pytest.approx(fid(a, b))
+
+
+def test_fid_accepts_float32():
+    a, b = _randn(500, 4, seed=1), _randn(500, 4, seed=2) + 1
+    assert fid(a.float(), b.float()) == pytest.approx(fid(a, b), rel=1e-5)
+
+
+# ---------------------------------------------------------------- KID
+
+
+def test_kid_near_zero_for_same_distribution():
+    a, b = _randn(1000, 16, seed=1), _randn(1000, 16, seed=2)
+    result = kid(a, b, subsets=10, subset_size=400)
+    # Sampling noise at this size is ~3e-3; different distributions give ~1.
+    assert abs(result["mean"]) < 0.01
+    assert result["std"] >= 0
+
+
+def test_kid_positive_for_different_distributions():
+    a, b = _randn(1000, 16, seed=1), _randn(1000, 16, seed=2) + 0.5
+    same = kid(a, _randn(1000, 16, seed=3), subsets=10, subset_size=400)
+    diff = kid(a, b, subsets=10, subset_size=400)
+    assert diff["mean"] > 0.5
+    assert diff["mean"] > 10 * abs(same["mean"])
+
+
+def test_kid_is_seeded_and_clips_subset_size():
+    a, b = _randn(300, 8, seed=1), _randn(200, 8, seed=2) + 0.3
+    first = kid(a, b, subsets=5, subset_size=1000, seed=7)
+    assert first == kid(a, b, subsets=5, subset_size=1000, seed=7)
+    assert first != kid(a, b, subsets=5, subset_size=1000, seed=8)
+    assert first == kid(a, b, subsets=5, subset_size=200, seed=7)  # clipped to len(b)
+
+
+def test_kid_matches_direct_formula_on_full_sets():
+    """With one subset covering both whole sets, KID is the plain unbiased MMD^2."""
+    a, b = _randn(300, 8, seed=1).numpy(), (_randn(300, 8, seed=2) * 1.2).numpy()
+    k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3  # noqa: E731
+    m = len(a)
+    off_diag = lambda g: (g.sum() - np.trace(g)) / (m * (m - 1))  # noqa: E731
+    expected = off_diag(k(a, a)) + off_diag(k(b, b)) - 2 * k(a, b).mean()
+    result = kid(torch.from_numpy(a), torch.from_numpy(b), subsets=3, subset_size=m)
+    assert result["mean"] == pytest.approx(expected, rel=1e-10)
+    assert result["std"] == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- precision / recall
+
+
+def test_precision_recall_identical_sets():
+    x = _randn(1500, 32)
+    assert precision_recall(x, x.clone(), k=3) == {"precision": 1.0, "recall": 1.0}
+
+
+def test_precision_recall_far_apart_sets():
+    real = _randn(1500, 32, seed=1)
+    fake = _randn(1500, 32, seed=2) + 100
+    result = precision_recall(real, fake, k=3)
+    assert result["precision"] == pytest.approx(0.0, abs=1e-9)
+    assert result["recall"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_precision_recall_detects_mode_dropping():
+    """Fake covering half the real support: high precision, recall about half."""
+    real = _randn(2000, 2, seed=1)
+    fake = _randn(4000, 2, seed=2)
+    fake = fake[fake[:, 0] > 0][:2000]
+    result = precision_recall(real, fake, k=3)
+    assert result["precision"] > 0.9
+    assert 0.35 < result["recall"] < 0.75
+
+
+# ---------------------------------------------------------------- inception score
+
+
+def test_inception_score_is_one_for_constant_predictions():
+    probs = torch.zeros(1000, 10)
+    probs[:, 3] = 1
+    result = inception_score(probs, splits=10)
+    assert result["mean"] == pytest.approx(1.0, abs=1e-12)
+    assert result["std"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_inception_score_is_num_classes_for_confident_balanced_predictions():
+    probs = torch.nn.functional.one_hot(torch.arange(1000) % 10, 10).float()
+    result = inception_score(probs, splits=10)
+    assert result["mean"] == pytest.approx(10.0, rel=1e-12)
+    assert result["std"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_inception_score_is_one_for_uniform_predictions():
+    probs = torch.full((500, 10), 0.1)
+    assert inception_score(probs, splits=5)["mean"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_inception_score_intermediate_value():
+    # Two equally likely classes, each prediction one-hot: IS = 2.
+    probs = torch.nn.functional.one_hot(torch.arange(400) % 2, 10).double()
+    assert inception_score(probs, splits=4)["mean"] == pytest.approx(2.0)
+    assert math.isfinite(inception_score(probs, splits=4)["std"])
+
+
+# ---------------------------------------------------------------- class coverage
+
+
+def test_class_coverage_known_labels():
+    result = class_coverage(torch.tensor([0, 0, 1, 3, 3, 3]), num_classes=4)
+    assert result["histogram"] == [2, 1, 0, 3]
+    assert result["classes_present"] == 3
+    # p = [1/3, 1/6, 0, 1/2]; |p - 1/4| = [1/12, 1/12, 1/4, 1/4]
+    assert result["tv_to_uniform"] == pytest.approx(1 / 3)
+
+
+def test_class_coverage_balanced_and_collapsed():
+    assert class_coverage(torch.arange(100) % 10)["tv_to_uniform"] == pytest.approx(0.0)
+    collapsed = class_coverage(torch.full((50,), 7))
+    assert collapsed["classes_present"] == 1
+    assert collapsed["tv_to_uniform"] == pytest.approx(0.9)
+
+
+def test_class_coverage_rejects_out_of_range_labels():
+    with pytest.raises(ValueError):
+        class_coverage(torch.tensor([0, 10]), num_classes=10)

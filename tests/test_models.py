@@ -1,0 +1,124 @@
+"""The objectives: VAE KL and reparameterisation, WGAN gradient penalties, and that every model learns."""
+import pytest
+import torch
+from torch import nn
+
+from mnistgen.config import ModelParams
+from mnistgen.models import FAMILIES, build_model
+from mnistgen.models.vae import kl_divergence, reparameterize
+from mnistgen.models.wgan import autograd_norm, difference_quotient, penalty, per_sample_uniform
+
+
+def test_kl_matches_closed_form_and_is_zero_at_prior():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(6, 4), torch.randn(6, 4)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros(4), torch.ones(4))
+    expected = torch.distributions.kl_divergence(q, p).sum(1)
+    assert torch.allclose(kl_divergence(mu, logvar), expected, atol=1e-5)
+    assert torch.allclose(kl_divergence(torch.zeros(3, 4), torch.zeros(3, 4)), torch.zeros(3))
+
+
+def test_gradients_reach_the_encoder_through_the_sample():
+    torch.manual_seed(0)
+    vae = build_model(ModelParams(family="vae", epochs=1, batch_size=8, lr=1e-3, arch="mlp", hidden=32, latent_dim=3))
+    x = torch.rand(8, 1, 28, 28)
+    mu, logvar = vae.posterior(x)
+    z = reparameterize(mu, logvar)
+    vae.decoder(z).sum().backward()  # reconstruction only: no KL path to the encoder
+    assert vae.encoder[1].weight.grad is not None and vae.encoder[1].weight.grad.abs().sum() > 0
+
+
+class Linear(nn.Module):
+    """D(x) = w . x, whose gradient norm is ||w|| everywhere."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        return (x.flatten(1) * self.w).sum(1, keepdim=True)
+
+
+def test_two_sided_penalty_of_linear_critic_is_exact():
+    torch.manual_seed(0)
+    w = torch.randn(784) * 0.1
+    norm = autograd_norm(Linear(w), torch.rand(16, 1, 28, 28), torch.rand(16, 1, 28, 28))
+    assert torch.allclose(norm, w.norm().expand(16), rtol=1e-5)
+    assert penalty(norm, 10.0, one_sided=False).item() == pytest.approx(10.0 * (w.norm().item() - 1) ** 2, rel=1e-4)
+
+
+def test_one_sided_penalty_is_zero_below_one():
+    w = torch.full((784,), 0.5 / 28.0)  # ||w|| = 0.5
+    norm = autograd_norm(Linear(w), torch.rand(8, 1, 28, 28), torch.rand(8, 1, 28, 28))
+    assert penalty(norm, 10.0, one_sided=True).item() == 0.0
+    assert penalty(norm, 10.0, one_sided=False).item() == pytest.approx(2.5, rel=1e-4)
+
+
+def test_finite_difference_penalty_equals_autograd():
+    """Along a segment parallel to w, |D(y1) - D(y2)| / ||y1 - y2|| is exactly ||w||."""
+    torch.manual_seed(0)
+    w = torch.randn(784) * 0.1
+    fake = torch.rand(16, 1, 28, 28)
+    real = fake + torch.rand(16, 1, 1, 1) * w.view(1, 1, 28, 28)  # real - fake parallel to w
+    critic = Linear(w)
+    fd, ag = difference_quotient(critic, real, fake), autograd_norm(critic, real, fake)
+    assert torch.allclose(fd, ag, rtol=1e-4)
+    for one_sided in (False, True):
+        assert penalty(fd, 10.0, one_sided).item() == pytest.approx(penalty(ag, 10.0, one_sided).item(), rel=1e-3)
+
+
+def test_eps_is_drawn_per_sample_not_per_pixel():
+    torch.manual_seed(0)
+    real, fake = torch.rand(32, 1, 28, 28), torch.rand(32, 1, 28, 28)
+    assert per_sample_uniform(real).shape == (32, 1, 1, 1)
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, y):
+            seen.append(y.detach())
+            return y.flatten(1).sum(1, keepdim=True)
+
+    autograd_norm(Recorder(), real, fake)
+    ratio = (seen[0] - fake) / (real - fake)  # each sample's eps, read back pixel by pixel
+    assert ratio.flatten(1).std(1).max() < 1e-4  # one eps per sample
+    assert ratio.flatten(1).mean(1).std() > 0.1  # but different eps across samples
+
+
+def tiny(family: str) -> ModelParams:
+    return ModelParams(family=family, epochs=1, batch_size=32, lr=2e-3, arch="conv", width=4, latent_dim=4,
+                       betas=(0.5, 0.9), n_critic=2 if family == "wgan" else 1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_few_steps_lower_the_loss(family):
+    """AE/VAE: reconstruction loss; GAN/WGAN: the discriminator's (critic's) loss on a fixed batch."""
+    torch.manual_seed(0)
+    x = (torch.rand(32, 1, 28, 28) > 0.7).float() * torch.linspace(0, 1, 28).view(1, 1, 1, 28)
+    model = build_model(tiny(family))
+    optimizers = model.make_optimizers()
+    key = "loss" if family in ("ae", "vae") else "d_loss"
+
+    def measured():
+        torch.manual_seed(1)  # the same fake batch and eps each time
+        return model.validation_losses(x)[key].item()
+
+    model.eval()
+    before = measured()
+    model.train()
+    for step in range(30):
+        model.train_step(x, optimizers, step)
+    model.eval()
+    assert measured() < before
+
+
+def test_ae_prior_is_fitted_to_codes():
+    torch.manual_seed(0)
+    ae = build_model(tiny("ae")).eval()
+    x = torch.rand(500, 1, 28, 28)
+    ae.fit_prior(x)
+    codes = ae.encode(x)
+    assert torch.allclose(ae.prior_mean, codes.mean(0), atol=1e-4)
+    samples = ae.sample_latent(20000, torch.Generator().manual_seed(0))
+    assert torch.allclose(samples.mean(0), codes.mean(0), atol=0.05 * codes.std().item())
+    assert torch.allclose(torch.cov(samples.T), torch.cov(codes.T), atol=0.1 * torch.cov(codes.T).abs().max().item())

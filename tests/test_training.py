@@ -1,0 +1,77 @@
+"""The shared training loop: divergence, checkpoints, resume, determinism."""
+import pytest
+import torch
+
+from mnistgen import training
+from mnistgen.config import ModelParams
+from mnistgen.models import build_model
+from mnistgen.utils import StageError, seed_everything
+
+
+def params(family="vae", epochs=3):
+    return ModelParams(family=family, epochs=epochs, batch_size=16, lr=1e-3, arch="conv", width=4, latent_dim=4, n_critic=2)
+
+
+def images(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=g)
+
+
+def run(family, tmp_path, epochs=3, on_epoch=None, checkpoint=True):
+    seed_everything(0, deterministic=True)
+    model = build_model(params(family, epochs))
+    ckpt = training.Checkpoint(tmp_path / "last.pt", {"family": family}) if checkpoint else None
+    history = training.train(model, images(), images(32, 1), epochs=epochs, batch_size=16, seed=0,
+                             checkpoint=ckpt, on_epoch=on_epoch, progress=False)
+    return model, history
+
+
+def test_nan_loss_stops_with_the_documented_message(tmp_path, monkeypatch):
+    model = build_model(params("ae"))
+    original = model.train_step
+
+    def poisoned(x, optimizers, step):
+        out = original(x, optimizers, step)
+        return {**out, "loss": out["loss"] * float("nan")} if step == 3 else out
+
+    monkeypatch.setattr(model, "train_step", poisoned)
+    ckpt = training.Checkpoint(tmp_path / "last.pt", {})
+    with pytest.raises(training.DivergenceError, match="ae: training diverged: loss is nan in epoch 1; stopped, no model was saved or registered"):
+        training.train(model, images(), images(32), epochs=2, batch_size=16, seed=0, checkpoint=ckpt, progress=False)
+    assert not ckpt.path.exists()  # the diverged epoch was not checkpointed
+
+
+@pytest.mark.parametrize("family", ["vae", "wgan"])
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, family):
+    reference, ref_history = run(family, tmp_path / "a")
+
+    def interrupt(epoch, metrics, model):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(family, tmp_path / "b", on_epoch=interrupt)
+    resumed, history = run(family, tmp_path / "b")
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert [h.get("loss", h.get("d_loss")) for h in history] == [h.get("loss", h.get("d_loss")) for h in ref_history]
+
+
+def test_same_seed_same_result(tmp_path):
+    a, _ = run("gan", tmp_path / "a", epochs=1, checkpoint=False)
+    b, _ = run("gan", tmp_path / "b", epochs=1, checkpoint=False)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_corrupt_checkpoint_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(StageError, match=f"{path}: corrupt checkpoint"):
+        training.Checkpoint(path, {}).load()
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
+    run("ae", tmp_path, epochs=1)
+    assert training.Checkpoint(tmp_path / "last.pt", {"family": "other"}).load() is None
+    assert "made with other params" in capsys.readouterr().out
