@@ -20,6 +20,12 @@ from mnistgen.models import FAMILIES, build_model  # noqa: E402
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, seed_everything, sha256_json  # noqa: E402
 
 PREPARED = Path("data/prepared")
+LIBRARY = Path(__file__).resolve().parents[1] / "src" / "mnistgen"
+
+
+def code_hash() -> str:
+    """A checkpoint made by other library code must not be resumed: the code is part of its fingerprint."""
+    return sha256_json({str(p.relative_to(LIBRARY)): p.read_text() for p in sorted(LIBRARY.rglob("*.py"))})
 
 
 def write_curves(history: list[dict], path: Path) -> None:
@@ -66,7 +72,7 @@ def main() -> None:
             run.log_artifact(grid, "samples")
 
     checkpoint = training.Checkpoint(Path("checkpoints") / name / "last.pt", {
-        "params": params_hash, "data": data_hash, "images": len(train_images),
+        "params": params_hash, "data": data_hash, "images": len(train_images), "code": code_hash(),
     })
     try:
         history = training.train(
