@@ -30,7 +30,7 @@ def main() -> None:
     curves = {m: read_curves(Path("models") / m / "curves.csv") for m in report.MODELS}
     checks = report.claims(results, curves)
     markdown = report.build_markdown(results, evaluator["real_data"], evaluator, checks)
-    page = report.build_html(markdown, results, evaluator["real_data"], checks, REPORTS,
+    page = report.build_html(results, evaluator["real_data"], checks, REPORTS,
                              {m: Path("models") / m / "curves.png" for m in report.MODELS})
     atomic_write_text(REPORTS / "comparison.md", markdown)
     atomic_write_text(REPORTS / "comparison.html", page)

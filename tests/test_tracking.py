@@ -15,7 +15,7 @@ from helpers import ROOT, tiny_model_params, write_params, write_prepared
 def trained(tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
     write_prepared(work / "data" / "prepared")
-    run_section = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "compile": False}
+    run_section = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1}
     write_params(work, train=run_section, models={"vae": {**tiny_model_params("vae"), "epochs": 2}})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "vae"], cwd=work, env=env,

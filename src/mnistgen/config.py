@@ -46,7 +46,6 @@ class RunParams:
     deterministic: bool = False
     experiment: str = "mnist-generative"
     sample_every: int = 2  # log a fixed-noise sample grid every N epochs
-    compile: bool = False  # torch.compile the model's training step (measured: see README)
 
 
 @dataclasses.dataclass(frozen=True)

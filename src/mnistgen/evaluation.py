@@ -17,6 +17,7 @@ from . import figures, metrics
 from .config import EvaluateParams
 from .models.base import GenerativeModel
 from .models.classifier import Classifier
+from .utils import progress_bar
 
 
 @dataclass
@@ -175,9 +176,11 @@ class Evaluation:
             nelbo_grey += self.model.negative_elbo(test_x[i : i + p.batch_size])[2].sum().item()
             nelbo_bin += self.model.negative_elbo(binarised[i : i + p.batch_size])[2].sum().item()
         n_iwae = len(test_x) if p.iwae_images == 0 else min(p.iwae_images, len(test_x))
-        chunk = max(1, min(p.iwae_k, 200_000 // max(1, min(n_iwae, 100))))
+        images_per_call = 100
+        chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
         nll = torch.cat([
-            self.model.iwae_nll(binarised[i : i + 100], p.iwae_k, chunk) for i in range(0, n_iwae, 100)
+            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk)
+            for i in progress_bar(range(0, n_iwae, images_per_call), f"IWAE k={p.iwae_k}")
         ])
         self.metrics.update({
             "nelbo_grey": nelbo_grey / len(test_x),

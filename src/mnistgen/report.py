@@ -105,7 +105,7 @@ def build_markdown(results: dict[str, dict], real: dict, evaluator: dict, checks
         table_markdown(results, real), "", "## What the numbers say", "",
     ]
     for claim, holds, evidence in checks:
-        lines.append(f"- {'✅' if holds else '❌'} {claim}: {evidence}.")
+        lines.append(f"- **{'holds' if holds else 'does not hold'}**: {claim}: {evidence}.")
     best = winners(results)
     lines += ["", "## Who wins what", ""]
     for key, label, _ in COLUMNS:
@@ -119,7 +119,7 @@ def _img(path: Path) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}"><figcaption>{html.escape(path.parent.name + "/" + path.name)}</figcaption></figure>'
 
 
-def build_html(markdown_table: str, results: dict, real: dict, checks, reports: Path, curves_png: dict[str, Path]) -> str:
+def build_html(results: dict, real: dict, checks, reports: Path, curves_png: dict[str, Path]) -> str:
     best = winners(results)
     rows = []
     for key, label, higher in COLUMNS:
@@ -130,7 +130,10 @@ def build_html(markdown_table: str, results: dict, real: dict, checks, reports: 
         )
         rows.append(f"<tr><th>{label} {'↑' if higher else '↓'}</th>{cells}<td>{fmt(real.get(key))}</td></tr>")
     header = "".join(f"<th>{m.upper()}</th>" for m in results)
-    claim_items = "".join(f"<li>{'✅' if ok else '❌'} {html.escape(c)}: {html.escape(e)}.</li>" for c, ok, e in checks)
+    claim_items = "".join(
+        f"<li><b class='{'ok' if ok else 'no'}'>{'holds' if ok else 'does not hold'}</b>: {html.escape(c)}: {html.escape(e)}.</li>"
+        for c, ok, e in checks
+    )
     sections = []
     for model in results:
         figs = [reports / model / f for f in FIGURES if (reports / model / f).exists()]
@@ -141,7 +144,7 @@ def build_html(markdown_table: str, results: dict, real: dict, checks, reports: 
 <html lang="en"><head><meta charset="utf-8"><title>MNIST generative models: comparison</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{text-align:left}} td.best{{font-weight:bold;background:#e8f5e9}}
-.figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} img{{max-width:420px;image-rendering:pixelated}} figcaption{{font-size:12px;color:#555}}</style>
+.ok{{color:#1b5e20}} .no{{color:#b71c1c}} .figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} img{{max-width:420px;image-rendering:pixelated}} figcaption{{font-size:12px;color:#555}}</style>
 </head><body><h1>AE → VAE → GAN → WGAN-GP on MNIST</h1>
 <table id="comparison"><tr><th>metric</th>{header}<th>real data</th></tr>{''.join(rows)}</table>
 <h2>What the numbers say</h2><ul id="claims">{claim_items}</ul>{''.join(sections)}</body></html>

@@ -1,0 +1,319 @@
+"""Training throughput: the project's harness against a plain per-sample DataLoader baseline.
+
+Usage (from the repo root):
+    python scripts/benchmark_train.py                         # all four families, params.yaml, auto device
+    python scripts/benchmark_train.py --models vae gan --steps 50 --device cpu
+    python scripts/benchmark_train.py --device cuda --compile --channels-last
+
+For each model family (section `models.<name>` of --params; an overrides file such as
+params-paper.yaml is deep-merged onto params.yaml first, as scripts/apply_params.py does) it times the same number of
+`model.train_step` calls two ways, on the same device, with the same batch size:
+
+  ours        the project's harness (mnistgen.training.train): the whole training set is
+              one float tensor on the device, each epoch draws a seeded randperm and batches
+              are slices of it; train_step runs under utils.autocast(device) (bf16 on CUDA,
+              nothing on CPU); losses are summed on the device, never read in the loop.
+  DataLoader  a typical MNIST tutorial: a per-sample Dataset whose __getitem__ turns one
+              uint8 image into a PIL image and then a float tensor
+              (torchvision.transforms.functional.to_tensor), DataLoader(batch_size,
+              shuffle=True, num_workers=0), each batch moved to the device; the same
+              train_step under the same autocast (use --baseline-fp32 to drop it).
+
+Each method runs --warmup steps first (not timed; at least n_critic + 1, so a GAN's generator
+step is warm/compiled too), then --repeats rounds of --steps timed steps, alternating the two
+methods, and the best round of each is reported; CUDA is synchronised only at the two timing
+boundaries of a round. The epoch time is implied for the 55,000-image training split:
+55,000 / (images per second).
+
+Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML and tqdm.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from mnistgen import data  # noqa: E402
+from mnistgen.config import ModelParams, ParamsError, from_dict, read_params, section  # noqa: E402
+from mnistgen.models import FAMILIES, build_model  # noqa: E402
+from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCH_IMAGES = 55_000
+
+
+def merged_params(path: str | Path, base: str | Path) -> dict:
+    """`path` as a full params file, or as an overrides file (params-paper.yaml) deep-merged onto `base`.
+
+    The same merge as scripts/apply_params.py: only the keys in the overrides change, and a key
+    that the base does not have is an error.
+    """
+    params = read_params(path)
+    if Path(path).resolve() == Path(base).resolve():
+        return params
+
+    def merge(into: dict, overrides: dict, where: str = "") -> dict:
+        for key, value in overrides.items():
+            if key not in into:
+                raise ParamsError(f"{path}: {where}{key} is not a key of {base}")
+            if isinstance(value, dict) and isinstance(into[key], dict):
+                merge(into[key], value, f"{where}{key}.")
+            else:
+                into[key] = value
+        return into
+
+    return merge(read_params(base), params)
+
+
+def model_params(params: dict, name: str) -> ModelParams:
+    return from_dict(ModelParams, section(params, f"models.{name}"), f"models.{name}")
+
+
+# ---------------------------------------------------------------------------- options
+
+
+def compile_in_place(model: torch.nn.Module) -> list[str]:
+    """torch.compile each direct submodule in place (nn.Module.compile), except a WGAN critic.
+
+    The WGAN critic is differentiated twice (gradient penalty with create_graph=True), which
+    compiled graphs do not support, so it always stays eager. Returns the compiled names.
+    """
+    names = []
+    for name, child in model.named_children():
+        if model.family == "wgan" and name == "critic":
+            continue
+        child.compile()
+        names.append(name)
+    return names
+
+
+def prepare_model(params: ModelParams, device: torch.device, seed: int, compile_: bool, channels_last: bool):
+    seed_everything(seed)
+    model = build_model(params).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    compiled = compile_in_place(model) if compile_ else []
+    model.train()
+    return model, model.make_optimizers(), compiled
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- ours
+
+
+class Harness:
+    """The inner loop of training.train: device-resident images, a seeded randperm per epoch, slices."""
+
+    label = "ours"
+
+    def __init__(self, model, optimizers, train_images: torch.Tensor, batch_size: int, seed: int,
+                 channels_last: bool, use_autocast: bool = True):
+        self.model, self.optimizers, self.images, self.batch_size = model, optimizers, train_images, batch_size
+        self.device = train_images.device
+        self.per_epoch = len(train_images) // batch_size  # the harness drops the last partial batch
+        self.shuffle_rng = torch.Generator().manual_seed(seed)
+        self.channels_last, self.use_autocast = channels_last, use_autocast
+        self.order = None
+        self.step = 0
+        self.images_seen = 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def amp(self):
+        return autocast(self.device) if self.use_autocast else contextlib.nullcontext()
+
+    def next_batch(self) -> torch.Tensor:
+        i = self.step % self.per_epoch
+        if i == 0:  # a new epoch: a fresh seeded permutation, moved to the device once
+            self.order = torch.randperm(len(self.images), generator=self.shuffle_rng).to(self.device)
+        return self.images[self.order[i * self.batch_size : (i + 1) * self.batch_size]]
+
+    def run(self, count: int) -> None:
+        for _ in range(count):
+            x = self.next_batch()
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.amp():
+                losses = self.model.train_step(x, self.optimizers, self.step)
+            for key, value in losses.items():  # summed on the device, as the harness does
+                self.sums[key] = self.sums.get(key, 0) + value.float()
+            self.step += 1
+            self.images_seen += len(x)
+
+    def finite(self) -> bool:
+        return all(math.isfinite(float(v)) for v in self.sums.values())
+
+
+# ---------------------------------------------------------------------------- baseline
+
+
+class PerSampleMNIST(torch.utils.data.Dataset):
+    """torchvision.datasets.MNIST-style: one uint8 image -> PIL image -> float tensor [1, 28, 28]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+
+        self.images, self.labels = images.numpy(), labels.numpy()
+        self._image, self._to_tensor = Image, TF.to_tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = self._image.fromarray(self.images[index])  # uint8 [28, 28] -> mode "L"
+        return self._to_tensor(image), int(self.labels[index])
+
+
+class LoaderBaseline(Harness):
+    """A tutorial's loop: DataLoader(per-sample Dataset, shuffle=True), each batch moved to the device."""
+
+    label = "DataLoader"
+
+    def __init__(self, model, optimizers, split: data.Split, device: torch.device, batch_size: int, seed: int,
+                 channels_last: bool, use_autocast: bool, workers: int):
+        self.model, self.optimizers, self.batch_size, self.device = model, optimizers, batch_size, device
+        self.channels_last, self.use_autocast = channels_last, use_autocast
+        self.loader = torch.utils.data.DataLoader(
+            PerSampleMNIST(split.images, split.labels), batch_size=batch_size, shuffle=True, num_workers=workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.batches = iter(self.loader)
+        self.step = 0
+        self.images_seen = 0
+        self.sums = {}
+
+    def next_batch(self) -> torch.Tensor:
+        try:
+            x, _labels = next(self.batches)
+        except StopIteration:  # a new epoch
+            self.batches = iter(self.loader)
+            x, _labels = next(self.batches)
+        return x.to(self.device)
+
+
+def timed(runner: Harness, steps: int) -> tuple[float, int]:
+    """Seconds and images for `steps` steps; CUDA is synchronised only here, at the two boundaries."""
+    sync(runner.device)
+    seen = runner.images_seen
+    started = time.perf_counter()
+    runner.run(steps)
+    sync(runner.device)
+    return time.perf_counter() - started, runner.images_seen - seen
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), help="families to measure")
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"),
+                        help="params file: full, or overrides (params-paper.yaml) merged onto --base")
+    parser.add_argument("--base", default=str(ROOT / "params.yaml"), help="the full params file that overrides apply to")
+    parser.add_argument("--prepared", default=str(ROOT / "data" / "prepared"), help="folder with train.pt")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
+    parser.add_argument("--batch-size", type=int, default=0, help="override every model's batch size (0 = params)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile submodules in place (never a WGAN critic)")
+    parser.add_argument("--channels-last", action="store_true", help="model and batches in channels_last memory format")
+    parser.add_argument("--baseline-fp32", action="store_true", help="run the DataLoader baseline without autocast")
+    parser.add_argument("--baseline-workers", type=int, default=0, help="DataLoader num_workers for the baseline")
+    parser.add_argument("--skip-baseline", action="store_true", help="time only the project's harness")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating timed rounds per method; the best is reported")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default); on a busy shared CPU 1 can be much faster than 2")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    split = data.load_split(args.prepared, "train")
+    train_images = data.to_float(split.images, device)  # once, as the harness does
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, device {device} ({name}), {len(train_images)} training images")
+    print(f"options: compile={'on' if args.compile else 'off'}, channels_last={'on' if args.channels_last else 'off'}, "
+          f"autocast={'bf16' if device.type == 'cuda' else 'off (cpu)'}, "
+          f"baseline autocast={'off' if args.baseline_fp32 or device.type != 'cuda' else 'bf16'}, "
+          f"baseline workers={args.baseline_workers}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"best of {args.repeats} alternating round(s)")
+
+    all_params = merged_params(args.params, args.base)
+    rows = []
+    for family in args.models:
+        params = model_params(all_params, family)
+        if args.batch_size:
+            params = dataclasses.replace(params, batch_size=args.batch_size)
+        bs = params.batch_size
+        warmup = max(args.warmup, params.n_critic + 1)  # at least one generator step: it compiles and warms too
+        print(f"\n{family}: {params.arch}, width {params.width}, latent {params.latent_dim}, batch {bs}", flush=True)
+        if args.compile:  # a fresh compile cache per family: all modules share Module._call_impl's recompile limit
+            torch._dynamo.reset()
+        model, optimizers, compiled = prepare_model(params, device, args.seed, args.compile, args.channels_last)
+        if args.compile:
+            print(f"  compiled in place: {', '.join(compiled) or 'nothing'}"
+                  + ("  (critic left eager: double backward)" if family == "wgan" else ""))
+        runners = [Harness(model, optimizers, train_images, bs, args.seed, args.channels_last)]
+        if not args.skip_baseline:  # a second copy of the same initial model
+            model, optimizers, _ = prepare_model(params, device, args.seed, args.compile, args.channels_last)
+            runners.append(LoaderBaseline(model, optimizers, split, device, bs, args.seed, args.channels_last,
+                                          not args.baseline_fp32, args.baseline_workers))
+        best: dict[str, tuple[float, int]] = {}
+        for runner in runners:
+            started = time.perf_counter()
+            runner.run(warmup)
+            sync(device)
+            print(f"  {runner.label:<10} warm-up {time.perf_counter() - started:6.1f} s", flush=True)
+        for r in range(args.repeats):  # alternate, so a noisy neighbour hurts both the same way
+            for runner in runners:
+                seconds, images = timed(runner, args.steps)
+                print(f"  {runner.label:<10} round {r + 1}: {images / seconds:9.0f} img/s, {1000 * seconds / args.steps:8.2f} ms/step",
+                      flush=True)
+                if runner.label not in best or seconds < best[runner.label][0]:
+                    best[runner.label] = (seconds, images)
+        finite = all(runner.finite() for runner in runners)
+        rows.append((family, bs, best.get("ours"), best.get("DataLoader"), finite))
+        del runners, model, optimizers
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"\nTraining throughput on {device} ({name}): {args.steps} timed steps per cell, best of {args.repeats}; "
+          f"compile {'on' if args.compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}")
+    header = (f"{'model':<6} {'device':<6} {'batch':>5} | {'ours img/s':>10} {'DL img/s':>9} {'speed-up':>8} | "
+              f"{'ours ms/step':>12} {'DL ms/step':>10} | {'ours epoch s':>12} {'DL epoch s':>10} | finite")
+    print(header)
+    print("-" * len(header))
+    for family, bs, ours, base, finite in rows:
+        o_ips, o_ms = ours[1] / ours[0], 1000 * ours[0] / args.steps
+        if base:
+            b_ips, b_ms = base[1] / base[0], 1000 * base[0] / args.steps
+            rest = (f"{b_ips:>9.0f} {o_ips / b_ips:>7.2f}x | {o_ms:>12.2f} {b_ms:>10.2f} | "
+                    f"{EPOCH_IMAGES / o_ips:>12.2f} {EPOCH_IMAGES / b_ips:>10.2f}")
+        else:
+            rest = f"{'-':>9} {'-':>8} | {o_ms:>12.2f} {'-':>10} | {EPOCH_IMAGES / o_ips:>12.2f} {'-':>10}"
+        print(f"{family:<6} {device.type:<6} {bs:>5} | {o_ips:>10.0f} {rest} | {'yes' if finite else 'NO'}")
+    print(f"epoch s = {EPOCH_IMAGES:,} images / (img/s). DL = per-sample Dataset (PIL + to_tensor) + "
+          f"DataLoader(shuffle=True, num_workers={args.baseline_workers}); same model, optimiser, train_step, batch size.")
+
+
+if __name__ == "__main__":
+    main()
