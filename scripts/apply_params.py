@@ -9,24 +9,18 @@ from pathlib import Path
 
 import yaml
 
-
-def merge(base: dict, overrides: dict, where: str = "") -> dict:
-    for key, value in overrides.items():
-        if key not in base:
-            raise SystemExit(f"error: {where}{key} is not a key of params.yaml")
-        if isinstance(value, dict) and isinstance(base[key], dict):
-            merge(base[key], value, f"{where}{key}.")
-        else:
-            base[key] = value
-    return base
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from mnistgen.config import ParamsError, read_merged_params  # noqa: E402
 
 
 def main() -> None:
     if len(sys.argv) not in (2, 3):
         raise SystemExit(__doc__)
-    overrides = yaml.safe_load(Path(sys.argv[1]).read_text())
     target = Path(sys.argv[2] if len(sys.argv) == 3 else "params.yaml")
-    params = merge(yaml.safe_load(target.read_text()), overrides)
+    try:
+        params = read_merged_params(sys.argv[1], target)
+    except ParamsError as err:
+        raise SystemExit(f"error: {sys.argv[1]}: {err}") from err
     target.write_text(yaml.safe_dump(params, sort_keys=False))
     print(f"{target}: applied {sys.argv[1]}")
 

@@ -42,35 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from mnistgen import data  # noqa: E402
-from mnistgen.config import ModelParams, ParamsError, from_dict, read_params, section  # noqa: E402
+from mnistgen.config import ModelParams, from_dict, read_merged_params, section  # noqa: E402
 from mnistgen.models import FAMILIES, build_model  # noqa: E402
+from dataloader_baseline import PerSampleMNIST  # noqa: E402
 from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 55_000
-
-
-def merged_params(path: str | Path, base: str | Path) -> dict:
-    """`path` as a full params file, or as an overrides file (params-paper.yaml) deep-merged onto `base`.
-
-    The same merge as scripts/apply_params.py: only the keys in the overrides change, and a key
-    that the base does not have is an error.
-    """
-    params = read_params(path)
-    if Path(path).resolve() == Path(base).resolve():
-        return params
-
-    def merge(into: dict, overrides: dict, where: str = "") -> dict:
-        for key, value in overrides.items():
-            if key not in into:
-                raise ParamsError(f"{path}: {where}{key} is not a key of {base}")
-            if isinstance(value, dict) and isinstance(into[key], dict):
-                merge(into[key], value, f"{where}{key}.")
-            else:
-                into[key] = value
-        return into
-
-    return merge(read_params(base), params)
 
 
 def model_params(params: dict, name: str) -> ModelParams:
@@ -158,24 +136,6 @@ class Harness:
 # ---------------------------------------------------------------------------- baseline
 
 
-class PerSampleMNIST(torch.utils.data.Dataset):
-    """torchvision.datasets.MNIST-style: one uint8 image -> PIL image -> float tensor [1, 28, 28]."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        from PIL import Image
-        from torchvision.transforms import functional as TF
-
-        self.images, self.labels = images.numpy(), labels.numpy()
-        self._image, self._to_tensor = Image, TF.to_tensor
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        image = self._image.fromarray(self.images[index])  # uint8 [28, 28] -> mode "L"
-        return self._to_tensor(image), int(self.labels[index])
-
-
 class LoaderBaseline(Harness):
     """A tutorial's loop: DataLoader(per-sample Dataset, shuffle=True), each batch moved to the device."""
 
@@ -257,7 +217,7 @@ def main() -> None:
           f"baseline workers={args.baseline_workers}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"best of {args.repeats} alternating round(s)")
 
-    all_params = merged_params(args.params, args.base)
+    all_params = read_merged_params(args.params, args.base)
     rows = []
     for family in args.models:
         params = model_params(all_params, family)

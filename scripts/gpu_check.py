@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from mnistgen import data, training  # noqa: E402
-from mnistgen.config import ModelParams, ParamsError, PrepareParams, from_dict, read_params, section  # noqa: E402
+from mnistgen.config import ModelParams, PrepareParams, from_dict, read_merged_params, section  # noqa: E402
 from mnistgen.models import FAMILIES, build_model  # noqa: E402
 from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
 
@@ -51,29 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 55_000
 GZ = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-
-
-def merged_params(path: str | Path, base: str | Path) -> dict:
-    """`path` as a full params file, or as an overrides file (params-paper.yaml) deep-merged onto `base`.
-
-    The same merge as scripts/apply_params.py: only the keys in the overrides change, and a key
-    that the base does not have is an error.
-    """
-    params = read_params(path)
-    if Path(path).resolve() == Path(base).resolve():
-        return params
-
-    def merge(into: dict, overrides: dict, where: str = "") -> dict:
-        for key, value in overrides.items():
-            if key not in into:
-                raise ParamsError(f"{path}: {where}{key} is not a key of {base}")
-            if isinstance(value, dict) and isinstance(into[key], dict):
-                merge(into[key], value, f"{where}{key}.")
-            else:
-                into[key] = value
-        return into
-
-    return merge(read_params(base), params)
 
 
 def model_params(params: dict, name: str) -> ModelParams:
@@ -212,7 +189,7 @@ def main() -> int:
     else:
         device_name = f"cpu, {torch.get_num_threads()} threads"
         print(f"device {device} ({device_name}): a dry run; autocast is a no-op on CPU, so 'bf16' rows are fp32 here")
-    all_params = merged_params(args.params, args.base)
+    all_params = read_merged_params(args.params, args.base)
     print(f"params: {args.params}" + ("" if Path(args.params).resolve() == Path(args.base).resolve() else f" merged onto {args.base}"))
 
     started = time.perf_counter()

@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from apply_params import merge  # noqa: E402
+sys.path.insert(0, str(ROOT / "src"))
+from mnistgen.config import read_merged_params  # noqa: E402
 
 OUTPUTS = ("dvc.lock", "metrics/", "models/", "reports/", "data/")  # produced by the pipeline: not copied
 
@@ -44,7 +44,7 @@ def make_workspace(workdir: Path, overrides: Path | None) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     copy_repo(workdir)
     if overrides:
-        params = merge(yaml.safe_load((workdir / "params.yaml").read_text()), yaml.safe_load(overrides.read_text()))
+        params = read_merged_params(overrides, workdir / "params.yaml")
         (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git("init", "-q", cwd=workdir)
     git("add", "-A", cwd=workdir)

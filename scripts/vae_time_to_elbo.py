@@ -69,6 +69,7 @@ from torch.nn import functional as F  # noqa: E402
 from mnistgen import data  # noqa: E402
 from mnistgen.config import ModelParams  # noqa: E402
 from mnistgen.models import build_model  # noqa: E402
+from dataloader_baseline import PerSampleMNIST  # noqa: E402
 from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,23 +123,6 @@ class TutorialVAE(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
         kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
         return bce + kld
-
-
-class PerSampleMNIST(torch.utils.data.Dataset):
-    """torchvision.datasets.MNIST-style: one uint8 image -> PIL image -> float tensor [1, 28, 28]."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        from PIL import Image
-        from torchvision.transforms import functional as TF
-
-        self.images, self.labels = images.numpy(), labels.numpy()
-        self._image, self._to_tensor = Image, TF.to_tensor
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        return self._to_tensor(self._image.fromarray(self.images[index])), int(self.labels[index])
 
 
 def run_baseline(train: data.Split, test: data.Split, device, args) -> dict:

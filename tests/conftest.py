@@ -10,10 +10,11 @@ sys.path.insert(0, str(ROOT / "pipelines"))
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mnist_mirror() -> Path:
-    """The offline copy of the four official MNIST files (../shared/mnist or MNIST_MIRROR)."""
-    path = Path(os.environ.get("MNIST_MIRROR", ROOT.parent / "shared" / "mnist"))
+    """The offline copy of the four official MNIST files (MNIST_MIRROR, else ../shared/mnist)."""
+    path = Path(os.environ.get("MNIST_MIRROR") or ROOT.parent / "shared" / "mnist").resolve()
     if not (path / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"no MNIST mirror at {path}")
+    os.environ["MNIST_MIRROR"] = str(path)  # for the stages the tests start
     return path

@@ -1,7 +1,5 @@
 """End to end: `dvc repro` on a small real-MNIST subset (params-smoke.yaml) with a real MLflow SQLite store."""
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -16,26 +14,17 @@ MODELS = ("ae", "vae", "gan", "wgan")
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, mnist_mirror_module):
+def pipeline(tmp_path_factory, mnist_mirror):
     work = smoke_pipeline.make_workspace(tmp_path_factory.mktemp("e2e"), ROOT / "params-smoke.yaml")
     result = smoke_pipeline.dvc("repro", cwd=work, capture=True)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     return work, result.stdout
 
 
-@pytest.fixture(scope="module")
-def mnist_mirror_module():
-    path = os.environ.get("MNIST_MIRROR") or str(ROOT.parent / "shared" / "mnist")
-    if not os.path.exists(os.path.join(path, "train-images-idx3-ubyte.gz")):
-        pytest.skip(f"no MNIST mirror at {path}")
-    os.environ["MNIST_MIRROR"] = path
-    return path
-
-
 def test_every_stage_ran_and_printed_its_summary(pipeline):
     work, stdout = pipeline
     for line in ("prepare: train 5000, val 1000, test 2000", "validation passed", "train_evaluator: test accuracy",
-                 *(f"train {m}: 3 epochs" for m in MODELS), *(f"evaluate {m}: FID_cls" for m in MODELS),
+                 *(f"train {m}: " for m in MODELS), *(f"evaluate {m}: FID_cls" for m in MODELS),
                  "report:", "promote: exit 0"):
         assert line in stdout, line
     assert json.loads((work / "data/validation/result.json").read_text())["success"] is True

@@ -184,6 +184,29 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     return data
 
 
+def merge_overrides(base: dict, overrides: dict, where: str = "") -> dict:
+    """Deep-merge an overrides file's mapping (params-smoke.yaml, params-paper.yaml) into `base`, in place.
+
+    Only the keys in `overrides` change; a key that `base` does not have is an error, so an
+    override cannot silently miss.
+    """
+    for key, value in overrides.items():
+        if key not in base:
+            raise ParamsError(f"params overrides: {where}{key} is not a key of params.yaml")
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            merge_overrides(base[key], value, f"{where}{key}.")
+        else:
+            base[key] = value
+    return base
+
+
+def read_merged_params(path: str | Path, base: str | Path = "params.yaml") -> dict:
+    """`path` as a full params file, or as an overrides file merged onto `base`."""
+    if Path(path).resolve() == Path(base).resolve():
+        return read_params(path)
+    return merge_overrides(read_params(base), read_params(path))
+
+
 def section(params: dict, dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
