@@ -1,5 +1,4 @@
 """Small builders shared by the tests: tiny prepared data, tiny params, workspaces."""
-import shutil
 from pathlib import Path
 
 import torch
@@ -36,16 +35,3 @@ def write_params(folder: Path, **sections) -> None:
     params = repo_params()
     params.update(sections)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def copy_repo(dst: Path) -> Path:
-    """The project's own files (what git tracks, plus new files not ignored), without venv or outputs."""
-    import subprocess
-
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    return dst
