@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from mnistgen import data  # noqa: E402
 from mnistgen.config import ModelParams, from_dict, read_merged_params, section  # noqa: E402
 from mnistgen.models import FAMILIES, build_model  # noqa: E402
-from dataloader_baseline import PerSampleMNIST  # noqa: E402
+from bench_common import PerSampleMNIST, compile_in_place  # noqa: E402
 from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,19 +58,6 @@ def model_params(params: dict, name: str) -> ModelParams:
 # ---------------------------------------------------------------------------- options
 
 
-def compile_in_place(model: torch.nn.Module) -> list[str]:
-    """torch.compile each direct submodule in place (nn.Module.compile), except a WGAN critic.
-
-    The WGAN critic is differentiated twice (gradient penalty with create_graph=True), which
-    compiled graphs do not support, so it always stays eager. Returns the compiled names.
-    """
-    names = []
-    for name, child in model.named_children():
-        if model.family == "wgan" and name == "critic":
-            continue
-        child.compile()
-        names.append(name)
-    return names
 
 
 def prepare_model(params: ModelParams, device: torch.device, seed: int, compile_: bool, channels_last: bool):

@@ -46,6 +46,7 @@ from mnistgen import data, training  # noqa: E402
 from mnistgen.config import ModelParams, PrepareParams, from_dict, read_merged_params, section  # noqa: E402
 from mnistgen.models import FAMILIES, build_model  # noqa: E402
 from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
+from bench_common import compile_in_place  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 55_000
@@ -89,15 +90,6 @@ def load_mnist(prepared: Path, mnist: str | None) -> tuple[data.Split, data.Spli
     raise SystemExit(f"error: no MNIST found (tried {tried}); pass --mnist FOLDER with the four official .gz files")
 
 
-def compile_in_place(model) -> list[str]:
-    """module.compile() on each direct submodule, never a WGAN critic (its double backward must stay eager)."""
-    names = []
-    for name, child in model.named_children():
-        if model.family == "wgan" and name == "critic":
-            continue
-        child.compile()
-        names.append(name)
-    return names
 
 
 def harness_steps(params: ModelParams, train_images: torch.Tensor, steps: int, warmup: int, seed: int,

@@ -69,7 +69,7 @@ from torch.nn import functional as F  # noqa: E402
 from mnistgen import data  # noqa: E402
 from mnistgen.config import ModelParams  # noqa: E402
 from mnistgen.models import build_model  # noqa: E402
-from dataloader_baseline import PerSampleMNIST  # noqa: E402
+from bench_common import PerSampleMNIST  # noqa: E402
 from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,12 +24,11 @@ def trained(tmp_path_factory):
     return work, result
 
 
-def test_train_stage_logs_params_curves_tags_and_model(trained, monkeypatch):
+def test_train_stage_logs_params_curves_tags_and_model(trained):
     work, result = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
     experiment = client.get_experiment_by_name("test-exp")
     assert experiment.artifact_location.endswith("mlartifacts")
     runs = client.search_runs([experiment.experiment_id])
@@ -53,11 +52,11 @@ def test_train_stage_logs_params_curves_tags_and_model(trained, monkeypatch):
     assert "train vae: 2 epochs" in result.stdout
 
 
-def test_logged_model_has_signature_and_predicts_images(trained, monkeypatch):
+def test_logged_model_has_signature_and_predicts_images(trained):
     work, _ = trained
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
     import mlflow
 
+    mlflow.set_tracking_uri(f"sqlite:///{work}/mlflow.db")  # explicit: other tests set it process-wide too
     uri = json.loads((work / "models" / "vae" / "run.json").read_text())["model_uri"]
     model = mlflow.pyfunc.load_model(uri)
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 4], (-1, 4))

@@ -43,8 +43,8 @@ def generate(fn, n: int, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(min(batch_size, n - i)) for i in range(0, n, batch_size)])
 
 
-def sample_quality(feats, probs, ref: Reference, p: EvaluateParams, prefix: str = "") -> dict[str, float]:
-    """FID_cls, KID_cls, IS_cls, precision/recall and class coverage of one embedded image set."""
+def sample_quality(feats, probs, ref: Reference, p: EvaluateParams) -> tuple[dict[str, float], list[int]]:
+    """FID_cls, KID_cls, IS_cls, precision/recall and class coverage of one embedded image set, and its class histogram."""
     mu, sigma = metrics.gaussian_stats(feats)
     kid = metrics.kid(feats, ref.test_feats, p.kid_subsets, p.kid_subset_size, p.seed)
     score = metrics.inception_score(probs, p.is_splits)
@@ -58,7 +58,7 @@ def sample_quality(feats, probs, ref: Reference, p: EvaluateParams, prefix: str 
         "classes_present": coverage["classes_present"], "class_tv_to_uniform": coverage["tv_to_uniform"],
         "confidence": probs.max(1).values.mean().item(),
     }
-    return {prefix + k: float(v) for k, v in out.items()}, coverage["histogram"]
+    return {k: float(v) for k, v in out.items()}, coverage["histogram"]
 
 
 def real_data_row(ref: Reference, p: EvaluateParams) -> dict[str, float]:

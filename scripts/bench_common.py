@@ -1,4 +1,4 @@
-"""The baseline the benchmarks compare against: a torchvision-style per-sample MNIST Dataset."""
+"""Shared by the benchmark scripts: the per-sample DataLoader baseline and the torch.compile option."""
 import torch
 
 
@@ -18,3 +18,18 @@ class PerSampleMNIST(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         image = self._image.fromarray(self.images[index])  # uint8 [28, 28] -> mode "L"
         return self._to_tensor(image), int(self.labels[index])
+
+
+def compile_in_place(model: torch.nn.Module) -> list[str]:
+    """torch.compile each direct submodule in place (nn.Module.compile), except a WGAN critic.
+
+    The WGAN critic is differentiated twice (gradient penalty with create_graph=True), which
+    compiled graphs do not support, so it always stays eager. Returns the compiled names.
+    """
+    names = []
+    for name, child in model.named_children():
+        if model.family == "wgan" and name == "critic":
+            continue
+        child.compile()
+        names.append(name)
+    return names
