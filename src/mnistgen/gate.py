@@ -63,7 +63,7 @@ def decide(model: str, candidate: dict[str, float], champion: dict[str, float] |
     broken = [f for f in floors if not f.ok]
     if broken:
         decision.decision = REJECT
-        decision.reason = "breaks floor " + "; ".join(f"{f.metric} = {_fmt(f.value)} (needs {f.limit})" for f in broken)
+        decision.reason = "breaks floor " + "; ".join(f"{f.metric} = {'missing' if f.value is None else _fmt(f.value)} (needs {f.limit})" for f in broken)
         return decision
     if gate.primary not in candidate:
         raise KeyError(f"gate.{model}.primary: metric {gate.primary!r} is not in the candidate's metrics")
@@ -84,7 +84,7 @@ def decide(model: str, candidate: dict[str, float], champion: dict[str, float] |
 
 def _fmt(value) -> str:
     if value is None:
-        return "missing"
+        return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
