@@ -1,5 +1,23 @@
-"""Shared by the benchmark scripts: the per-sample DataLoader baseline and the torch.compile option."""
+"""Shared by the benchmark scripts: device options, the per-sample DataLoader baseline, the torch.compile option."""
+import argparse
+
 import torch
+
+from mnistgen.utils import pick_device
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --threads and --seed, the same in every benchmark."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default); on a busy shared CPU 1 can be much faster than 2")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def device_from(args: argparse.Namespace) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
 
 
 class PerSampleMNIST(torch.utils.data.Dataset):

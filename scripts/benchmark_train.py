@@ -3,7 +3,8 @@
 Usage (from the repo root):
     python scripts/benchmark_train.py                         # all four families, params.yaml, auto device
     python scripts/benchmark_train.py --models vae gan --steps 50 --device cpu
-    python scripts/benchmark_train.py --device cuda --compile --channels-last
+    python scripts/benchmark_train.py --device cuda --compile --channels-last on
+    python scripts/benchmark_train.py --variants eager channels_last compile --repeats 5 --skip-baseline
 
 For each model family (section `models.<name>` of --params; an overrides file such as
 params-paper.yaml is deep-merged onto params.yaml first, as scripts/apply_params.py does) it times the same number of
@@ -11,19 +12,26 @@ params-paper.yaml is deep-merged onto params.yaml first, as scripts/apply_params
 
   ours        the project's harness (mnistgen.training.train): the whole training set is
               one float tensor on the device, each epoch draws a seeded randperm and batches
-              are slices of it; train_step runs under utils.autocast(device) (bf16 on CUDA,
-              nothing on CPU); losses are summed on the device, never read in the loop.
+              are slices of it; the model in utils.memory_format(device) (channels_last on
+              CPU); train_step runs under utils.autocast(device) (bf16 on CUDA, nothing on
+              CPU); losses are summed on the device, never read in the loop.
   DataLoader  a typical MNIST tutorial: a per-sample Dataset whose __getitem__ turns one
               uint8 image into a PIL image and then a float tensor
               (torchvision.transforms.functional.to_tensor), DataLoader(batch_size,
               shuffle=True, num_workers=0), each batch moved to the device; the same
-              train_step under the same autocast (use --baseline-fp32 to drop it).
+              model, memory format and train_step under the same autocast (use
+              --baseline-fp32 to drop it), so the speed-up is the data path's alone.
 
 Each method runs --warmup steps first (not timed; at least n_critic + 1, so a GAN's generator
 step is warm/compiled too), then --repeats rounds of --steps timed steps, alternating the two
 methods, and the best round of each is reported; CUDA is synchronised only at the two timing
 boundaries of a round. The epoch time is implied for the 55,000-image training split:
 55,000 / (images per second).
+
+With --variants, the harness itself is timed once per variant instead (eager, channels_last,
+compile, compile+channels_last), each variant on its own copy of the same initial model, in
+alternating rounds in one process so that machine noise hits every variant alike; the table
+gives each variant's median and best round and its median relative to eager.
 
 Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML and tqdm.
 """
@@ -33,6 +41,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,11 +53,14 @@ import torch  # noqa: E402
 from mnistgen import data  # noqa: E402
 from mnistgen.config import ModelParams, from_dict, read_merged_params, section  # noqa: E402
 from mnistgen.models import FAMILIES, build_model  # noqa: E402
-from bench_common import PerSampleMNIST, compile_in_place  # noqa: E402
-from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
+from bench_common import PerSampleMNIST, add_run_options, compile_in_place, device_from  # noqa: E402
+from mnistgen.utils import autocast, memory_format, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 55_000
+VARIANTS = {  # name -> (compile, channels_last)
+    "eager": (False, False), "channels_last": (False, True), "compile": (True, False), "compile+channels_last": (True, True)
+}
 
 
 def model_params(params: dict, name: str) -> ModelParams:
@@ -81,10 +93,9 @@ def sync(device: torch.device) -> None:
 class Harness:
     """The inner loop of training.train: device-resident images, a seeded randperm per epoch, slices."""
 
-    label = "ours"
-
     def __init__(self, model, optimizers, train_images: torch.Tensor, batch_size: int, seed: int,
-                 channels_last: bool, use_autocast: bool = True):
+                 channels_last: bool, use_autocast: bool = True, label: str = "ours"):
+        self.label = label
         self.model, self.optimizers, self.images, self.batch_size = model, optimizers, train_images, batch_size
         self.device = train_images.device
         self.per_epoch = len(train_images) // batch_size  # the harness drops the last partial batch
@@ -163,6 +174,22 @@ def timed(runner: Harness, steps: int) -> tuple[float, int]:
 # ---------------------------------------------------------------------------- main
 
 
+def print_variants(rows, args, device, name) -> None:
+    print(f"\nHarness throughput by variant on {device} ({name}): {args.steps} timed steps per round, "
+          f"{args.repeats} alternating rounds; images/s median (best), and median relative to eager")
+    header = f"{'model':<6} {'batch':>5} | " + " | ".join(f"{v:>24}" for v in args.variants) + " | finite"
+    print(header)
+    print("-" * len(header))
+    for family, bs, per_variant, finite in rows:
+        eager = statistics.median(per_variant["eager"]) if "eager" in per_variant else None
+        cells = []
+        for variant in args.variants:
+            median, best = statistics.median(per_variant[variant]), max(per_variant[variant])
+            relative = f" {median / eager:5.2f}x" if eager else ""
+            cells.append(f"{median:>7.0f} ({best:>6.0f}){relative:>7}")
+        print(f"{family:<6} {bs:>5} | " + " | ".join(f"{c:>24}" for c in cells) + f" | {'yes' if finite else 'NO'}")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), help="families to measure")
@@ -170,27 +197,26 @@ def parse_args() -> argparse.Namespace:
                         help="params file: full, or overrides (params-paper.yaml) merged onto --base")
     parser.add_argument("--base", default=str(ROOT / "params.yaml"), help="the full params file that overrides apply to")
     parser.add_argument("--prepared", default=str(ROOT / "data" / "prepared"), help="folder with train.pt")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_run_options(parser)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
     parser.add_argument("--batch-size", type=int, default=0, help="override every model's batch size (0 = params)")
     parser.add_argument("--compile", action="store_true", help="torch.compile submodules in place (never a WGAN critic)")
-    parser.add_argument("--channels-last", action="store_true", help="model and batches in channels_last memory format")
+    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="model in channels_last memory format (auto = as training.train does: on for CPU)")
     parser.add_argument("--baseline-fp32", action="store_true", help="run the DataLoader baseline without autocast")
     parser.add_argument("--baseline-workers", type=int, default=0, help="DataLoader num_workers for the baseline")
     parser.add_argument("--skip-baseline", action="store_true", help="time only the project's harness")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="time the harness once per variant (no DataLoader baseline), e.g. eager channels_last compile")
     parser.add_argument("--repeats", type=int, default=1, help="alternating timed rounds per method; the best is reported")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0 = torch's default); on a busy shared CPU 1 can be much faster than 2")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = device_from(args)
+    args.channels_last = {"on": True, "off": False}.get(args.channels_last, memory_format(device) == torch.channels_last)
     split = data.load_split(args.prepared, "train")
     train_images = data.to_float(split.images, device)  # once, as the harness does
     if device.type == "cuda":
@@ -205,7 +231,7 @@ def main() -> None:
           f"best of {args.repeats} alternating round(s)")
 
     all_params = read_merged_params(args.params, args.base)
-    rows = []
+    rows, variant_rows = [], []
     for family in args.models:
         params = model_params(all_params, family)
         if args.batch_size:
@@ -213,18 +239,21 @@ def main() -> None:
         bs = params.batch_size
         warmup = max(args.warmup, params.n_critic + 1)  # at least one generator step: it compiles and warms too
         print(f"\n{family}: {params.arch}, width {params.width}, latent {params.latent_dim}, batch {bs}", flush=True)
-        if args.compile:  # a fresh compile cache per family: all modules share Module._call_impl's recompile limit
+        if args.compile or args.variants:  # a fresh compile cache per family: modules share Module._call_impl's recompile limit
             torch._dynamo.reset()
-        model, optimizers, compiled = prepare_model(params, device, args.seed, args.compile, args.channels_last)
-        if args.compile:
-            print(f"  compiled in place: {', '.join(compiled) or 'nothing'}"
-                  + ("  (critic left eager: double backward)" if family == "wgan" else ""))
-        runners = [Harness(model, optimizers, train_images, bs, args.seed, args.channels_last)]
-        if not args.skip_baseline:  # a second copy of the same initial model
+        runners = []
+        for label in args.variants or ["ours"]:
+            compile_, channels_last = VARIANTS[label] if args.variants else (args.compile, args.channels_last)
+            model, optimizers, compiled = prepare_model(params, device, args.seed, compile_, channels_last)
+            if compile_:
+                print(f"  {label}: compiled in place: {', '.join(compiled) or 'nothing'}"
+                      + ("  (critic left eager: double backward)" if family == "wgan" else ""))
+            runners.append(Harness(model, optimizers, train_images, bs, args.seed, channels_last, label=label))
+        if not (args.skip_baseline or args.variants):  # a second copy of the same initial model
             model, optimizers, _ = prepare_model(params, device, args.seed, args.compile, args.channels_last)
             runners.append(LoaderBaseline(model, optimizers, split, device, bs, args.seed, args.channels_last,
                                           not args.baseline_fp32, args.baseline_workers))
-        best: dict[str, tuple[float, int]] = {}
+        rounds: dict[str, list[tuple[float, int]]] = {runner.label: [] for runner in runners}
         for runner in runners:
             started = time.perf_counter()
             runner.run(warmup)
@@ -235,14 +264,20 @@ def main() -> None:
                 seconds, images = timed(runner, args.steps)
                 print(f"  {runner.label:<10} round {r + 1}: {images / seconds:9.0f} img/s, {1000 * seconds / args.steps:8.2f} ms/step",
                       flush=True)
-                if runner.label not in best or seconds < best[runner.label][0]:
-                    best[runner.label] = (seconds, images)
+                rounds[runner.label].append((seconds, images))
         finite = all(runner.finite() for runner in runners)
+        if args.variants:
+            variant_rows.append((family, bs, {label: [i / s for s, i in r] for label, r in rounds.items()}, finite))
+            continue
+        best = {label: min(r) for label, r in rounds.items()}
         rows.append((family, bs, best.get("ours"), best.get("DataLoader"), finite))
         del runners, model, optimizers
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    if args.variants:
+        print_variants(variant_rows, args, device, name)
+        return
     print(f"\nTraining throughput on {device} ({name}): {args.steps} timed steps per cell, best of {args.repeats}; "
           f"compile {'on' if args.compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}")
     header = (f"{'model':<6} {'device':<6} {'batch':>5} | {'ours img/s':>10} {'DL img/s':>9} {'speed-up':>8} | "

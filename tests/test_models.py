@@ -122,3 +122,27 @@ def test_ae_prior_is_fitted_to_codes():
     samples = ae.sample_latent(20000, torch.Generator().manual_seed(0))
     assert torch.allclose(samples.mean(0), codes.mean(0), atol=0.05 * codes.std().item())
     assert torch.allclose(torch.cov(samples.T), torch.cov(codes.T), atol=0.1 * torch.cov(codes.T).abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("family", ["ae", "vae"])
+def test_decoder_starts_at_the_data_mean(family, arch):
+    """init_from_data sets the decoder's output bias to the log-odds of the mean pixel."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 28, 28, generator=g) * torch.linspace(0.05, 0.95, 784).view(1, 1, 28, 28)
+    model = build_model(ModelParams(family=family, epochs=1, batch_size=8, lr=1e-3, arch=arch, width=4, hidden=32))
+    model.init_from_data(images)
+    last = [m for m in model.decoder.modules() if getattr(m, "bias", None) is not None][-1]
+    mean = images.mean(0).flatten() if arch == "mlp" else images.mean().reshape(1)
+    torch.testing.assert_close(torch.sigmoid(last.bias), mean, atol=1e-5, rtol=1e-4)
+    if arch == "mlp":  # with zero weights into the last layer, the decoder outputs the mean image
+        nn.init.zeros_(last.weight)
+        torch.testing.assert_close(model.decode(torch.randn(2, model.latent_dim)), mean.view(1, 1, 28, 28).expand(2, -1, -1, -1),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_init_from_data_leaves_a_gan_as_built():
+    model = build_model(ModelParams(family="gan", epochs=1, batch_size=8, lr=1e-3, width=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.init_from_data(torch.rand(16, 1, 28, 28))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -8,8 +8,9 @@ from mnistgen.models import build_model
 from mnistgen.utils import StageError, seed_everything
 
 
-def params(family="vae", epochs=3):
-    return ModelParams(family=family, epochs=epochs, batch_size=16, lr=1e-3, arch="conv", width=4, latent_dim=4, n_critic=2)
+def params(family="vae", epochs=3, **schedule):
+    return ModelParams(family=family, epochs=epochs, batch_size=16, lr=1e-3, arch="conv", width=4, latent_dim=4, n_critic=2,
+                       **schedule)
 
 
 def images(n=96, seed=0):
@@ -17,9 +18,9 @@ def images(n=96, seed=0):
     return torch.rand(n, 1, 28, 28, generator=g)
 
 
-def run(family, tmp_path, epochs=3, on_epoch=None, checkpoint=True):
+def run(family, tmp_path, epochs=3, on_epoch=None, checkpoint=True, **schedule):
     seed_everything(0, deterministic=True)
-    model = build_model(params(family, epochs))
+    model = build_model(params(family, epochs, **schedule))
     ckpt = training.Checkpoint(tmp_path / "last.pt", {"family": family}) if checkpoint else None
     history = training.train(model, images(), images(32, 1), epochs=epochs, batch_size=16, seed=0,
                              checkpoint=ckpt, on_epoch=on_epoch, progress=False)
@@ -41,21 +42,44 @@ def test_nan_loss_stops_with_the_documented_message(tmp_path, monkeypatch):
     assert not ckpt.path.exists()  # the diverged epoch was not checkpointed
 
 
-@pytest.mark.parametrize("family", ["vae", "wgan"])
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, family):
-    reference, ref_history = run(family, tmp_path / "a")
+@pytest.mark.parametrize("family, schedule", [("vae", {}), ("wgan", {}), ("ae", {"lr_warmup": 1.5, "lr_decay": True})])
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, family, schedule):
+    reference, ref_history = run(family, tmp_path / "a", **schedule)
 
     def interrupt(epoch, metrics, model):
         if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(family, tmp_path / "b", on_epoch=interrupt)
-    resumed, history = run(family, tmp_path / "b")
+        run(family, tmp_path / "b", on_epoch=interrupt, **schedule)
+    resumed, history = run(family, tmp_path / "b", **schedule)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
     assert [h.get("loss", h.get("d_loss")) for h in history] == [h.get("loss", h.get("d_loss")) for h in ref_history]
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    assert [training.lr_factor(s, 10, 4, decay=False) for s in (0, 1, 3, 4, 9)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert [training.lr_factor(s, 10, 4, decay=True) for s in (3, 4, 7, 9)] == pytest.approx([1.0, 1.0, 0.5, 1 / 6])
+    assert [training.lr_factor(s, 4, 0, decay=True) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert training.lr_factor(5, 10, 0, decay=False) == 1.0
+
+
+def test_every_step_uses_the_scheduled_lr(monkeypatch):
+    """6 steps an epoch for 2 epochs: 3 warm-up steps, then linear decay (the optimizer sees it)."""
+    model = build_model(params("ae", epochs=2, lr_warmup=0.5, lr_decay=True))
+    seen, original = [], model.train_step
+
+    def record(x, optimizers, step):
+        seen.append((step, optimizers["model"].param_groups[0]["lr"]))
+        return original(x, optimizers, step)
+
+    monkeypatch.setattr(model, "train_step", record)
+    training.train(model, images(), images(32, 1), epochs=2, batch_size=16, seed=0, progress=False)
+    assert [s for s, _ in seen] == list(range(12))
+    assert [lr for _, lr in seen] == pytest.approx([1e-3 * training.lr_factor(s, 12, 3, True) for s in range(12)])
+    assert seen[2][1] == pytest.approx(1e-3) and seen[-1][1] == pytest.approx(1e-3 / 9)
 
 
 def test_same_seed_same_result(tmp_path):

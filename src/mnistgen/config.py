@@ -79,7 +79,8 @@ class ModelParams:
     gp_weight: float = 10.0
     penalty: Literal["two_sided", "one_sided"] = "two_sided"
     gradient: Literal["autograd", "finite_difference"] = "autograd"
-    lr_decay: bool = False  # linear decay to 0 over the run
+    lr_warmup: float = 0.0  # epochs of linear learning-rate warm-up at the start
+    lr_decay: bool = False  # linear learning-rate decay to 0 at the last step (per step, after the warm-up)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .models.base import GenerativeModel
-from .utils import StageError, atomic_torch_save, autocast, progress_bar, sha256_json
+from .utils import StageError, atomic_torch_save, autocast, memory_format, progress_bar, sha256_json
 
 EpochCallback = Callable[[int, dict, GenerativeModel], None]
 
@@ -44,6 +44,16 @@ def validation_losses(model: GenerativeModel, images: torch.Tensor, batch_size: 
     return {f"val_{k}": (v / len(images)).item() for k, v in sums.items()}
 
 
+def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: bool) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): a linear warm-up from 1/warmup_steps
+    to 1 over the first warmup_steps, then constant, or with `decay` linear down to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not decay:
+        return 1.0
+    return 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+
+
 def check_finite(metrics: dict[str, float], family: str, epoch: int) -> None:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
@@ -60,14 +70,13 @@ class Checkpoint:
         self.path = Path(path)
         self.fingerprint = sha256_json(fingerprint)
 
-    def save(self, model, optimizers, schedulers, epoch, history, shuffle_rng) -> None:
+    def save(self, model, optimizers, epoch, history, shuffle_rng) -> None:
         state = {
             "fingerprint": self.fingerprint,
             "epoch": epoch,
             "history": history,
             "model": model.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
             "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle_rng.get_state()},
         }
         if torch.cuda.is_available():
@@ -91,12 +100,10 @@ class Checkpoint:
         return state
 
 
-def restore(state, model, optimizers, schedulers, shuffle_rng) -> None:
+def restore(state, model, optimizers, shuffle_rng) -> None:
     model.load_state_dict(state["model"])
     for key, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][key])
-    for key, sched in schedulers.items():
-        sched.load_state_dict(state["schedulers"][key])
     torch.set_rng_state(state["rng"]["torch"])
     shuffle_rng.set_state(state["rng"]["shuffle"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -116,17 +123,21 @@ def train(
     progress: bool = True,
 ) -> list[dict]:
     """Train `model` on device-resident images in [0, 1]; returns one dict of metrics per epoch."""
+    model.init_from_data(train_images)  # before a resume, which then overwrites the weights
+    # Conv weights in the device's faster layout; [N, 1, 28, 28] batches are the same in either.
+    model.to(memory_format=memory_format(train_images.device))
     optimizers = model.make_optimizers()
-    schedulers = {}
-    if getattr(model.params, "lr_decay", False):  # linear decay to 0 over the run
-        schedulers = {k: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.0, total_iters=epochs) for k, o in optimizers.items()}
-    shuffle_rng = torch.Generator().manual_seed(seed)
+    # The schedule is a pure function of the step, so a resumed run needs no scheduler state.
+    base_lrs = {k: [group["lr"] for group in o.param_groups] for k, o in optimizers.items()}
     steps = batches(len(train_images), batch_size)
+    warmup_steps, decay = round(model.params.lr_warmup * steps), model.params.lr_decay
+    scheduled = warmup_steps > 0 or decay
+    shuffle_rng = torch.Generator().manual_seed(seed)
     history: list[dict] = []
     start_epoch = 0
     state = checkpoint.load() if checkpoint else None
     if state is not None:
-        restore(state, model, optimizers, schedulers, shuffle_rng)
+        restore(state, model, optimizers, shuffle_rng)
         history, start_epoch = state["history"], state["epoch"]
         print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
     model.train()
@@ -137,14 +148,18 @@ def train(
         counts: dict[str, int] = {}
         bar = progress_bar(range(steps), f"{model.family} {epoch}/{epochs}", progress)
         for step in bar:
+            global_step = (epoch - 1) * steps + step
+            if scheduled:
+                factor = lr_factor(global_step, epochs * steps, warmup_steps, decay)
+                for key, optimizer in optimizers.items():
+                    for group, base_lr in zip(optimizer.param_groups, base_lrs[key]):
+                        group["lr"] = base_lr * factor
             x = train_images[order[step * batch_size : (step + 1) * batch_size]]
             with autocast(x.device):
-                losses = model.train_step(x, optimizers, (epoch - 1) * steps + step)
+                losses = model.train_step(x, optimizers, global_step)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
-        for sched in schedulers.values():
-            sched.step()
         metrics = {k: (sums[k] / counts[k]).item() for k in sums}  # the one host sync of the epoch
         check_finite(metrics, model.family, epoch)
         seconds = time.perf_counter() - started
@@ -153,7 +168,7 @@ def train(
         history.append({"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * batch_size / seconds})
         print(f"{model.family} epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"))
         if checkpoint:
-            checkpoint.save(model, optimizers, schedulers, epoch, history, shuffle_rng)
+            checkpoint.save(model, optimizers, epoch, history, shuffle_rng)
         if on_epoch:
             on_epoch(epoch, history[-1], model)
     model.eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import nets
-from .base import GenerativeModel, adam, bce_per_image
+from .base import GenerativeModel, adam, bce_per_image, init_output_bias
 
 
 class AE(GenerativeModel):
@@ -21,6 +21,9 @@ class AE(GenerativeModel):
 
     def make_optimizers(self):
         return {"model": adam(self.parameters(), self.params.lr)}
+
+    def init_from_data(self, images):
+        init_output_bias(self.decoder, images)
 
     def encode(self, x):
         return self.encoder(x)

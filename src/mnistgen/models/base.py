@@ -27,6 +27,9 @@ class GenerativeModel(nn.Module):
     def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialisation before the first step (default: none)."""
+
     def train_step(self, x: torch.Tensor, optimizers: dict, step: int) -> Losses:
         """One optimisation step on batch x (images in [0, 1]); returns detached losses."""
         raise NotImplementedError
@@ -69,4 +72,19 @@ def bce_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def adam(params, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+    # fused: one kernel for the whole update; on this 2-core CPU it makes an MLP VAE step 12 % faster.
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
+
+
+@torch.no_grad()
+def init_output_bias(decoder: nn.Module, images: torch.Tensor) -> None:
+    """Start a Bernoulli decoder at the data's mean: its output bias = log-odds of the mean pixel.
+
+    Per pixel where the last layer has one bias per pixel (MLP), else the mean over all pixels
+    (conv). As in Burda et al.'s IWAE code; it lowers the MLP VAE's test -ELBO after 5 epochs
+    by about 1 nat (scripts/vae_time_to_elbo.py --no-bias-init).
+    """
+    last = [m for m in decoder.modules() if getattr(m, "bias", None) is not None][-1]
+    per_pixel = last.bias.numel() == images[0].numel()
+    mean = images.float().mean(0).flatten() if per_pixel else images.float().mean().reshape(1)
+    last.bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)).to(last.bias))

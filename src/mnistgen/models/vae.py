@@ -6,7 +6,7 @@ import math
 import torch
 
 from . import nets
-from .base import GenerativeModel, adam, bce_per_image
+from .base import GenerativeModel, adam, bce_per_image, init_output_bias
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,9 @@ class VAE(GenerativeModel):
 
     def make_optimizers(self):
         return {"model": adam(self.parameters(), self.params.lr)}
+
+    def init_from_data(self, images):
+        init_output_bias(self.decoder, images)
 
     def posterior(self, x):
         mu, logvar = self.encoder(x).float().chunk(2, dim=1)
