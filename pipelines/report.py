@@ -34,8 +34,10 @@ def main() -> None:
                              {m: Path("models") / m / "curves.png" for m in report.MODELS})
     atomic_write_text(REPORTS / "comparison.md", markdown)
     atomic_write_text(REPORTS / "comparison.html", page)
-    held = sum(ok for _, ok, _ in checks)
-    print(f"report: {held}/{len(checks)} of the design's claims hold; reports/comparison.md and reports/comparison.html")
+    held = sum(v == report.HOLDS for _, v, _ in checks)
+    close = sum(v == report.TOO_CLOSE for _, v, _ in checks)
+    print(f"report: {held}/{len(checks)} of the design's claims hold" + (f", {close} too close to call" if close else "")
+          + "; reports/comparison.md and reports/comparison.html")
 
 
 if __name__ == "__main__":

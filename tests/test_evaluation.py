@@ -61,7 +61,19 @@ def test_report_claims_follow_the_numbers():
                "gan": {"fid_cls": 5.0}, "wgan": {"fid_cls": 8.0}}
     curves = {"wgan": [{"grad_norm": 1.2, "wasserstein": 5.0}, {"grad_norm": 1.05, "wasserstein": 2.0}]}
     checks = report.claims(results, curves)
-    assert all(holds for _, holds, _ in checks) and len(checks) == 5
+    assert [v for _, v, _ in checks] == [report.HOLDS] * 5
     results["ae"]["fid_cls"] = 5.0  # now the AE samples look better than the VAE's: the claim must fail
-    assert not report.claims(results, curves)[0][1]
+    assert report.claims(results, curves)[0][1] == report.FAILS
     assert report.winners(results)["fid_cls"] == "ae"
+
+
+def test_a_gap_within_two_standard_errors_is_too_close_to_call():
+    key = "interp_linear_midpoint_confidence"
+    results = {"ae": {key: 0.838, f"{key}_stderr": 0.006}, "vae": {key: 0.839, f"{key}_stderr": 0.006}}
+    (claim, outcome, evidence), = report.claims(results, {})
+    assert outcome == report.TOO_CLOSE and "standard errors 0.0060 and 0.0060" in evidence
+    assert report.TOO_CLOSE in report.build_markdown(results, {}, {}, report.claims(results, {}))
+    results["ae"][key] = 0.80  # 0.039 apart, more than 2 * 0.0085: the VAE's midpoints are clearly better
+    assert report.claims(results, {})[0][1] == report.HOLDS
+    results["ae"][key] = 0.88
+    assert report.claims(results, {})[0][1] == report.FAILS

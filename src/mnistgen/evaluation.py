@@ -162,7 +162,9 @@ class Evaluation:
             feats, probs = self.embed(interior)
             self.metrics[f"interp_{name}_confidence"] = probs.max(1).values.mean().item()
             self.metrics[f"interp_{name}_fid_cls"] = metrics.fid_from_stats(*metrics.gaussian_stats(feats), *self.ref.test_stats)
-            self.metrics[f"interp_{name}_midpoint_confidence"] = probs.view(len(z_a), -1, 10)[:, (p.interp_steps - 2) // 2].max(1).values.mean().item()
+            midpoint = probs.view(len(z_a), -1, 10)[:, (p.interp_steps - 2) // 2].max(1).values  # one per pair
+            self.metrics[f"interp_{name}_midpoint_confidence"] = midpoint.mean().item()
+            self.metrics[f"interp_{name}_midpoint_confidence_stderr"] = (midpoint.std() / len(midpoint) ** 0.5).item()
             figures.save_grid(images[:10].flatten(0, 1), self.out / f"interpolation_{name}.png", nrow=p.interp_steps)
 
     @torch.no_grad()

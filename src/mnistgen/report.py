@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 MODELS = ("ae", "vae", "gan", "wgan")
@@ -49,26 +50,44 @@ def winners(results: dict[str, dict]) -> dict[str, str]:
     return out
 
 
-def claims(results: dict[str, dict], curves: dict[str, list[dict]]) -> list[tuple[str, bool, str]]:
-    """The design's story as checks on the measured numbers: (claim, holds, evidence)."""
+HOLDS, FAILS, TOO_CLOSE = "holds", "does not hold", "too close to call"
+VERDICT_CLASS = {HOLDS: "ok", FAILS: "no", TOO_CLOSE: "close"}
+
+
+def verdict(holds: bool) -> str:
+    return HOLDS if holds else FAILS
+
+
+def claims(results: dict[str, dict], curves: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+    """The design's story as checks on the measured numbers: (claim, verdict, evidence).
+
+    Where a metric comes with a standard error, a gap of at most two combined standard errors
+    is "too close to call" rather than a win for either side.
+    """
     ae, vae = results.get("ae", {}), results.get("vae", {})
     out = []
     if "fid_cls" in ae and "fid_cls" in vae:
         out.append(("AE prior samples (Gaussian fitted to its codes) are worse than VAE prior samples",
-                    ae["fid_cls"] > vae["fid_cls"], f"FID_cls AE {fmt(ae['fid_cls'])} vs VAE {fmt(vae['fid_cls'])}"))
-    if "interp_linear_midpoint_confidence" in ae and "interp_linear_midpoint_confidence" in vae:
-        a, v = ae["interp_linear_midpoint_confidence"], vae["interp_linear_midpoint_confidence"]
-        out.append(("AE interpolation midpoints are less recognisable than VAE midpoints", a < v,
-                    f"evaluator confidence at the midpoint AE {fmt(a)} vs VAE {fmt(v)}"))
+                    verdict(ae["fid_cls"] > vae["fid_cls"]), f"FID_cls AE {fmt(ae['fid_cls'])} vs VAE {fmt(vae['fid_cls'])}"))
+    key = "interp_linear_midpoint_confidence"
+    if key in ae and key in vae:
+        a, v = ae[key], vae[key]
+        se_a, se_v = ae.get(f"{key}_stderr", 0.0), vae.get(f"{key}_stderr", 0.0)
+        evidence = f"evaluator confidence at the midpoint AE {fmt(a)} vs VAE {fmt(v)}"
+        if se_a or se_v:
+            evidence += f" (standard errors {fmt(se_a)} and {fmt(se_v)} over the pairs)"
+        close = abs(a - v) <= 2 * math.hypot(se_a, se_v)
+        out.append(("AE interpolation midpoints are less recognisable than VAE midpoints",
+                    TOO_CLOSE if close else verdict(a < v), evidence))
     if "interp_linear_fid_cls" in ae and "interp_linear_fid_cls" in vae:
         a, v = ae["interp_linear_fid_cls"], vae["interp_linear_fid_cls"]
-        out.append(("AE interpolation paths leave the data manifold more than VAE paths", a > v,
+        out.append(("AE interpolation paths leave the data manifold more than VAE paths", verdict(a > v),
                     f"FID_cls of interior points AE {fmt(a)} vs VAE {fmt(v)}"))
     gans = [m for m in ("gan", "wgan") if "fid_cls" in results.get(m, {})]
     if "vae" in results and gans:
         best = min(gans, key=lambda m: results[m]["fid_cls"])
         out.append(("A GAN's learned distance gives sharper samples than the VAE's pixel likelihood",
-                    results[best]["fid_cls"] < vae.get("fid_cls", float("inf")),
+                    verdict(results[best]["fid_cls"] < vae.get("fid_cls", float("inf"))),
                     f"FID_cls {best.upper()} {fmt(results[best]['fid_cls'])} vs VAE {fmt(vae.get('fid_cls'))}"))
     wgan_curve = curves.get("wgan", [])
     if wgan_curve:
@@ -76,7 +95,7 @@ def claims(results: dict[str, dict], curves: dict[str, list[dict]]) -> list[tupl
         w = [row["wasserstein"] for row in wgan_curve if "wasserstein" in row]
         stable = bool(norms) and all(0.5 < n < 2.0 for n in norms) and w[-1] <= max(w)
         out.append(("The WGAN-GP trains stably: its critic stays near 1-Lipschitz and its Wasserstein estimate falls",
-                    stable, f"mean critic gradient norm per epoch {', '.join(f'{n:.2f}' for n in norms)}; "
+                    verdict(stable), f"mean critic gradient norm per epoch {', '.join(f'{n:.2f}' for n in norms)}; "
                     f"critic estimate of W first {w[0]:.2f}, last {w[-1]:.2f}"))
     return out
 
@@ -104,8 +123,8 @@ def build_markdown(results: dict[str, dict], real: dict, evaluator: dict, checks
         "the real-data column scores 10,000 training images the same way (the floor). Best model per metric in bold.", "",
         table_markdown(results, real), "", "## What the numbers say", "",
     ]
-    for claim, holds, evidence in checks:
-        lines.append(f"- **{'holds' if holds else 'does not hold'}**: {claim}: {evidence}.")
+    for claim, outcome, evidence in checks:
+        lines.append(f"- **{outcome}**: {claim}: {evidence}.")
     best = winners(results)
     lines += ["", "## Who wins what", ""]
     for key, label, _ in COLUMNS:
@@ -131,8 +150,8 @@ def build_html(results: dict, real: dict, checks, reports: Path, curves_png: dic
         rows.append(f"<tr><th>{label} {'↑' if higher else '↓'}</th>{cells}<td>{fmt(real.get(key))}</td></tr>")
     header = "".join(f"<th>{m.upper()}</th>" for m in results)
     claim_items = "".join(
-        f"<li><b class='{'ok' if ok else 'no'}'>{'holds' if ok else 'does not hold'}</b>: {html.escape(c)}: {html.escape(e)}.</li>"
-        for c, ok, e in checks
+        f"<li><b class='{VERDICT_CLASS[v]}'>{v}</b>: {html.escape(c)}: {html.escape(e)}.</li>"
+        for c, v, e in checks
     )
     sections = []
     for model in results:
@@ -144,7 +163,7 @@ def build_html(results: dict, real: dict, checks, reports: Path, curves_png: dic
 <html lang="en"><head><meta charset="utf-8"><title>MNIST generative models: comparison</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{text-align:left}} td.best{{font-weight:bold;background:#e8f5e9}}
-.ok{{color:#1b5e20}} .no{{color:#b71c1c}} .figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} img{{max-width:420px;image-rendering:pixelated}} figcaption{{font-size:12px;color:#555}}</style>
+.ok{{color:#1b5e20}} .no{{color:#b71c1c}} .close{{color:#8a6d00}} .figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} img{{max-width:420px;image-rendering:pixelated}} figcaption{{font-size:12px;color:#555}}</style>
 </head><body><h1>AE → VAE → GAN → WGAN-GP on MNIST</h1>
 <table id="comparison"><tr><th>metric</th>{header}<th>real data</th></tr>{''.join(rows)}</table>
 <h2>What the numbers say</h2><ul id="claims">{claim_items}</ul>{''.join(sections)}</body></html>
