@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: device options, the per-sample DataLoader baseline, the torch.compile option."""
+"""Shared by the benchmark scripts: device options, CUDA sync, the per-sample DataLoader baseline, torch.compile."""
 import argparse
 
 import torch
@@ -18,6 +18,12 @@ def device_from(args: argparse.Namespace) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     return pick_device(args.device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work: the benchmarks call it only at timing boundaries."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class PerSampleMNIST(torch.utils.data.Dataset):

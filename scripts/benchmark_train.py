@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from mnistgen import data  # noqa: E402
 from mnistgen.config import ModelParams, from_dict, read_merged_params, section  # noqa: E402
 from mnistgen.models import FAMILIES, build_model  # noqa: E402
-from bench_common import PerSampleMNIST, add_run_options, compile_in_place, device_from  # noqa: E402
+from bench_common import PerSampleMNIST, add_run_options, compile_in_place, device_from, sync  # noqa: E402
 from mnistgen.utils import autocast, memory_format, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,11 +82,6 @@ def prepare_model(params: ModelParams, device: torch.device, seed: int, compile_
     return model, model.make_optimizers(), compiled
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------- ours
 
 
@@ -94,13 +89,13 @@ class Harness:
     """The inner loop of training.train: device-resident images, a seeded randperm per epoch, slices."""
 
     def __init__(self, model, optimizers, train_images: torch.Tensor, batch_size: int, seed: int,
-                 channels_last: bool, use_autocast: bool = True, label: str = "ours"):
+                 use_autocast: bool = True, label: str = "ours"):
         self.label = label
         self.model, self.optimizers, self.images, self.batch_size = model, optimizers, train_images, batch_size
         self.device = train_images.device
         self.per_epoch = len(train_images) // batch_size  # the harness drops the last partial batch
         self.shuffle_rng = torch.Generator().manual_seed(seed)
-        self.channels_last, self.use_autocast = channels_last, use_autocast
+        self.use_autocast = use_autocast
         self.order = None
         self.step = 0
         self.images_seen = 0
@@ -117,9 +112,7 @@ class Harness:
 
     def run(self, count: int) -> None:
         for _ in range(count):
-            x = self.next_batch()
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.next_batch()  # one channel: the same memory in either layout, so only the model is converted
             with self.amp():
                 losses = self.model.train_step(x, self.optimizers, self.step)
             for key, value in losses.items():  # summed on the device, as the harness does
@@ -140,9 +133,9 @@ class LoaderBaseline(Harness):
     label = "DataLoader"
 
     def __init__(self, model, optimizers, split: data.Split, device: torch.device, batch_size: int, seed: int,
-                 channels_last: bool, use_autocast: bool, workers: int):
+                 use_autocast: bool, workers: int):
         self.model, self.optimizers, self.batch_size, self.device = model, optimizers, batch_size, device
-        self.channels_last, self.use_autocast = channels_last, use_autocast
+        self.use_autocast = use_autocast
         self.loader = torch.utils.data.DataLoader(
             PerSampleMNIST(split.images, split.labels), batch_size=batch_size, shuffle=True, num_workers=workers,
             generator=torch.Generator().manual_seed(seed),
@@ -248,10 +241,10 @@ def main() -> None:
             if compile_:
                 print(f"  {label}: compiled in place: {', '.join(compiled) or 'nothing'}"
                       + ("  (critic left eager: double backward)" if family == "wgan" else ""))
-            runners.append(Harness(model, optimizers, train_images, bs, args.seed, channels_last, label=label))
+            runners.append(Harness(model, optimizers, train_images, bs, args.seed, label=label))
         if not (args.skip_baseline or args.variants):  # a second copy of the same initial model
             model, optimizers, _ = prepare_model(params, device, args.seed, args.compile, args.channels_last)
-            runners.append(LoaderBaseline(model, optimizers, split, device, bs, args.seed, args.channels_last,
+            runners.append(LoaderBaseline(model, optimizers, split, device, bs, args.seed,
                                           not args.baseline_fp32, args.baseline_workers))
         rounds: dict[str, list[tuple[float, int]]] = {runner.label: [] for runner in runners}
         for runner in runners:

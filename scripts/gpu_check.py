@@ -46,7 +46,7 @@ from mnistgen import data, training  # noqa: E402
 from mnistgen.config import ModelParams, PrepareParams, from_dict, read_merged_params, section  # noqa: E402
 from mnistgen.models import FAMILIES, build_model  # noqa: E402
 from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
-from bench_common import compile_in_place  # noqa: E402
+from bench_common import compile_in_place, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 55_000
@@ -56,11 +56,6 @@ GZ = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
 
 def model_params(params: dict, name: str) -> ModelParams:
     return from_dict(ModelParams, section(params, f"models.{name}"), f"models.{name}")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def default_params() -> str:

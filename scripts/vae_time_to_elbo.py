@@ -62,7 +62,7 @@ from torch.nn import functional as F  # noqa: E402
 from mnistgen import data, training  # noqa: E402
 from mnistgen.config import ModelParams  # noqa: E402
 from mnistgen.models import build_model  # noqa: E402
-from bench_common import PerSampleMNIST, add_run_options, device_from  # noqa: E402
+from bench_common import PerSampleMNIST, add_run_options, device_from, sync  # noqa: E402
 from mnistgen.utils import seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +70,6 @@ EVAL_SEED = 1234
 # ours by device: (batch size, peak lr, epoch budget); see the module docstring. cuda: the best
 # of a sweep on an H100 (docs/benchmarks/h100-time_to_elbo.log).
 DEFAULTS = {"cpu": (256, 1e-2, 5), "cuda": (1024, 1e-2, 10)}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
