@@ -1,25 +1,27 @@
 """Stage prepare: fetch the four MNIST files (MNIST_MIRROR or the official mirrors), verify
-their MD5, parse IDX, carve a seeded validation split, write data/prepared/ atomically."""
-import sys
+their MD5, parse IDX, carve a seeded validation split, write the prepared splits atomically.
+
+Usage: python pipelines/prepare.py --out data/prepared   (paths come from dvc.yaml)
+"""
+import argparse
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from mnistgen import data  # noqa: E402
-from mnistgen.config import PrepareParams, load_section  # noqa: E402
-from mnistgen.utils import atomic_dir, run_stage, sha256_file, write_json  # noqa: E402
-
-OUT = Path("data/prepared")
+from mnistgen import data
+from mnistgen.config import PrepareParams, load_section
+from mnistgen.utils import atomic_dir, run_stage, sha256_file, write_json
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
     started = time.perf_counter()
     params = load_section(PrepareParams, "prepare")
     train = data.read_pair("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
     test = data.read_pair("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
     splits = data.make_splits(train, test, params)
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(args.out) as tmp:
         for name, split in splits.items():
             data.save_split(split, tmp / f"{name}.pt")
         write_json(tmp / "meta.json", {
@@ -27,10 +29,10 @@ def main() -> None:
             "md5": data.MNIST_FILES,
             "sizes": {name: len(split.labels) for name, split in splits.items()},
             "sha256": {name: sha256_file(tmp / f"{name}.pt") for name in splits},
-            "params": vars(params),
+            "params": params.model_dump(),
         })
     sizes = ", ".join(f"{name} {len(s.labels)}" for name, s in splits.items())
-    print(f"prepare: {sizes} images written to {OUT}/ in {time.perf_counter() - started:.1f} s")
+    print(f"prepare: {sizes} images written to {args.out}/ in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -3,25 +3,24 @@
 Exit status: 0 when the gate decided (promoted or kept the champion); 1 when a candidate
 breaks a floor (a regression: CI fails; nothing is registered, no alias moves); 2 on an
 error such as an unreachable registry (the registry is left as it was).
-Writes reports/promotion.json and reports/promotion.md either way.
+Writes promotion.json and promotion.md either way.
+
+Usage: python pipelines/promote.py --metrics metrics --models models --out reports   (paths from dvc.yaml)
 """
+import argparse
 import json
 import sys
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from mnistgen import gate, tracking  # noqa: E402
-from mnistgen.config import GateParams, ParamsError, load_section  # noqa: E402
-from mnistgen.utils import StageError, atomic_write_text, write_json  # noqa: E402
-
-MODELS = ("ae", "vae", "gan", "wgan")
-REPORTS = Path("reports")
+from mnistgen import gate, tracking
+from mnistgen.config import GateParams, ParamsError, load_section, model_names
+from mnistgen.registry import Registry, registered_name
+from mnistgen.utils import StageError, atomic_write_text, write_json
 
 
-def load_candidate(name: str) -> tuple[dict, dict]:
-    metrics_file, run_file = Path("metrics") / f"{name}.json", Path("models") / name / "run.json"
+def load_candidate(name: str, metrics_dir: Path, models_dir: Path) -> tuple[dict, dict]:
+    metrics_file, run_file = metrics_dir / f"{name}.json", models_dir / name / "run.json"
     try:
         metrics = json.loads(metrics_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -32,14 +31,14 @@ def load_candidate(name: str) -> tuple[dict, dict]:
     return metrics, run
 
 
-def promote(models=MODELS) -> tuple[list[gate.Decision], int]:
+def promote(metrics_dir: Path, models_dir: Path, registry_factory=Registry) -> tuple[list[gate.Decision], int]:
+    models = model_names()
     gates = {name: load_section(GateParams, f"gate.{name}") for name in models}
-    candidates = {name: load_candidate(name) for name in models}
-    registry = tracking.Registry()
+    candidates = {name: load_candidate(name, metrics_dir, models_dir) for name in models}
+    registry = registry_factory()
     decisions = []
     for name in models:
-        registered = tracking.REGISTERED_NAMES[name]
-        champion = registry.champion(registered)
+        champion = registry.champion(registered_name(name))
         numeric = {k: v for k, v in candidates[name][0].items() if isinstance(v, (int, float))}
         decision = gate.decide(name, numeric, champion[1] if champion else None, gates[name])
         decision.champion_version = champion[0] if champion else None
@@ -49,8 +48,8 @@ def promote(models=MODELS) -> tuple[list[gate.Decision], int]:
     try:
         for d in decisions:
             metrics, run = candidates[d.model]
-            registered = tracking.REGISTERED_NAMES[d.model]
-            run_tags = tracking.client().get_run(run["run_id"]).data.tags
+            registered = registered_name(d.model)
+            run_tags = registry.client.get_run(run["run_id"]).data.tags
             tags = {k: run_tags.get(k, "unknown") for k in ("git_commit", "params_hash", "device", "torch_version")}
             tags.update({"data_hash": tracking.data_hash(), "evaluator_hash": metrics.get("evaluator_hash", "unknown"), "gate_decision": d.decision})
             d.candidate_version = registry.register(registered, run["model_uri"], run["run_id"], tags, d.candidate)
@@ -63,10 +62,23 @@ def promote(models=MODELS) -> tuple[list[gate.Decision], int]:
     return decisions, 0
 
 
-def main() -> int:
+def summary(d: gate.Decision) -> str:
+    """One unambiguous line per model for a CI log, e.g. 'vae: keep champion v1 (candidate v2 declined)'."""
+    if d.decision == gate.PROMOTE:
+        return f"{d.model}: promote v{d.candidate_version} to champion" + (f" (was v{d.champion_version})" if d.champion_version else "")
+    if d.decision == gate.KEEP:
+        return f"{d.model}: keep champion v{d.champion_version} (candidate v{d.candidate_version} declined)"
+    return f"{d.model}: reject (breaks a floor; not registered)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--metrics", "--models", "--out"):
+        parser.add_argument(flag, type=Path, required=True)
+    args = parser.parse_args(argv)
     decisions: list[gate.Decision] = []
     try:
-        decisions, code = promote()
+        decisions, code = promote(args.metrics, args.models)
     except (StageError, ParamsError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
@@ -74,11 +86,10 @@ def main() -> int:
         traceback.print_exc()
         print(f"error: promotion failed, registry left as it was: {err}", file=sys.stderr)
         code = 2
-    REPORTS.mkdir(exist_ok=True)
-    atomic_write_text(REPORTS / "promotion.md", gate.to_markdown(decisions, code))
-    write_json(REPORTS / "promotion.json", gate.to_json(decisions, code))
-    summary = ", ".join(f"{d.model}: {d.decision}" + (f" v{d.candidate_version}" if d.candidate_version else "") for d in decisions)
-    print(f"promote: exit {code}; {summary or 'no decision'} (reports/promotion.md)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "promotion.md", gate.to_markdown(decisions, code))
+    write_json(args.out / "promotion.json", gate.to_json(decisions, code))
+    print(f"promote: exit {code}; {'; '.join(summary(d) for d in decisions) or 'no decision'} ({args.out}/promotion.md)")
     return code
 
 

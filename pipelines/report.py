@@ -1,15 +1,22 @@
-"""Stage report: one comparison of the four models and the real-data floor, as markdown and HTML."""
+"""Stage report: one comparison of every model and the real-data floor, as markdown and HTML.
+
+The models are the keys of params.yaml's `models` section; the real-data column scores the
+evaluator's training-image reference features against its test features with the same
+protocol as a model's samples.
+
+Usage: python pipelines/report.py --metrics metrics --figures evaluation --curves curves
+       --evaluator models/evaluator --out reports   (paths from dvc.yaml)
+"""
+import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch
 
-from mnistgen import report  # noqa: E402
-from mnistgen.utils import StageError, atomic_write_text, run_stage  # noqa: E402
-
-REPORTS = Path("reports")
+from mnistgen import evaluation, report
+from mnistgen.config import EvaluateParams, load_section, model_names
+from mnistgen.utils import StageError, atomic_write_text, run_stage, write_json
 
 
 def read_json(path: Path) -> dict:
@@ -19,25 +26,37 @@ def read_json(path: Path) -> dict:
         raise StageError(f"{path}: cannot read ({err})") from err
 
 
-def read_curves(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+def read_curves(folder: Path) -> dict[str, list[float]]:
+    """{metric: training values per epoch} from train's curve CSVs."""
+    curves = {}
+    for path in sorted(folder.glob("*.csv")):
+        with open(path, newline="") as f:
+            curves[path.stem] = [float(row["train"]) for row in csv.DictReader(f)]
+    return curves
 
 
 def main() -> None:
-    results = {m: read_json(Path("metrics") / f"{m}.json") for m in report.MODELS}
-    evaluator = read_json(Path("metrics/evaluator.json"))
-    curves = {m: read_curves(Path("models") / m / "curves.csv") for m in report.MODELS}
+    parser = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--metrics", "--figures", "--curves", "--evaluator", "--out"):
+        parser.add_argument(flag, type=Path, required=True)
+    args = parser.parse_args()
+    models = model_names()
+    params = load_section(EvaluateParams, "evaluate")
+    results = {m: read_json(args.metrics / f"{m}.json") for m in models}
+    evaluator = read_json(args.metrics / "evaluator.json")
+    ref = evaluation.Reference(**torch.load(args.evaluator / "reference.pt", map_location="cpu", weights_only=True))
+    real = evaluation.real_data_row(ref, params)
+    curves = {m: read_curves(args.curves / m) for m in models}
     checks = report.claims(results, curves)
-    markdown = report.build_markdown(results, evaluator["real_data"], evaluator, checks)
-    page = report.build_html(results, evaluator["real_data"], checks, REPORTS,
-                             {m: Path("models") / m / "curves.png" for m in report.MODELS})
-    atomic_write_text(REPORTS / "comparison.md", markdown)
-    atomic_write_text(REPORTS / "comparison.html", page)
+    figures = {m: [p for name in report.FIGURES if (p := args.figures / m / name).exists()] + [args.curves / m / "curves.png"]
+               for m in models}
+    write_json(args.out / "real_data.json", real)
+    atomic_write_text(args.out / "comparison.md", report.build_markdown(results, real, evaluator, checks))
+    atomic_write_text(args.out / "comparison.html", report.build_html(results, real, checks, figures))
     held = sum(v == report.HOLDS for _, v, _ in checks)
     close = sum(v == report.TOO_CLOSE for _, v, _ in checks)
     print(f"report: {held}/{len(checks)} of the design's claims hold" + (f", {close} too close to call" if close else "")
-          + "; reports/comparison.md and reports/comparison.html")
+          + f"; real-data FID_cls floor {real['fid_cls']:.3f}; {args.out}/comparison.md and comparison.html")
 
 
 if __name__ == "__main__":

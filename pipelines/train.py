@@ -1,64 +1,61 @@
-"""Stage train@<model>: train one model with the shared harness, log it to MLflow, write models/<model>/.
+"""Stage train@<model>: train one model with the shared harness, log it to MLflow, write its folder.
 
-Usage: python pipelines/train.py {ae,vae,gan,wgan}
-Reads params sections `train` (shared run settings) and `models.<model>`.
+Usage: python pipelines/train.py <model> --data data/prepared --out models/<model> --curves curves/<model>
+(paths come from dvc.yaml). Reads params sections `train` (shared run settings) and `models.<model>`.
+Writes weights.pt, config.json, run.json and samples.png to --out, and one CSV per training curve
+(epoch, train, val) plus curves.png to --curves, which `dvc plots show` draws.
 """
+import argparse
 import csv
-import dataclasses
-import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch
 
-import torch  # noqa: E402
+from mnistgen import data, figures, tracking, training
+from mnistgen.config import RunParams, flatten, load_model_params, load_section
+from mnistgen.models import build_model
+from mnistgen.utils import atomic_dir, pick_device, run_stage, seed_everything, sha256_json
 
-from mnistgen import data, figures, tracking, training  # noqa: E402
-from mnistgen.config import ModelParams, RunParams, flatten, load_section  # noqa: E402
-from mnistgen.models import FAMILIES, build_model  # noqa: E402
-from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, seed_everything, sha256_json  # noqa: E402
-
-PREPARED = Path("data/prepared")
-LIBRARY = Path(__file__).resolve().parents[1] / "src" / "mnistgen"
+NOT_CURVES = {"epoch", "epoch_seconds", "images_per_second"}
 
 
-def code_hash() -> str:
-    """A checkpoint made by other library code must not be resumed: the code is part of its fingerprint."""
-    return sha256_json({str(p.relative_to(LIBRARY)): p.read_text() for p in sorted(LIBRARY.rglob("*.py"))})
-
-
-def write_curves(history: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[-1]))
-        writer.writeheader()
-        writer.writerows(history)
+def write_curves(history: list[dict], folder: Path) -> None:
+    """One CSV per training metric with its validation twin beside it: epoch, train[, val]."""
+    for key in [k for k in history[0] if k not in NOT_CURVES and not k.startswith("val_")]:
+        columns = ["train"] + (["val"] if f"val_{key}" in history[0] else [])
+        with open(folder / f"{key}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", *columns])
+            writer.writerows([row["epoch"], row[key], *([row[f"val_{key}"]] if "val" in columns else [])] for row in history)
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or sys.argv[1] not in FAMILIES:
-        raise StageError(f"usage: python pipelines/train.py {{{','.join(FAMILIES)}}}")
-    name = sys.argv[1]
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--curves", type=Path, required=True)
+    args = parser.parse_args()
+    name = args.model
     started = time.perf_counter()
     run_params = load_section(RunParams, "train")
-    params = load_section(ModelParams, f"models.{name}")
+    params = load_model_params(name)
     device = pick_device(run_params.device)
     seed_everything(run_params.seed, run_params.deterministic)
-    data_hash = tracking.data_hash(PREPARED)
-    params_hash = sha256_json({"train": dataclasses.asdict(run_params), "model": dataclasses.asdict(params)})
+    data_hash = tracking.data_hash(args.data)
+    params_hash = sha256_json({"train": run_params.model_dump(), "model": params.model_dump()})
     run = tracking.Run.start(run_params.experiment, run_name=name, tags={  # fails here if MLflow is unreachable
-        "model": name, "stage": "train", "git_commit": tracking.git_commit(), "data_hash": data_hash,
+        "model": name, "family": params.family, "stage": "train", "git_commit": tracking.git_commit(), "data_hash": data_hash,
         "params_hash": params_hash, "device": str(device), "torch_version": torch.__version__,
     })
     run.log_params(flatten({"train": run_params, "model": params}))
 
-    train_images = data.to_float(data.load_split(PREPARED, "train").images, device)
-    val_images = data.to_float(data.load_split(PREPARED, "val").images, device)
+    train_images = data.to_float(data.load_split(args.data, "train").images, device)
+    val_images = data.to_float(data.load_split(args.data, "val").images, device)
     model = build_model(params).to(device)
     fixed_noise = torch.randn(64, params.latent_dim, generator=torch.Generator().manual_seed(run_params.seed)).to(device)
-    out = Path("models") / name
     grids = Path("checkpoints") / name / "grids"
-
     logged_epochs: set[int] = set()
 
     def on_epoch(epoch: int, metrics: dict, model) -> None:
@@ -71,14 +68,12 @@ def main() -> None:
             model.train()
             run.log_artifact(grid, "samples")
 
+    # "The code" in the fingerprint is every mnistgen module this stage imported: what dvc.yaml lists as its deps.
     checkpoint = training.Checkpoint(Path("checkpoints") / name / "last.pt", {
-        "params": params_hash, "data": data_hash, "images": len(train_images), "code": code_hash(),
+        "params": params_hash, "data": data_hash, "images": len(train_images), "code": sha256_json(training.library_code()),
     })
     try:
-        history = training.train(
-            model, train_images, val_images, epochs=params.epochs, batch_size=params.batch_size,
-            seed=run_params.seed, checkpoint=checkpoint, on_epoch=on_epoch,
-        )
+        history = training.train(model, train_images, val_images, seed=run_params.seed, checkpoint=checkpoint, on_epoch=on_epoch)
     except BaseException:
         run.end("FAILED")
         raise
@@ -86,18 +81,18 @@ def main() -> None:
         if row["epoch"] not in logged_epochs:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
-    with atomic_dir(out) as tmp:
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(params), indent=2) + "\n")
-        write_curves(history, tmp / "curves.csv")
-        figures.plot_curves(history, tmp / "curves.png", f"{name} training curves")
-        with torch.no_grad():
-            figures.save_grid(model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png")
-        run.log_artifact(tmp / "curves.png", "figures")
-        run.log_artifact(tmp / "samples.png", "figures")
-        example = fixed_noise[:2].cpu().numpy()
-        model_uri = run.log_generator(tmp / "weights.pt", tmp / "config.json", params.latent_dim, example)
-        tracking.write_run_file(tmp / "run.json", run, model_uri)
+    with atomic_dir(args.curves) as curves_dir:
+        write_curves(history, curves_dir)
+        figures.plot_curves(history, curves_dir / "curves.png", f"{name} training curves")
+        run.log_artifact(curves_dir / "curves.png", "figures")
+        with atomic_dir(args.out) as tmp:
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
+            (tmp / "config.json").write_text(params.model_dump_json(indent=2) + "\n")
+            with torch.no_grad():
+                figures.save_grid(model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png")
+            run.log_artifact(tmp / "samples.png", "figures")
+            model_uri = run.log_generator(tmp / "weights.pt", tmp / "config.json", params.latent_dim, fixed_noise[:2].cpu().numpy())
+            tracking.write_run_file(tmp / "run.json", run, model_uri)
     run.end()
     last = history[-1]
     print(f"train {name}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "

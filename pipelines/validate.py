@@ -1,20 +1,19 @@
-"""Stage validate: check data/prepared/ with a Great Expectations suite (labels, shapes,
+"""Stage validate: check the prepared splits with a Great Expectations suite (labels, shapes,
 dtype, intensity bands, row counts, class balance, train/val-test duplicates); write
-data/validation/result.json and summary.md atomically; exit 1 naming every failed
-expectation (the report is still written so it can be read)."""
+result.json and summary.md atomically; exit 1 naming every failed expectation (the
+report is still written so it can be read).
+
+Usage: python pipelines/validate.py --data data/prepared --out data/validation   (paths from dvc.yaml)
+"""
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from mnistgen import data, validation  # noqa: E402
-from mnistgen.config import ValidateParams, load_section  # noqa: E402
-from mnistgen.utils import StageError, atomic_dir, atomic_write_text, run_stage  # noqa: E402
-
-PREPARED = Path("data/prepared")
-OUT = Path("data/validation")
+from mnistgen import data, validation
+from mnistgen.config import ValidateParams, load_section
+from mnistgen.utils import StageError, atomic_dir, atomic_write_text, run_stage
 
 
 def expected_sizes(prepared: Path) -> dict[str, int]:
@@ -35,20 +34,24 @@ def expected_sizes(prepared: Path) -> dict[str, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
     started = time.perf_counter()
     params = load_section(ValidateParams, "validate")
-    sizes = expected_sizes(PREPARED)
-    splits = {name: data.load_split(PREPARED, name) for name in data.SPLITS}
+    sizes = expected_sizes(args.data)
+    splits = {name: data.load_split(args.data, name) for name in data.SPLITS}
     table = validation.image_table(splits)
     result = validation.validate(table, sizes, params)
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(args.out) as tmp:
         atomic_write_text(tmp / "result.json", result.to_json())
         atomic_write_text(tmp / "summary.md", result.to_markdown())
-    print(f"{result.summary_line()} ({time.perf_counter() - started:.1f} s; report in {OUT}/summary.md)")
+    print(f"{result.summary_line()} ({time.perf_counter() - started:.1f} s; report in {args.out}/summary.md)")
     if not result.success:
         for line in result.failure_lines():
             print(f"FAILED {line}", file=sys.stderr)
-        raise StageError(f"data validation failed: {len(result.failed)} expectation(s) not met, see {OUT}/summary.md")
+        raise StageError(f"data validation failed: {len(result.failed)} expectation(s) not met, see {args.out}/summary.md")
 
 
 if __name__ == "__main__":

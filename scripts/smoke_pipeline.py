@@ -2,7 +2,7 @@
 
 CI's smoke run and the end-to-end test both use this. The copy gets its own git repo, its own
 MLflow store (sqlite:///mlflow.db inside the copy) and params.yaml with params-smoke.yaml
-applied. A gate regression (promote exits 1) fails `dvc repro`, and so this script.
+applied (comments kept). A gate regression (promote exits 1) fails `dvc repro`, and so this script.
 
 Usage: [MNIST_MIRROR=../shared/mnist] python scripts/smoke_pipeline.py [--workdir DIR] [--overrides FILE]
 """
@@ -17,13 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from mnistgen.profiles import apply_profile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-from mnistgen.config import read_merged_params  # noqa: E402
-
-OUTPUTS = ("dvc.lock", "metrics/", "models/", "reports/", "data/")  # produced by the pipeline: not copied
+OUTPUTS = ("dvc.lock", "metrics/", "models/", "reports/", "data/", "curves/", "evaluation/")  # produced by the pipeline: not copied
 
 
 def copy_repo(dst: Path) -> None:
@@ -44,8 +41,7 @@ def make_workspace(workdir: Path, overrides: Path | None) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     copy_repo(workdir)
     if overrides:
-        params = read_merged_params(overrides, workdir / "params.yaml")
-        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        apply_profile(overrides, workdir / "params.yaml", workdir / "params.yaml")
     git("init", "-q", cwd=workdir)
     git("add", "-A", cwd=workdir)
     git("-c", "user.name=smoke", "-c", "user.email=smoke@localhost", "commit", "-qm", "smoke workspace", cwd=workdir)

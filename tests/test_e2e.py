@@ -90,7 +90,7 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     from mnistgen import evaluation, metrics
     from mnistgen.config import ModelParams
     from mnistgen.models import build_model
-    from mnistgen.models.classifier import Classifier
+    from mnistgen.classifier import Classifier
 
     classifier = Classifier()
     classifier.load_state_dict(torch.load(work / "models/evaluator/classifier.pt", weights_only=True))

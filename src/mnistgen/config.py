@@ -1,178 +1,163 @@
-"""Typed configuration: one dataclass per section of params.yaml.
+"""Typed configuration: one pydantic model per section of params.yaml.
 
-Each pipeline stage reads only its own section(s). `load_section` checks every key
-against the dataclass's annotations, so a wrong type or an unknown key fails with one
-message that names the key (e.g. "params.yaml: models.vae.lr must be float, got 'fast'").
+Every section is strict (no string-to-number coercion), frozen, and refuses unknown keys.
+params.yaml is the one place where values live: no field has a default here, so a key
+missing from params.yaml is an error rather than a silently different value.
+
+The model families' sections (`models.<name>`) are a discriminated union on `family`:
+each family declares its own params class beside its model (models/<family>.py), so
+`n_critic` under an AE or `beta` under a GAN is refused with the key named, and adding a
+family needs no change here.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+
+PARAMS_FILE = Path("params.yaml")
 
 
 class ParamsError(ValueError):
     """A params.yaml key is missing, unknown or of the wrong type."""
 
 
-@dataclasses.dataclass(frozen=True)
-class PrepareParams:
-    val_size: int = 5000
-    split_seed: int = 0
-    limit_train: int = 0  # 0 = all 60,000 training images (validation is carved from them)
-    limit_test: int = 0  # 0 = all 10,000 test images
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class ValidateParams:
-    class_fraction_min: float = 0.08
-    class_fraction_max: float = 0.12
-    image_mean_min: float = 5.0  # per-image mean intensity band, 0..255 scale
-    image_mean_max: float = 120.0
-    split_mean_min: float = 25.0  # mean intensity of a whole split
-    split_mean_max: float = 40.0
-    max_train_test_duplicates: int = 10
+class PrepareParams(Section):
+    val_size: PositiveInt  # carved from the training images with split_seed
+    split_seed: int
+    limit_train: NonNegativeInt  # 0 = all 60,000 training images (validation is carved from them)
+    limit_test: NonNegativeInt  # 0 = all 10,000 test images
 
 
-@dataclasses.dataclass(frozen=True)
-class RunParams:
+class ValidateParams(Section):
+    class_fraction_min: float
+    class_fraction_max: float
+    image_mean_min: float  # per-image mean intensity band, 0..255 scale
+    image_mean_max: float
+    split_mean_min: float  # mean intensity of a whole split
+    split_mean_max: float
+    max_train_test_duplicates: NonNegativeInt
+
+
+class EvaluatorParams(Section):
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    shift_pixels: NonNegativeInt  # random-shift augmentation
+    seed: int
+    min_test_accuracy: float
+
+
+class RunParams(Section):
     """Settings shared by every training run (section `train`)."""
 
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    deterministic: bool = False
-    experiment: str = "mnist-generative"
-    sample_every: int = 2  # log a fixed-noise sample grid every N epochs
+    seed: int
+    device: str  # auto | cpu | cuda | cuda:N
+    deterministic: bool
+    experiment: str
+    sample_every: PositiveInt  # log a fixed-noise sample grid every N epochs
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluatorParams:
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 0.005
-    shift_pixels: int = 1  # random-shift augmentation
-    seed: int = 0
-    min_test_accuracy: float = 0.993
+class ModelParams(Section):
+    """What every family's section `models.<name>` has; each family adds its own fields."""
+
+    family: str
+    arch: Literal["conv", "mlp"]
+    latent_dim: PositiveInt
+    width: PositiveInt  # channels of the first conv layer (arch: conv)
+    hidden: PositiveInt  # hidden units (arch: mlp)
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    lr: PositiveFloat
+    lr_warmup: NonNegativeFloat  # epochs of linear learning-rate warm-up at the start
+    lr_decay: bool  # linear learning-rate decay to 0 at the last step (after the warm-up)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelParams:
-    """One model's section `models.<name>`; fields not used by a family are ignored by it."""
-
-    family: Literal["ae", "vae", "gan", "wgan"]
-    epochs: int
-    batch_size: int
-    lr: float
-    arch: Literal["conv", "mlp"] = "conv"
-    latent_dim: int = 16
-    width: int = 32  # channels of the first conv layer (or hidden units / 10 for mlp)
-    hidden: int = 400  # mlp hidden units
-    # VAE
-    beta: float = 1.0
-    dynamic_binarization: bool = False
-    # GANs
-    betas: tuple[float, float] = (0.5, 0.999)
-    n_critic: int = 1
-    gp_weight: float = 10.0
-    penalty: Literal["two_sided", "one_sided"] = "two_sided"
-    gradient: Literal["autograd", "finite_difference"] = "autograd"
-    lr_warmup: float = 0.0  # epochs of linear learning-rate warm-up at the start
-    lr_decay: bool = False  # linear learning-rate decay to 0 at the last step (per step, after the warm-up)
+class EvaluateParams(Section):
+    seed: int
+    num_samples: PositiveInt
+    num_real: PositiveInt
+    batch_size: PositiveInt
+    kid_subsets: PositiveInt
+    kid_subset_size: PositiveInt
+    is_splits: PositiveInt
+    pr_k: PositiveInt
+    interp_pairs: PositiveInt
+    interp_steps: Annotated[int, Field(ge=3)]
+    iwae_k: PositiveInt
+    iwae_images: NonNegativeInt  # test images in the IWAE bound (0 = all)
+    binarize_seed: int
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluateParams:
-    seed: int = 0
-    num_samples: int = 10000
-    num_real: int = 10000
-    batch_size: int = 1000
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    is_splits: int = 10
-    pr_k: int = 3
-    interp_pairs: int = 500
-    interp_steps: int = 9
-    iwae_k: int = 1000
-    iwae_images: int = 10000  # test images used for the IWAE bound (0 = all)
-    binarize_seed: int = 0
+class ReferenceParams(Section):
+    """The two keys of `evaluate` that choose the evaluator's reference images: all train_evaluator
+    reads of that section, so changing another key (iwae_k, ...) does not retrain the evaluator."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    seed: int
+    num_real: PositiveInt
 
 
-@dataclasses.dataclass(frozen=True)
-class Floor:
+class Floor(Section):
     metric: str
-    min: float | None = None
+    min: float | None = None  # an absent limit is no limit, not a default value
     max: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class GateParams:
+class GateParams(Section):
     primary: str
     higher_is_better: bool
     min_improvement: float  # the candidate must beat the champion by at least this much...
     tolerance: float  # ...plus this noise tolerance
-    floors: tuple[Floor, ...] = ()
+    floors: tuple[Floor, ...] = Field(strict=False)  # YAML gives a list
 
 
-def _coerce(value: Any, kind: Any, key: str) -> Any:
-    """Check `value` against annotation `kind`; return it converted (ints to floats, lists to tuples)."""
-    origin = typing.get_origin(kind)
-    if kind is Any:
-        return value
-    if origin is Literal:
-        if value not in typing.get_args(kind):
-            raise ParamsError(f"params.yaml: {key} must be one of {list(typing.get_args(kind))}, got {value!r}")
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = typing.get_args(kind)
-        if value is None and type(None) in args:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin is tuple:
-        args = typing.get_args(kind)
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"params.yaml: {key} must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ParamsError(f"params.yaml: {key} must have {len(args)} items, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if dataclasses.is_dataclass(kind):
-        return from_dict(kind, value, key)
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"params.yaml: {key} must be float, got {value!r}")
-        return float(value)
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"params.yaml: {key} must be int, got {value!r}")
-        return value
-    if not isinstance(value, kind):
-        raise ParamsError(f"params.yaml: {key} must be {kind.__name__}, got {value!r}")
-    return value
+def _describe(err: ValidationError, where: str, tag: str | None = None) -> ParamsError:
+    """pydantic's first error as one line that names the key, e.g. 'models.ae.n_critic: unknown key'."""
+    first = err.errors()[0]
+    loc = list(first["loc"])
+    if tag is not None and loc and loc[0] == tag:  # a tagged union puts the tag first
+        loc = loc[1:]
+    key = ".".join([where, *map(str, loc)])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return ParamsError(f"params.yaml: {key}: unknown key")
+    if kind == "missing":
+        return ParamsError(f"params.yaml: {key}: missing key")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        from .models import FAMILIES
+
+        return ParamsError(f"params.yaml: {key}.family: unknown or missing model family {tag!r} (known: {', '.join(FAMILIES)})")
+    return ParamsError(f"params.yaml: {key}: {first['msg'].lower()}, got {first.get('input')!r:.80}")
 
 
-def from_dict(cls: type, data: Any, key: str):
-    """Build dataclass `cls` from a mapping, naming `key.field` in every error."""
-    if not isinstance(data, dict):
-        raise ParamsError(f"params.yaml: {key} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ParamsError(f"params.yaml: unknown key {key}.{unknown[0]} (known: {', '.join(fields)})")
-    values = {}
-    for name, field in fields.items():
-        if name in data:
-            values[name] = _coerce(data[name], hints[name], f"{key}.{name}")
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ParamsError(f"params.yaml: missing key {key}.{name}")
-    return cls(**values)
+def validate_section(cls: type[Section], data: Any, where: str) -> Section:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise _describe(err, where) from None
 
 
-def read_params(path: str | Path = "params.yaml") -> dict:
+def model_params(data: Any, where: str = "models") -> ModelParams:
+    """A `models.<name>` section as its family's params class (the union over registered families)."""
+    from pydantic import TypeAdapter
+
+    from .models import params_union  # the families register themselves there
+
+    tag = data.get("family") if isinstance(data, dict) else None
+    try:
+        return TypeAdapter(params_union()).validate_python(data)
+    except ValidationError as err:
+        raise _describe(err, where, tag) from None
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -185,47 +170,36 @@ def read_params(path: str | Path = "params.yaml") -> dict:
     return data
 
 
-def merge_overrides(base: dict, overrides: dict, where: str = "") -> dict:
-    """Deep-merge an overrides file's mapping (params-smoke.yaml, params-paper.yaml) into `base`, in place.
-
-    Only the keys in `overrides` change; a key that `base` does not have is an error, so an
-    override cannot silently miss.
-    """
-    for key, value in overrides.items():
-        if key not in base:
-            raise ParamsError(f"params overrides: {where}{key} is not a key of params.yaml")
-        if isinstance(value, dict) and isinstance(base[key], dict):
-            merge_overrides(base[key], value, f"{where}{key}.")
-        else:
-            base[key] = value
-    return base
-
-
-def read_merged_params(path: str | Path, base: str | Path = "params.yaml") -> dict:
-    """`path` as a full params file, or as an overrides file merged onto `base`."""
-    if Path(path).resolve() == Path(base).resolve():
-        return read_params(path)
-    return merge_overrides(read_params(base), read_params(path))
-
-
 def section(params: dict, dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ParamsError(f"params.yaml: missing key {dotted}")
+            raise ParamsError(f"params.yaml: {dotted}: missing key")
         node = node[part]
     return node
 
 
-def load_section(cls: type, dotted: str, path: str | Path = "params.yaml"):
-    """Read params.yaml and return section `dotted` (e.g. 'models.vae') as a `cls`."""
-    return from_dict(cls, section(read_params(path), dotted), dotted)
+def load_section(cls: type[Section], dotted: str, path: str | Path = PARAMS_FILE) -> Section:
+    """Read params.yaml and return section `dotted` (e.g. 'evaluate') as a `cls`."""
+    return validate_section(cls, section(read_params(path), dotted), dotted)
+
+
+def load_model_params(name: str, path: str | Path = PARAMS_FILE) -> ModelParams:
+    return model_params(section(read_params(path), f"models.{name}"), f"models.{name}")
+
+
+def model_names(path: str | Path = PARAMS_FILE) -> list[str]:
+    """The one list of models: the keys of params.yaml's `models` section (dvc.yaml's foreach reads the same)."""
+    models = section(read_params(path), "models")
+    if not isinstance(models, dict) or not models:
+        raise ParamsError("params.yaml: models: must be a mapping of model name -> section")
+    return list(models)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; for logging params to MLflow."""
-    if dataclasses.is_dataclass(data):
-        data = dataclasses.asdict(data)
+    if isinstance(data, BaseModel):
+        data = data.model_dump()
     if isinstance(data, dict):
         out: dict[str, Any] = {}
         for k, v in data.items():

@@ -10,14 +10,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import figures, metrics
 from .config import EvaluateParams
-from .models.base import GenerativeModel
-from .models.classifier import Classifier
 from .utils import progress_bar
+
+if TYPE_CHECKING:  # types only: the report stage imports this module without any model family
+    from .classifier import Classifier
+    from .models.base import GenerativeModel
 
 
 @dataclass
@@ -153,7 +156,7 @@ class Evaluation:
             gen = self.generator(1)
             z_a, z_b = self.model.sample_latent(p.interp_pairs, gen), self.model.sample_latent(p.interp_pairs, gen)
         paths = {"linear": lerp}
-        if self.model.family != "ae":  # slerp is for Gaussian latents
+        if self.model.gaussian_latent:  # slerp is for Gaussian latents
             paths["slerp"] = slerp
         for name, path in paths.items():
             z = path(z_a, z_b, t)  # [pairs, steps, latent]
@@ -199,6 +202,6 @@ class Evaluation:
         if self.model.has_encoder:
             self.timed("reconstruction", self.reconstruction, test_x)
             self.timed("latent_scatter", self.latent_scatter, test_x, test_y)
-        if self.model.family == "vae":
+        if hasattr(self.model, "iwae_nll"):
             self.timed("likelihood", self.likelihood, test_x)
         return self.metrics

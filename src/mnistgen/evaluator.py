@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import EvaluatorParams
-from .models.classifier import Classifier
+from .classifier import Classifier
 from .utils import StageError, progress_bar
 
 

@@ -1,4 +1,4 @@
-"""The comparison report: one table for the four models plus the real-data row, the design's
+"""The comparison report: one table for every model plus the real-data column, the design's
 claims checked against the numbers, and the figures (markdown + a static HTML page)."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import html
 import math
 from pathlib import Path
 
-MODELS = ("ae", "vae", "gan", "wgan")
+import pandas as pd
+
 # (metric, label, True when higher is better)
 COLUMNS = [
     ("fid_cls", "FID_cls", False),
@@ -58,7 +59,7 @@ def verdict(holds: bool) -> str:
     return HOLDS if holds else FAILS
 
 
-def claims(results: dict[str, dict], curves: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+def claims(results: dict[str, dict], curves: dict[str, dict[str, list[float]]]) -> list[tuple[str, str, str]]:
     """The design's story as checks on the measured numbers: (claim, verdict, evidence).
 
     Where a metric comes with a standard error, a gap of at most two combined standard errors
@@ -89,10 +90,9 @@ def claims(results: dict[str, dict], curves: dict[str, list[dict]]) -> list[tupl
         out.append(("A GAN's learned distance gives sharper samples than the VAE's pixel likelihood",
                     verdict(results[best]["fid_cls"] < vae.get("fid_cls", float("inf"))),
                     f"FID_cls {best.upper()} {fmt(results[best]['fid_cls'])} vs VAE {fmt(vae.get('fid_cls'))}"))
-    wgan_curve = curves.get("wgan", [])
-    if wgan_curve:
-        norms = [row["grad_norm"] for row in wgan_curve if "grad_norm" in row]
-        w = [row["wasserstein"] for row in wgan_curve if "wasserstein" in row]
+    wgan_curve = curves.get("wgan", {})
+    if wgan_curve.get("grad_norm") and wgan_curve.get("wasserstein"):
+        norms, w = wgan_curve["grad_norm"], wgan_curve["wasserstein"]
         stable = bool(norms) and all(0.5 < n < 2.0 for n in norms) and w[-1] <= max(w)
         out.append(("The WGAN-GP trains stably: its critic stays near 1-Lipschitz and its Wasserstein estimate falls",
                     verdict(stable), f"mean critic gradient norm per epoch {', '.join(f'{n:.2f}' for n in norms)}; "
@@ -100,28 +100,24 @@ def claims(results: dict[str, dict], curves: dict[str, list[dict]]) -> list[tupl
     return out
 
 
-def table_markdown(results: dict[str, dict], real: dict) -> str:
-    present = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
+def table(results: dict[str, dict], real: dict, bold=lambda cell: f"**{cell}**") -> pd.DataFrame:
+    """Metrics as rows, models and the real-data floor as columns; the best model per row marked by `bold`."""
     best = winners(results)
-    head = "| metric | " + " | ".join(m.upper() for m in results) + " | real data |"
-    lines = [head, "|" + " --- |" * (len(results) + 2)]
-    for key, label, higher in present:
-        cells = []
-        for model, r in results.items():
-            cell = fmt(r.get(key))
-            cells.append(f"**{cell}**" if best.get(key) == model else cell)
-        arrow = "↑" if higher else "↓"
-        lines.append(f"| {label} {arrow} | " + " | ".join(cells) + f" | {fmt(real.get(key))} |")
-    return "\n".join(lines)
+    rows = {}
+    for key, label, higher in COLUMNS:
+        if any(key in r for r in results.values()):
+            cells = {m.upper(): bold(fmt(r.get(key))) if best.get(key) == m else fmt(r.get(key)) for m, r in results.items()}
+            rows[f"{label} {'↑' if higher else '↓'}"] = {**cells, "real data": fmt(real.get(key))}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("metric")
 
 
 def build_markdown(results: dict[str, dict], real: dict, evaluator: dict, checks) -> str:
     lines = [
-        "# AE → VAE → GAN → WGAN-GP on MNIST: comparison", "",
+        f"# {' → '.join(m.upper() for m in results)} on MNIST: comparison", "",
         f"Evaluator: test accuracy {evaluator.get('test_accuracy', 0):.4f}, checkpoint sha256 `{evaluator.get('evaluator_hash', '?')[:16]}…`. "
         "Sample metrics use 10,000 prior samples against the 10,000 test images in the evaluator's feature space; "
         "the real-data column scores 10,000 training images the same way (the floor). Best model per metric in bold.", "",
-        table_markdown(results, real), "", "## What the numbers say", "",
+        table(results, real).to_markdown(), "", "## What the numbers say", "",
     ]
     for claim, outcome, evidence in checks:
         lines.append(f"- **{outcome}**: {claim}: {evidence}.")
@@ -138,33 +134,20 @@ def _img(path: Path) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}"><figcaption>{html.escape(path.parent.name + "/" + path.name)}</figcaption></figure>'
 
 
-def build_html(results: dict, real: dict, checks, reports: Path, curves_png: dict[str, Path]) -> str:
-    best = winners(results)
-    rows = []
-    for key, label, higher in COLUMNS:
-        if not any(key in r for r in results.values()):
-            continue
-        cells = "".join(
-            f"<td class='{'best' if best.get(key) == m else ''}'>{fmt(r.get(key))}</td>" for m, r in results.items()
-        )
-        rows.append(f"<tr><th>{label} {'↑' if higher else '↓'}</th>{cells}<td>{fmt(real.get(key))}</td></tr>")
-    header = "".join(f"<th>{m.upper()}</th>" for m in results)
+def build_html(results: dict, real: dict, checks, figures: dict[str, list[Path]]) -> str:
+    """The page: the table, the claims, and each model's figures (`figures[model]`, PNGs embedded)."""
+    comparison = table(results, real, bold=lambda cell: f"<b>{cell}</b>").to_html(escape=False, table_id="comparison", border=0)
     claim_items = "".join(
         f"<li><b class='{VERDICT_CLASS[v]}'>{v}</b>: {html.escape(c)}: {html.escape(e)}.</li>"
         for c, v, e in checks
     )
-    sections = []
-    for model in results:
-        figs = [reports / model / f for f in FIGURES if (reports / model / f).exists()]
-        if model in curves_png and curves_png[model].exists():
-            figs.append(curves_png[model])
-        sections.append(f"<h2>{model.upper()}</h2><div class='figs'>{''.join(_img(f) for f in figs)}</div>")
+    sections = "".join(f"<h2>{model.upper()}</h2><div class='figs'>{''.join(_img(f) for f in paths)}</div>" for model, paths in figures.items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MNIST generative models: comparison</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{text-align:left}} td.best{{font-weight:bold;background:#e8f5e9}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{text-align:left}} td b{{color:#1b5e20}}
 .ok{{color:#1b5e20}} .no{{color:#b71c1c}} .close{{color:#8a6d00}} .figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} img{{max-width:420px;image-rendering:pixelated}} figcaption{{font-size:12px;color:#555}}</style>
-</head><body><h1>AE → VAE → GAN → WGAN-GP on MNIST</h1>
-<table id="comparison"><tr><th>metric</th>{header}<th>real data</th></tr>{''.join(rows)}</table>
-<h2>What the numbers say</h2><ul id="claims">{claim_items}</ul>{''.join(sections)}</body></html>
+</head><body><h1>{' → '.join(m.upper() for m in results)} on MNIST</h1>
+{comparison}
+<h2>What the numbers say</h2><ul id="claims">{claim_items}</ul>{sections}</body></html>
 """

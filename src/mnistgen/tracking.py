@@ -16,9 +16,9 @@ from .utils import StageError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_ROOT = "mlartifacts"
-REGISTERED_NAMES = {"ae": "mnist-ae", "vae": "mnist-vae", "gan": "mnist-gan", "wgan": "mnist-wgan"}
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).parent
+MODEL_CODE = ("__init__.py", "config.py", "models")  # what pyfunc_model.py imports: shipped with the logged model
 
 
 def enabled() -> bool:
@@ -173,12 +173,22 @@ class Run:
         )
         import torch
 
-        with mlflow.start_run(run_id=self.run_id):
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id):
+            package = Path(tmp) / PACKAGE_DIR.name
+            package.mkdir()
+            for name in MODEL_CODE:
+                if (PACKAGE_DIR / name).is_dir():
+                    shutil.copytree(PACKAGE_DIR / name, package / name, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy2(PACKAGE_DIR / name, package / name)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PYFUNC_FILE),
                 artifacts={"weights": str(weights), "config": str(config)},
-                code_paths=[str(PACKAGE_DIR)],
+                code_paths=[str(package)],
                 signature=signature,
                 input_example=np.asarray(example, dtype=np.float32),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "tqdm", f"mlflow=={mlflow.__version__}"],
@@ -201,78 +211,3 @@ def read_run_file(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise StageError(f"{path}: cannot read the training run record ({err})") from err
-
-
-# --- Model registry: versions tagged with their provenance and metrics, aliases moved by the gate.
-
-METRIC_TAG = "metric."
-
-
-class Registry:
-    """Registered models mnist-<family>; @challenger = newest candidate, @champion = moved only by the gate."""
-
-    def __init__(self):
-        check_reachable()
-        self.client = client()
-        self.undo: list = []  # how to put the registry back if a later step fails
-
-    def version_by_alias(self, name: str, alias: str):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_model_version_by_alias(name, alias)
-        except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower() or "does not exist" in str(err).lower():
-                return None
-            raise
-
-    @staticmethod
-    def version_metrics(version) -> dict[str, float]:
-        return {k.removeprefix(METRIC_TAG): float(v) for k, v in (version.tags or {}).items() if k.startswith(METRIC_TAG)}
-
-    def champion(self, name: str) -> tuple[str, dict[str, float]] | None:
-        version = self.version_by_alias(name, "champion")
-        return (str(version.version), self.version_metrics(version)) if version else None
-
-    def register(self, name: str, model_uri: str, run_id: str, tags: dict[str, str], metrics: dict[str, float]) -> str:
-        """A new version of `name` for this run's model (the same version again if this run is registered already)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        except MlflowException:
-            existing = []
-        if existing:
-            return str(max(existing, key=lambda v: int(v.version)).version)
-        try:
-            self.client.get_registered_model(name)
-        except MlflowException:
-            self.client.create_registered_model(name, description=f"MNIST {name.split('-')[-1].upper()} generator: latent vectors -> 28x28 digits")
-            self.undo.append(("delete_model", name))
-        all_tags = {**tags, **{f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))}}
-        version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags)
-        self.undo.append(("delete_version", name, version.version))
-        return str(version.version)
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        previous = self.version_by_alias(name, alias)
-        self.client.set_registered_model_alias(name, alias, version)
-        self.undo.append(("alias", name, alias, str(previous.version) if previous else None))
-
-    def rollback(self) -> None:
-        """Undo this session's changes, newest first, so a failed promotion leaves the registry as it was."""
-        for step in reversed(self.undo):
-            try:
-                if step[0] == "alias":
-                    _, name, alias, previous = step
-                    if previous:
-                        self.client.set_registered_model_alias(name, alias, previous)
-                    else:
-                        self.client.delete_registered_model_alias(name, alias)
-                elif step[0] == "delete_version":
-                    self.client.delete_model_version(step[1], step[2])
-                elif step[0] == "delete_model":
-                    self.client.delete_registered_model(step[1])
-            except Exception as err:  # noqa: BLE001 - keep undoing the rest
-                print(f"warning: could not undo {step}: {err}")
-        self.undo.clear()

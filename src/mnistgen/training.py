@@ -8,6 +8,7 @@ epoch ends with a checkpoint, from which an interrupted run resumes.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -52,6 +53,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: bool) -> fl
     if not decay:
         return 1.0
     return 1.0 - (step - warmup_steps) / max(1, total_steps - warmup_steps)
+
+
+def library_code() -> dict[str, str]:
+    """Source of every mnistgen module this process has imported: "the code" of a stage.
+
+    dvc.yaml lists the same modules as each stage's code deps (tests/test_dvc_graph.py checks
+    that), so a checkpoint is resumed only by the code that DVC would also call unchanged.
+    """
+    package = Path(__file__).resolve().parent
+    files = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
+             if name.split(".")[0] == __package__ and getattr(m, "__file__", None)}
+    return {str(f.relative_to(package)): f.read_text() for f in sorted(files)}
 
 
 def check_finite(metrics: dict[str, float], family: str, epoch: int) -> None:
@@ -110,28 +123,54 @@ def restore(state, model, optimizers, shuffle_rng) -> None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
+def step(model: GenerativeModel, x: torch.Tensor, optimizers: dict, global_step: int) -> dict[str, torch.Tensor]:
+    """One optimisation step of any family on batch x, under the device's autocast (benchmarks time this)."""
+    with autocast(x.device):
+        return model.train_step(x, optimizers, global_step)
+
+
+class Schedule:
+    """Linear warm-up and optional linear decay of every optimizer's learning rate, per step.
+
+    A pure function of the global step, so a resumed run needs no scheduler state.
+    """
+
+    def __init__(self, optimizers: dict, steps_per_epoch: int, epochs: int, warmup_epochs: float, decay: bool):
+        self.base_lrs = {k: [group["lr"] for group in o.param_groups] for k, o in optimizers.items()}
+        self.optimizers, self.total = optimizers, epochs * steps_per_epoch
+        self.warmup, self.decay = round(warmup_epochs * steps_per_epoch), decay
+
+    def set(self, global_step: int) -> None:
+        if self.warmup == 0 and not self.decay:
+            return
+        factor = lr_factor(global_step, self.total, self.warmup, self.decay)
+        for key, optimizer in self.optimizers.items():
+            for group, base_lr in zip(optimizer.param_groups, self.base_lrs[key]):
+                group["lr"] = base_lr * factor
+
+
 def train(
     model: GenerativeModel,
     train_images: torch.Tensor,
     val_images: torch.Tensor,
     *,
-    epochs: int,
-    batch_size: int,
     seed: int,
     checkpoint: Checkpoint | None = None,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Train `model` on device-resident images in [0, 1]; returns one dict of metrics per epoch."""
+    """Train `model` as its params say (epochs, batch size, schedule) on device-resident images in [0, 1].
+
+    Returns one dict of metrics per epoch.
+    """
+    params = model.params
+    epochs, batch_size = params.epochs, params.batch_size
     model.init_from_data(train_images)  # before a resume, which then overwrites the weights
     # Conv weights in the device's faster layout; [N, 1, 28, 28] batches are the same in either.
     model.to(memory_format=memory_format(train_images.device))
     optimizers = model.make_optimizers()
-    # The schedule is a pure function of the step, so a resumed run needs no scheduler state.
-    base_lrs = {k: [group["lr"] for group in o.param_groups] for k, o in optimizers.items()}
     steps = batches(len(train_images), batch_size)
-    warmup_steps, decay = round(model.params.lr_warmup * steps), model.params.lr_decay
-    scheduled = warmup_steps > 0 or decay
+    schedule = Schedule(optimizers, steps, epochs, params.lr_warmup, params.lr_decay)
     shuffle_rng = torch.Generator().manual_seed(seed)
     history: list[dict] = []
     start_epoch = 0
@@ -147,16 +186,10 @@ def train(
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         bar = progress_bar(range(steps), f"{model.family} {epoch}/{epochs}", progress)
-        for step in bar:
-            global_step = (epoch - 1) * steps + step
-            if scheduled:
-                factor = lr_factor(global_step, epochs * steps, warmup_steps, decay)
-                for key, optimizer in optimizers.items():
-                    for group, base_lr in zip(optimizer.param_groups, base_lrs[key]):
-                        group["lr"] = base_lr * factor
-            x = train_images[order[step * batch_size : (step + 1) * batch_size]]
-            with autocast(x.device):
-                losses = model.train_step(x, optimizers, global_step)
+        for i in bar:
+            global_step = (epoch - 1) * steps + i
+            schedule.set(global_step)
+            losses = step(model, train_images[order[i * batch_size : (i + 1) * batch_size]], optimizers, global_step)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0) + value.float()
                 counts[key] = counts.get(key, 0) + 1

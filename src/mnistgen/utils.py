@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .config import ParamsError
+
 
 class StageError(RuntimeError):
     """An expected failure (bad input, failed check): the stage prints one line and exits non-zero."""
@@ -127,8 +129,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def run_stage(main) -> None:
     """Run a stage's main(); expected failures print one clear line and exit 1."""
-    from .config import ParamsError
-
     try:
         main()
     except (StageError, ParamsError) as err:

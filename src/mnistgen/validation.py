@@ -137,176 +137,138 @@ def duplicate_counts(table: pd.DataFrame, pairs=CHECKED_PAIRS + REPORTED_PAIRS) 
 
 @dataclasses.dataclass
 class ValidationResult:
-    success: bool
-    # one dict per expectation run: name, check, split (or None), table, expectation,
-    # success, expected (the expectation's kwargs), observed, and `failed` (what failed
-    # where, one string per split / class / pair) when it failed
-    checks: list[dict[str, Any]]
-    counts: dict[str, Any]  # rows, per-split sizes and intensities, class fractions, duplicates, timings
+    # one row per expectation run: name ("<check> [<split>]" or "<check>"), check, split (None
+    # for a cross-split check), expectation (GE type), success, expected (the condition),
+    # observed (GE's observed value, or "n of m unexpected, e.g. ..."), failed (what failed
+    # where, one string per split / class / pair; None when it passed), ge (GE's result dict)
+    checks: pd.DataFrame
+    splits: pd.DataFrame  # per split: images, expected, describe() of the per-image mean intensity
+    fractions: pd.DataFrame  # split x class 0..9: fraction of the split's images
+    duplicates: pd.DataFrame  # per pair: shared, distinct, limit (None: reported only)
+    seconds: float
+    gx_import_seconds: float
 
     @property
-    def failed(self) -> list[dict[str, Any]]:
-        return [c for c in self.checks if not c["success"]]
+    def success(self) -> bool:
+        return bool(self.checks["success"].all())
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.checks[~self.checks["success"]]
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        """The tables as plain JSON values (pandas' serializer: 6 decimals, NaN -> null)."""
+        return {
+            "rows": int(self.splits["images"].sum()),
+            "splits": _plain(self.splits, "index"),
+            "class_fractions": _plain(self.fractions, "index"),
+            "duplicates": _plain(self.duplicates, "index"),
+            "seconds": round(self.seconds, 3),
+            "gx_import_seconds": round(self.gx_import_seconds, 3),
+        }
 
     def failure_lines(self) -> list[str]:
         """One line per failed expectation: its name, GE type and what failed where."""
-        return [f"{c['name']} ({c['expectation']}): {'; '.join(c.get('failed') or [_fmt(c['observed'])])}" for c in self.failed]
+        return [f"{c.name} ({c.expectation}): {'; '.join(c.failed)}" for c in self.failed.itertuples()]
 
     def summary_line(self) -> str:
-        n_ok = sum(c["success"] for c in self.checks)
-        dups = ", ".join(f"{pair} {d['shared']}" for pair, d in self.counts.get("duplicates", {}).items())
+        dups = ", ".join(f"{pair} {n}" for pair, n in self.duplicates["shared"].items())
         return (
-            f"validation {'passed' if self.success else 'FAILED'}: {n_ok}/{len(self.checks)} expectations met "
-            f"on {self.counts.get('rows', 0)} images; shared images {dups}"
+            f"validation {'passed' if self.success else 'FAILED'}: {self.checks['success'].sum()}/{len(self.checks)} "
+            f"expectations met on {self.splits['images'].sum()} images; shared images {dups}"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"success": self.success, "checks": self.checks, "counts": self.counts}
-
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
+        out = {"success": self.success, "checks": _plain(self.checks, "records"), "counts": self.counts}
+        return json.dumps(out, indent=2, sort_keys=True) + "\n"
 
     def to_markdown(self) -> str:
-        c = self.counts
-        n_ok = sum(x["success"] for x in self.checks)
+        checks = self.checks.assign(result=self.checks["success"].map({True: "pass ", False: "**FAIL** "})
+                                    + self.checks["observed"].map(_fmt))
+        failed = checks[~checks["success"]].set_index("name")[["expectation", "failed"]]
+        per_split, cross = checks[checks["split"].notna()], checks[checks["split"].isna()]
+        by_split = per_split.pivot(index="check", columns="split", values="result")
+        by_split = by_split.reindex(index=per_split["check"].unique(), columns=per_split["split"].unique())
+        by_split.insert(0, "expected", per_split.groupby("check")["expected"].agg(lambda s: " / ".join(s.unique())))
+        sections = [
+            ("Failed expectations", failed.assign(failed=failed["failed"].str.join("; ")), {}),
+            ("Per-split expectations", by_split, {}),
+            ("Cross-split expectations", cross.set_index("check")[["expected", "result"]], {}),
+            ("Splits: images and per-image mean intensity (0..255)", self.splits.round(2), {}),
+            ("Class fractions", self.fractions, {"floatfmt": ".4f"}),
+            ("Duplicate images: of the pair's 2nd split, also in its 1st (exact content hash)", self.duplicates,
+             {"missingval": "(reported only)"}),
+        ]
         lines = [
             "# Data validation",
             "",
-            f"**{'PASSED' if self.success else 'FAILED'}**: {n_ok}/{len(self.checks)} Great Expectations "
-            f"expectations met on {c.get('rows', 0)} images.",
+            f"**{'PASSED' if self.success else 'FAILED'}**: {checks['success'].sum()}/{len(checks)} Great Expectations "
+            f"expectations met on {self.splits['images'].sum()} images.",
             "",
         ]
-        if self.failed:
-            lines += ["## Failed expectations", ""]
-            lines += [f"- **{x['name']}** {line[len(x['name']) + 1:]}" for x, line in zip(self.failed, self.failure_lines())]
-            lines.append("")
-
-        per_split = [x for x in self.checks if x.get("split") is not None]
-        split_names = list(dict.fromkeys(x["split"] for x in per_split))
-        if per_split:
-            lines += ["## Per-split expectations", ""]
-            lines.append("| check | expected | " + " | ".join(split_names) + " |")
-            lines.append("|---|---|" + "---|" * len(split_names))
-            by_check: dict[str, dict[str, dict]] = {}
-            for x in per_split:
-                by_check.setdefault(x["check"], {})[x["split"]] = x
-            for check, cells in by_check.items():
-                texts = {s: _expected_text(x) for s, x in cells.items()}
-                same = len(set(texts.values())) == 1
-                expected = _cell(next(iter(texts.values()))) if same else "see cells"
-                row = [
-                    _result_cell(cells[s]) + ("" if same else f" (expected {_cell(texts[s])})") if s in cells else ""
-                    for s in split_names
-                ]
-                lines.append(f"| {check} | {expected} | " + " | ".join(row) + " |")
-            lines.append("")
-        others = [x for x in self.checks if x.get("split") is None]
-        if others:
-            lines += ["## Cross-split expectations", "", "| check | expected | result |", "|---|---|---|"]
-            for x in others:
-                lines.append(f"| {x['name']} | {_cell(_expected_text(x))} | {_result_cell(x)} |")
-            lines.append("")
-
-        if c.get("splits"):
-            lines += [
-                "## Splits",
-                "",
-                "| split | images | expected | mean intensity | per-image mean: min | 1% | 99% | max |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            for name, s in c["splits"].items():
-                band = " | ".join(_fmt(s[k]) for k in ("image_mean_min", "image_mean_p01", "image_mean_p99", "image_mean_max"))
-                lines.append(f"| {name} | {s['rows']} | {s['expected_rows']} | {_fmt(s['mean'])} | {band} |")
-            lines.append("")
-        if c.get("class_fractions"):
-            lines += ["## Class fractions", "", "| split | " + " | ".join(str(k) for k in range(NUM_CLASSES)) + " |"]
-            lines.append("|---" * (NUM_CLASSES + 1) + "|")
-            for name, fr in c["class_fractions"].items():
-                lines.append(f"| {name} | " + " | ".join(f"{fr.get(str(k), 0.0):.4f}" for k in range(NUM_CLASSES)) + " |")
-            lines.append("")
-        if c.get("duplicates"):
-            lines += [
-                "## Duplicate images (exact content hash)",
-                "",
-                "| pair | images of 2nd split also in 1st | distinct | limit |",
-                "|---|---|---|---|",
-            ]
-            for pair, d in c["duplicates"].items():
-                limit = d["limit"] if d["limit"] is not None else "(reported only)"
-                lines.append(f"| {pair} | {d['shared']} | {d['distinct']} | {limit} |")
-            lines.append("")
-        if c.get("seconds") is not None:
-            lines += [f"Validation took {c['seconds']:.1f} s (Great Expectations import {c['gx_import_seconds']:.1f} s).", ""]
+        for title, frame, fmt in sections:
+            if len(frame):
+                lines += [f"## {title}", "", frame.to_markdown(**fmt), ""]
+        lines += [f"Validation took {self.seconds:.1f} s (Great Expectations import {self.gx_import_seconds:.1f} s).", ""]
         return "\n".join(lines)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def _round(value: Any) -> Any:
-    """JSON-friendly copy: numpy scalars to Python, floats to 6 decimals, dict keys to str."""
-    if isinstance(value, (float, np.floating)):
-        return round(float(value), 6)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, dict):
-        return {str(k): _round(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_round(v) for v in value]
-    return value
+def _plain(frame: pd.DataFrame, orient: str) -> Any:
+    return json.loads(frame.to_json(orient=orient, double_precision=6))
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|")
-
-
-def _expected_text(check: dict[str, Any]) -> str:
-    """A check's kwargs as a condition: {'column': 'mean', 'min_value': 5, 'max_value': 120} -> '5 <= mean <= 120'."""
-    kwargs = check["expected"]
+def _condition(expectation: str, kwargs: dict[str, Any]) -> str:
+    """GE kwargs as a condition: {'column': 'mean', 'min_value': 5, 'max_value': 120} -> '5 <= mean <= 120'."""
     column = kwargs.get("column", "rows")
     if "value_set" in kwargs:
-        return f"{column} in {_fmt(kwargs['value_set'])}"
+        return f"{column} in {kwargs['value_set']}"
     if "value" in kwargs:
-        return f"{column} == {_fmt(kwargs['value'])}"
-    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
-    if check["expectation"] == "expect_column_mean_to_be_between":
+        return f"{column} == {kwargs['value']}"
+    if expectation == "expect_column_mean_to_be_between":
         column = f"mean({column})"
-    text = column
-    if lo is not None:
-        text = f"{_fmt(lo)} <= {text}"
-    if hi is not None:
-        text = f"{text} <= {_fmt(hi)}"
-    return text
+    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+    return (f"{_fmt(lo)} <= " if lo is not None else "") + column + (f" <= {_fmt(hi)}" if hi is not None else "")
 
 
-def _result_cell(check: dict[str, Any]) -> str:
-    obs = check["observed"]
-    if isinstance(obs, dict) and "unexpected" in obs:
-        text = f"{obs['unexpected']} of {obs['of']} unexpected"
-        if obs.get("values"):
-            text += ", e.g. " + ", ".join(obs["values"][:3])
-        elif obs.get("rows"):
-            text += ": " + "; ".join(obs["rows"])
-    else:
-        text = _fmt(obs)
-    return _cell(("pass " if check["success"] else "**FAIL** ") + text)
+def _row(res, split: str | None, keys: list[str] | None) -> dict[str, Any]:
+    """One row of `ValidationResult.checks` from one GE result: a split's (SUMMARY) or a derived table's (COMPLETE)."""
+    ge = res.to_json_dict()
+    check, kind = ge["expectation_config"]["meta"].get("check"), ge["expectation_config"]["type"]
+    expected, result = _condition(kind, ge["expectation_config"]["kwargs"]), ge.get("result") or {}
+    error = (ge.get("exception_info") or {}).get("exception_message")
+    if error:
+        observed, failed = f"error: {error}", [f"error: {error}"]
+    elif "unexpected_count" not in result:  # an aggregate (row count, mean): what was seen against what was wanted
+        observed = result.get("observed_value")
+        failed = [f"{_fmt(observed)}, expected {expected}"]
+    elif keys:  # a small derived table: every failing row, by its key
+        failed = [
+            "/".join(f"class {row[k]}" if k == "label" else str(row[k]) for k in keys) + f": {_fmt(value)}"
+            for row, value in zip(result.get("unexpected_index_list") or [], result.get("unexpected_list") or [])
+        ]
+        observed = f"{result['unexpected_count']} of {result['element_count']} unexpected" + "".join(
+            f"{'; ' if i else ': '}{f}" for i, f in enumerate(failed))
+    else:  # a split's batch: a few of the failing values (GE's partial list)
+        values = list(dict.fromkeys(map(_fmt, result.get("partial_unexpected_list") or [])))
+        n_of = f"{result['unexpected_count']} of {result['element_count']}"
+        observed = f"{n_of} unexpected" + (f", e.g. {', '.join(values[:3])}" if values else "")
+        failed = [f"{n_of} images, e.g. {', '.join(values)}"]
+    return {
+        "name": f"{check} [{split}]" if split else check,
+        "check": check,
+        "split": split,
+        "expectation": kind,
+        "success": bool(ge["success"]),
+        "expected": expected,
+        "observed": observed,
+        "failed": None if ge["success"] else [f"{split}: {f}" for f in failed] if split else failed,
+        "ge": ge,
+    }
 
 
 # ----------------------------------------------------------------------------- validate
@@ -355,50 +317,6 @@ def _derived_expectations(E, params: ValidateParams) -> dict[str, list[tuple[str
     }
 
 
-def _observed(res: dict[str, Any], index_columns: list[str] | None) -> tuple[Any, list[str] | None]:
-    """(observed, failures) from one GE expectation-result dict."""
-    result = res.get("result") or {}
-    exception = (res.get("exception_info") or {}).get("exception_message")
-    if exception:
-        return f"error: {exception}", [f"error: {exception}"]
-    if "unexpected_count" not in result:
-        return result.get("observed_value"), None
-    n_bad = int(result.get("unexpected_count") or 0)
-    observed: dict[str, Any] = {"unexpected": n_bad, "of": int(result.get("element_count") or 0)}
-    if not n_bad:
-        return observed, None
-    if index_columns is None:  # a split's batch: a few of the failing values (GE's partial list)
-        observed["values"] = list(dict.fromkeys(_fmt(_round(v)) for v in result.get("partial_unexpected_list") or []))
-        return observed, [f"{n_bad} of {observed['of']} images, e.g. {', '.join(observed['values'])}"]
-    failures = []  # a small derived table: every failing row, by its key
-    for row, value in zip(result.get("unexpected_index_list") or [], result.get("unexpected_list") or []):
-        key = "/".join(f"class {row[c]}" if c == "label" else str(row[c]) for c in index_columns)
-        failures.append(f"{key}: {_fmt(_round(value))}")
-    observed["rows"] = failures
-    return observed, failures
-
-
-def _check(name: str, check: str, split: str | None, table: str, res, index_columns) -> dict[str, Any]:
-    cfg = res.expectation_config
-    observed, failures = _observed(res.to_json_dict(), index_columns)
-    expected = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format") and v is not None}
-    out = {
-        "name": name,
-        "check": check,
-        "split": split,
-        "table": table,
-        "expectation": cfg.type,
-        "success": bool(res.success),
-        "expected": _round(expected),
-        "observed": _round(observed),
-    }
-    if not res.success:
-        if not failures:  # an aggregate (row count, mean): what was seen against what was wanted
-            failures = [f"{_fmt(out['observed'])}, expected {_expected_text(out)}"]
-        out["failed"] = [f"{split}: {f}" for f in failures] if split else failures
-    return out
-
-
 def validate(table: pd.DataFrame, expected_sizes: dict[str, int], params: ValidateParams) -> ValidationResult:
     """Validate an `image_table` against the split sizes prepare produced and the bands in `params`.
 
@@ -434,7 +352,7 @@ def validate(table: pd.DataFrame, expected_sizes: dict[str, int], params: Valida
         rank = {name: i for i, (name, _) in enumerate(expectations)}
         return sorted(results, key=lambda r: rank.get(r.expectation_config.meta.get("check"), len(rank)))
 
-    checks: list[dict[str, Any]] = []
+    checks = []
     # 1. one batch per split, same suite (fast SUMMARY results: no per-row index lists)
     split_expectations = _split_expectations(gx.expectations, params)
     per_split = definition("split", split_expectations)
@@ -445,9 +363,7 @@ def validate(table: pd.DataFrame, expected_sizes: dict[str, int], params: Valida
             expectation_parameters={"expected_rows": int(expected_sizes[name])},
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": SHOW_VALUES},
         )
-        for res in in_order(run.results, split_expectations):
-            check = res.expectation_config.meta.get("check", res.expectation_config.type)
-            checks.append(_check(f"{check} [{name}]", check, name, "images", res, None))
+        checks += [_row(res, name, None) for res in in_order(run.results, split_expectations)]
 
     # 2. derived tables: per-(split, class) fractions and per-pair duplicate counts
     fractions = class_fractions(table, splits)
@@ -462,41 +378,19 @@ def validate(table: pd.DataFrame, expected_sizes: dict[str, int], params: Valida
                 "return_unexpected_index_query": False,
             },
         )
-        for res in in_order(run.results, expectations):
-            check = res.expectation_config.meta.get("check", res.expectation_config.type)
-            checks.append(_check(check, check, None, kind, res, INDEX_COLUMNS[kind]))
+        checks += [_row(res, None, INDEX_COLUMNS[kind]) for res in in_order(run.results, expectations)]
 
-    counts = _counts(table, groups, fractions, duplicates, expected_sizes, splits, params)
-    counts["seconds"] = round(time.perf_counter() - started, 3)
-    counts["gx_import_seconds"] = round(gx_import_s, 3)
-    return ValidationResult(success=all(c["success"] for c in checks), checks=checks, counts=counts)
-
-
-def _counts(table, groups, fractions, duplicates, expected_sizes, splits, params) -> dict[str, Any]:
-    per_split = {}
-    for name in splits:
-        means = groups[name]["mean"] if name in groups else pd.Series([], dtype=float)
-        stat = lambda f: float(f(means)) if len(means) else None  # noqa: E731
-        per_split[name] = {
-            "rows": int(len(means)),
-            "expected_rows": int(expected_sizes[name]),
-            "mean": stat(pd.Series.mean),
-            "image_mean_min": stat(pd.Series.min),
-            "image_mean_p01": stat(lambda s: s.quantile(0.01)),
-            "image_mean_p99": stat(lambda s: s.quantile(0.99)),
-            "image_mean_max": stat(pd.Series.max),
-        }
-    class_fr = {
-        name: {str(int(r.label)): float(r.fraction) for r in fractions[fractions["split"] == name].itertuples()}
-        for name in splits
-    }
+    # 3. the report's tables
+    stats = table.groupby("split")["mean"].describe(percentiles=[0.01, 0.99]).reindex(splits)
+    stats = stats.rename(columns={"count": "images"}).fillna({"images": 0}).astype({"images": int})
+    stats.insert(1, "expected", [int(expected_sizes[s]) for s in splits])
     checked = {f"{a}-{b}" for a, b in CHECKED_PAIRS}
-    dups = {
-        r.pair: {
-            "shared": int(r.shared),
-            "distinct": int(r.distinct),
-            "limit": params.max_train_test_duplicates if r.pair in checked else None,
-        }
-        for r in duplicates.itertuples()
-    }
-    return _round({"rows": int(len(table)), "splits": per_split, "class_fractions": class_fr, "duplicates": dups})
+    limits = [params.max_train_test_duplicates if pair in checked else None for pair in duplicates["pair"]]
+    return ValidationResult(
+        checks=pd.DataFrame(checks),
+        splits=stats,
+        fractions=fractions.pivot(index="split", columns="label", values="fraction").reindex(splits),
+        duplicates=duplicates.assign(limit=pd.Series(limits, dtype=object)).set_index("pair"),
+        seconds=time.perf_counter() - started,
+        gx_import_seconds=gx_import_s,
+    )

@@ -1,15 +1,24 @@
 """Autoencoder: one code per image; its prior for sampling is a Gaussian fitted to training codes."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from ..config import ModelParams
 from . import nets
 from .base import GenerativeModel, adam, bce_per_image, init_output_bias
 
 
+class AEParams(ModelParams):
+    family: Literal["ae"]
+
+
 class AE(GenerativeModel):
     family = "ae"
+    Params = AEParams
     has_encoder = True
+    gaussian_latent = False  # its codes follow no set prior; sampling uses a fitted Gaussian
 
     def __init__(self, params):
         super().__init__(params)

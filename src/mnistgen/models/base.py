@@ -7,17 +7,26 @@ from torch import nn
 from ..config import ModelParams
 
 Losses = dict[str, torch.Tensor]  # detached scalar tensors, read once per epoch (no per-step sync)
+FAMILIES: dict[str, type["GenerativeModel"]] = {}  # name -> class, filled as each family's file is imported
 
 
 class GenerativeModel(nn.Module):
     """A model the harness can train, checkpoint, sample and decode.
 
-    Subclasses set `family` and implement make_optimizers, train_step, validation_losses,
-    decode and, where they have an encoder, encode.
+    Subclasses set `family` and `Params` (their own params class, whose `family` field is
+    Literal[family]) and implement make_optimizers, train_step, validation_losses, decode
+    and, where they have an encoder, encode. Defining the class registers the family.
     """
 
     family: str = ""
+    Params: type[ModelParams] = ModelParams
     has_encoder: bool = False
+    gaussian_latent: bool = True  # sample_latent draws from N(0, I): slerp paths make sense
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            FAMILIES[cls.family] = cls
 
     def __init__(self, params: ModelParams):
         super().__init__()

@@ -1,15 +1,26 @@
 """GAN (DCGAN-style): a discriminator scores real against generated; non-saturating loss."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch.nn import functional as F
 
+from ..config import ModelParams
 from . import nets
 from .base import GenerativeModel, adam
 
 
+class GANParams(ModelParams):
+    family: Literal["gan"]
+    betas: tuple[float, float] = Field(strict=False)  # Adam's (beta1, beta2); YAML gives a list
+
+
 class GAN(GenerativeModel):
     family = "gan"
+    Params = GANParams
+    n_critic = 1  # critic steps per generator step
 
     def __init__(self, params):
         super().__init__(params)
@@ -52,7 +63,7 @@ class GAN(GenerativeModel):
         d_loss.backward()
         optimizers["critic"].step()
         out = {"d_loss": d_loss.detach(), **{k: v.detach() for k, v in stats.items()}}
-        if (step + 1) % self.params.n_critic == 0:  # the WGAN takes n_critic critic steps per generator step
+        if (step + 1) % self.n_critic == 0:
             g_loss = self.generator_loss(self.decode(self.sample_latent(len(x))))
             optimizers["generator"].zero_grad(set_to_none=True)
             g_loss.backward()

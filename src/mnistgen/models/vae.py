@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import PositiveFloat
 
+from ..config import ModelParams
 from . import nets
 from .base import GenerativeModel, adam, bce_per_image, init_output_bias
 
@@ -24,8 +27,15 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).square() / logvar.exp()).sum(-1)
 
 
+class VAEParams(ModelParams):
+    family: Literal["vae"]
+    beta: PositiveFloat  # weight of the KL term (1 = the ELBO)
+    dynamic_binarization: bool  # train on Bernoulli samples of the grey images
+
+
 class VAE(GenerativeModel):
     family = "vae"
+    Params = VAEParams
     has_encoder = True
 
     def __init__(self, params):

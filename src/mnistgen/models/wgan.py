@@ -8,10 +8,13 @@ same real-fake segment.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import PositiveFloat, PositiveInt
 
 from . import nets
-from .gan import GAN
+from .gan import GAN, GANParams
 
 
 def per_sample_uniform(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +48,21 @@ def penalty(norm: torch.Tensor, weight: float, one_sided: bool) -> torch.Tensor:
     return weight * excess.square().mean()
 
 
+class WGANParams(GANParams):
+    family: Literal["wgan"]
+    n_critic: PositiveInt  # critic steps per generator step
+    gp_weight: PositiveFloat  # lambda
+    penalty: Literal["two_sided", "one_sided"]
+    gradient: Literal["autograd", "finite_difference"]
+
+
 class WGAN(GAN):
     family = "wgan"
+    Params = WGANParams
+
+    @property
+    def n_critic(self) -> int:
+        return self.params.n_critic
 
     @staticmethod
     def make_critic(params):
