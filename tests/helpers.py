@@ -1,10 +1,12 @@
-"""Small builders shared by the tests: tiny prepared data, tiny params, workspaces."""
+"""Small builders shared by the tests: tiny prepared data, tiny params, workspaces, scripts by path."""
+import importlib.util
 from pathlib import Path
 
 import torch
 import yaml
 
 from mnistgen import data
+from mnistgen.config import model_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,16 +24,31 @@ def write_prepared(folder: Path, n_train=256, n_val=64, n_test=128, seed=0) -> N
         data.save_split(data.Split(images, labels), folder / f"{name}.pt")
 
 
-def tiny_model_params(family: str) -> dict:
-    return {"family": family, "arch": "mlp", "hidden": 16, "latent_dim": 4, "epochs": 1, "batch_size": 32,
-            "lr": 0.001, "n_critic": 2 if family == "wgan" else 1}
-
-
 def repo_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def tiny_model_params(family: str, **changes) -> dict:
+    """The repo's own section for `family`, shrunk to a tiny MLP that trains in a second."""
+    section = repo_params()["models"][family]
+    return {**section, "arch": "mlp", "hidden": 16, "latent_dim": 4, "epochs": 1, "batch_size": 32, "lr": 0.001, **changes}
+
+
+def tiny(family: str, **changes):
+    """tiny_model_params as the family's validated params object."""
+    return model_params(tiny_model_params(family, **changes), f"models.{family}")
 
 
 def write_params(folder: Path, **sections) -> None:
     params = repo_params()
     params.update(sections)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def load_script(relative: str):
+    """A stage or CI script (e.g. 'scripts/smoke_pipeline.py') as a module, by path: no sys.path edits."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

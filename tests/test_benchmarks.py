@@ -2,12 +2,15 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
 from mnistgen import data
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each script is a subprocess that imports torch and trains a little
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +27,15 @@ def prepared(tmp_path_factory):
 
 
 def run(script, *args):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=ROOT,
+    """`python benchmarks/<script>` from the repo root, as the README shows it."""
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--device", "cpu", *map(str, args)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout
 
 
 def test_time_to_elbo_runs_the_harness_with_its_schedule(prepared):
-    out = run("vae_time_to_elbo.py", "--device", "cpu", "--prepared", prepared, "--target", 1e9, "--sweep", "64:1e-2:2", "128:5e-3:0")
+    out = run("vae_time_to_elbo.py", "--prepared", prepared, "--target", 1e9, "--sweep", "64:1e-2:2", "128:5e-3:0")
     # a target of 1e9 nats is reached at the first check, after epoch 1, by every run
     assert re.search(r"baseline \(DataLoader, bs 128, lr 1e-3\): [0-9.]+ s, 1 epochs", out), out
     assert "0.5-epoch warm-up to lr 0.01, linear decay to 0 at epoch 2, log-odds output bias" in out
@@ -42,7 +46,26 @@ def test_time_to_elbo_runs_the_harness_with_its_schedule(prepared):
 
 
 def test_benchmark_variants_table_has_every_variant(prepared):
-    out = run("benchmark_train.py", "--device", "cpu", "--prepared", prepared, "--models", "ae", "--steps", 2,
+    out = run("benchmark_train.py", "--prepared", prepared, "--models", "ae", "--steps", 2,
               "--warmup", 1, "--repeats", 2, "--variants", "eager", "channels_last")
     row = next(line for line in out.splitlines() if line.startswith("ae "))
     assert row.count("x |") == 2 and " 1.00x " in row and row.endswith("yes"), row
+
+
+def test_benchmark_against_the_dataloader_reads_the_profile(prepared, tmp_path):
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("models:\n  gan: {batch_size: 32, width: 8}\n")
+    out = run("benchmark_train.py", "--prepared", prepared, "--models", "gan", "--profile", profile,
+              "--steps", 2, "--warmup", 1)
+    assert "gan: conv, width 8, latent 32, batch 32" in out, out
+    assert re.search(r"^gan +cpu +32 \| +[0-9]+ +[0-9]+ +[0-9.]+x \|.* \| yes$", out, re.M), out
+
+
+def test_gpu_check_dry_run_on_cpu(prepared):
+    out = run("gpu_check.py", "--prepared", prepared, "--profile", "none", "--models", "ae", "wgan",
+              "--steps", 2, "--warmup", 1)
+    for model in ("ae", "wgan"):
+        for precision in ("bf16", "fp32"):
+            assert re.search(rf"^{model} +{precision} +(128|64) \|.*\| yes$", out, re.M), out
+    assert "training.train ae:" in out and "val_loss" in out
+    assert re.search(r"^OK: total", out, re.M), out

@@ -13,7 +13,7 @@ from mnistgen import data
 from mnistgen.config import ParamsError, PrepareParams, load_section
 from mnistgen.utils import StageError
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None, dims=None) -> bytes:
@@ -101,20 +101,20 @@ def test_splits_are_seeded_disjoint_and_limited():
     ids = lambda s: set(a[s].images[:, 0, 0].tolist())  # noqa: E731
     assert not ids("train") & ids("val")
     with pytest.raises(StageError, match="prepare.val_size"):
-        data.make_splits(train, test, PrepareParams(val_size=60, limit_train=60))
+        data.make_splits(train, test, PrepareParams(val_size=60, split_seed=0, limit_train=60, limit_test=0))
 
 
 def test_params_key_of_wrong_type(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare:\n  val_size: many\n")
-    with pytest.raises(ParamsError, match="prepare.val_size must be int, got 'many'"):
+    with pytest.raises(ParamsError, match="prepare.val_size: input should be a valid integer, got 'many'"):
         load_section(PrepareParams, "prepare", tmp_path / "params.yaml")
     (tmp_path / "params.yaml").write_text("prepare:\n  val_sise: 5\n")
-    with pytest.raises(ParamsError, match="unknown key prepare.val_sise"):
+    with pytest.raises(ParamsError, match="prepare.val_sise: unknown key"):
         load_section(PrepareParams, "prepare", tmp_path / "params.yaml")
 
 
 def run_prepare(cwd, mirror):
-    return subprocess.run([sys.executable, str(ROOT / "pipelines" / "prepare.py")], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "pipelines" / "prepare.py"), "--out", "data/prepared"], cwd=cwd, capture_output=True,
                           text=True, env={"MNIST_MIRROR": str(mirror), "PATH": "/usr/bin:/bin"}, timeout=120)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from mnistgen.config import ModelParams
+from helpers import tiny
 from mnistgen.models import FAMILIES, build_model
 from mnistgen.models.vae import kl_divergence, reparameterize
 from mnistgen.models.wgan import autograd_norm, difference_quotient, penalty, per_sample_uniform
@@ -21,7 +21,7 @@ def test_kl_matches_closed_form_and_is_zero_at_prior():
 
 def test_gradients_reach_the_encoder_through_the_sample():
     torch.manual_seed(0)
-    vae = build_model(ModelParams(family="vae", epochs=1, batch_size=8, lr=1e-3, arch="mlp", hidden=32, latent_dim=3))
+    vae = build_model(tiny("vae", hidden=32, latent_dim=3))
     x = torch.rand(8, 1, 28, 28)
     mu, logvar = vae.posterior(x)
     z = reparameterize(mu, logvar)
@@ -85,17 +85,12 @@ def test_eps_is_drawn_per_sample_not_per_pixel():
     assert ratio.flatten(1).mean(1).std() > 0.1  # but different eps across samples
 
 
-def tiny(family: str) -> ModelParams:
-    return ModelParams(family=family, epochs=1, batch_size=32, lr=2e-3, arch="conv", width=4, latent_dim=4,
-                       betas=(0.5, 0.9), n_critic=2 if family == "wgan" else 1)
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_few_steps_lower_the_loss(family):
     """AE/VAE: reconstruction loss; GAN/WGAN: the discriminator's (critic's) loss on a fixed batch."""
     torch.manual_seed(0)
     x = (torch.rand(32, 1, 28, 28) > 0.7).float() * torch.linspace(0, 1, 28).view(1, 1, 1, 28)
-    model = build_model(tiny(family))
+    model = build_model(tiny(family, arch="conv", width=4, lr=2e-3))
     optimizers = model.make_optimizers()
     key = "loss" if family in ("ae", "vae") else "d_loss"
 
@@ -114,7 +109,7 @@ def test_a_few_steps_lower_the_loss(family):
 
 def test_ae_prior_is_fitted_to_codes():
     torch.manual_seed(0)
-    ae = build_model(tiny("ae")).eval()
+    ae = build_model(tiny("ae", arch="conv", width=4)).eval()
     x = torch.rand(500, 1, 28, 28)
     ae.fit_prior(x)
     codes = ae.encode(x)
@@ -130,7 +125,7 @@ def test_decoder_starts_at_the_data_mean(family, arch):
     """init_from_data sets the decoder's output bias to the log-odds of the mean pixel."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(64, 1, 28, 28, generator=g) * torch.linspace(0.05, 0.95, 784).view(1, 1, 28, 28)
-    model = build_model(ModelParams(family=family, epochs=1, batch_size=8, lr=1e-3, arch=arch, width=4, hidden=32))
+    model = build_model(tiny(family, arch=arch, width=4, hidden=32, latent_dim=16))
     model.init_from_data(images)
     last = [m for m in model.decoder.modules() if getattr(m, "bias", None) is not None][-1]
     mean = images.mean(0).flatten() if arch == "mlp" else images.mean().reshape(1)
@@ -142,7 +137,7 @@ def test_decoder_starts_at_the_data_mean(family, arch):
 
 
 def test_init_from_data_leaves_a_gan_as_built():
-    model = build_model(ModelParams(family="gan", epochs=1, batch_size=8, lr=1e-3, width=4))
+    model = build_model(tiny("gan", arch="conv", width=4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.init_from_data(torch.rand(16, 1, 28, 28))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

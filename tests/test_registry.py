@@ -1,6 +1,12 @@
-"""The promotion gate against a real SQLite registry in a temp folder, the pyfunc by alias, and serving."""
+"""The promotion gate against a real SQLite registry, the pyfunc by alias, and serving.
+
+Every test has its own workspace and store, builds the registry state it needs itself (with
+only the models it needs in params.yaml), and asserts relative to what it created, so the
+tests run alone, in any order, or in parallel.
+"""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,81 +18,96 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from helpers import tiny_model_params, write_params
+from helpers import ROOT, load_script, tiny, tiny_model_params, write_params
 from mnistgen import gate, tracking
-from mnistgen.config import Floor, GateParams, ModelParams, from_dict
+from mnistgen.config import Floor, GateParams
 from mnistgen.models import build_model
+from mnistgen.registry import Registry, registered_name
 from mnistgen.utils import write_json
 
-MODELS = ("ae", "vae", "gan", "wgan")
 GOOD = {
     "ae": {"recon_mse": 0.012, "fid_cls": 40.0},
     "vae": {"recon_mse": 0.02, "iwae_nll": 100.0, "fid_cls": 20.0},
     "gan": {"fid_cls": 10.0, "precision": 0.7, "recall": 0.5, "classes_present": 10},
     "wgan": {"fid_cls": 20.0, "precision": 0.6, "recall": 0.5, "classes_present": 10},
 }
-
-
-GATE = {
+GATE = {  # the tests' own gate, independent of the repo's floors
     name: {"primary": "fid_cls", "higher_is_better": False, "min_improvement": 0.0, "tolerance": 0.5,
            "floors": [{"metric": "fid_cls", "max": 60.0}, *([{"metric": "classes_present", "min": 8}] if name in ("gan", "wgan") else [])]}
-    for name in MODELS
+    for name in GOOD
 }
+PROMOTE_ARGS = ["--metrics", "metrics", "--models", "models", "--out", "reports"]
+promote_stage = load_script("pipelines/promote.py")
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    work = tmp_path_factory.mktemp("registry")
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(work)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
-    write_params(work, gate=GATE)  # the tests' own floors, independent of the repo's defaults
-    yield work
-    os.chdir(old_cwd)
-    if old_uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old_uri
+def empty_store(tmp_path_factory) -> Path:
+    """A migrated, empty SQLite store: creating one takes seconds, copying it next to nothing."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
 
 
-def candidate(name: str, **changes) -> None:
-    """Log a tiny model as a new training run and write its metrics, as train + evaluate would."""
-    params = tiny_model_params(name)
-    model = build_model(from_dict(ModelParams, params, "m"))
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, empty_store) -> Path:
+    """This test's own folder (the working directory) with its own empty store."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path
+
+
+def use_models(*names: str) -> None:
+    """params.yaml whose `models` and `gate` hold only these models: promote registers just them."""
+    write_params(Path.cwd(), models={n: tiny_model_params(n) for n in names}, gate={n: GATE[n] for n in names})
+
+
+def candidate(name: str, **changes) -> str:
+    """Log a tiny model as a new training run and write its metrics, as train + evaluate would; returns the run id."""
     folder = Path("models") / name
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), folder / "weights.pt")
-    (folder / "config.json").write_text(json.dumps(params))
-    run = tracking.Run.start("registry-test", name, {"git_commit": "abc", "params_hash": "p", "device": "cpu", "torch_version": "t"})
-    uri = run.log_generator(folder / "weights.pt", folder / "config.json", 4, np.zeros((1, 4), dtype=np.float32))
-    run.end()
+    torch.save(build_model(tiny(name)).state_dict(), folder / "weights.pt")
+    (folder / "config.json").write_text(json.dumps(tiny_model_params(name)))
+    with tracking.Run.start("registry-test", name, {"git_commit": "abc", "params_hash": "p", "device": "cpu", "torch_version": "t"}) as run:
+        uri = run.log_generator(folder / "weights.pt", folder / "config.json", 4, np.zeros((1, 4), dtype=np.float32))
     tracking.write_run_file(folder / "run.json", run, uri)
     write_json(f"metrics/{name}.json", {**GOOD[name], **changes, "evaluator_hash": "e" * 64})
+    return run.run_id
 
 
 def promote_now() -> tuple[int, dict]:
-    import promote
-
-    code = promote.main()
-    return code, json.loads(open("reports/promotion.json").read())
+    code = promote_stage.main(PROMOTE_ARGS)
+    return code, json.loads(Path("reports/promotion.json").read_text())
 
 
-def aliases() -> dict:
+def snapshot() -> dict:
+    """The whole registry: every registered model's live versions and its aliases."""
     client = tracking.client()
-    out = {}
-    for name in MODELS:
-        registered = tracking.REGISTERED_NAMES[name]
-        try:
-            out[name] = {k: str(v) for k, v in client.get_registered_model(registered).aliases.items()}
-        except Exception:  # noqa: BLE001
-            out[name] = None
-    return out
+    return {m.name: {"versions": sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'")),
+                     "aliases": {k: str(v) for k, v in m.aliases.items()}}
+            for m in client.search_registered_models()}
+
+
+def aliases(name: str) -> dict[str, str]:
+    return snapshot()[registered_name(name)]["aliases"]
+
+
+def champion_of(*names: str) -> dict:
+    """Promote one good candidate of each model into an empty registry; returns the snapshot."""
+    use_models(*names)
+    for name in names:
+        candidate(name)
+    code, _ = promote_now()
+    assert code == 0
+    return snapshot()
 
 
 def test_gate_rules_without_a_registry():
     rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=1.0, tolerance=0.5,
-                      floors=(Floor("fid_cls", max=50.0),))
+                      floors=(Floor(metric="fid_cls", max=50.0),))
     assert gate.decide("m", {"fid_cls": 40.0}, None, rule).decision == gate.PROMOTE
     assert gate.decide("m", {"fid_cls": 38.6}, {"fid_cls": 40.0}, rule).decision == gate.KEEP  # 1.4 < 1.5
     assert gate.decide("m", {"fid_cls": 38.0}, {"fid_cls": 40.0}, rule).decision == gate.PROMOTE
@@ -95,73 +116,123 @@ def test_gate_rules_without_a_registry():
 
 
 def test_first_candidates_passing_floors_become_champions(workspace):
-    for name in MODELS:
-        candidate(name)
+    models = list(GOOD)
+    use_models(*models)
+    run_ids = {name: candidate(name) for name in models}
     code, report = promote_now()
     assert code == 0
-    assert all(report["models"][m]["decision"] == gate.PROMOTE for m in MODELS)
-    assert aliases() == {m: {"champion": "1", "challenger": "1"} for m in MODELS}
-    version = tracking.client().get_model_version("mnist-vae", "1")
-    assert version.tags["metric.iwae_nll"] == "100.0" and version.tags["evaluator_hash"] == "e" * 64
+    assert {m: report["models"][m]["decision"] for m in models} == {m: gate.PROMOTE for m in models}
+    for name in models:
+        version = report["models"][name]["candidate_version"]
+        assert aliases(name) == {"champion": version, "challenger": version}
+        registered = tracking.client().get_model_version(registered_name(name), version)
+        assert registered.run_id == run_ids[name]
+    vae = tracking.client().get_model_version("mnist-vae", report["models"]["vae"]["candidate_version"])
+    assert vae.tags["metric.iwae_nll"] == "100.0" and vae.tags["evaluator_hash"] == "e" * 64
     for key in ("git_commit", "data_hash", "params_hash"):
-        assert key in version.tags
+        assert key in vae.tags
     assert "no champion yet" in (workspace / "reports" / "promotion.md").read_text()
 
 
 def test_promote_twice_for_the_same_runs_registers_nothing_new(workspace):
-    code, _ = promote_now()
-    assert code == 0
-    assert aliases() == {m: {"champion": "1", "challenger": "1"} for m in MODELS}
+    before = champion_of("vae")
+    code, report = promote_now()
+    assert code == 0 and report["models"]["vae"]["decision"] == gate.KEEP  # not better than itself
+    assert snapshot() == before
 
 
 def test_worse_candidate_leaves_champion(workspace):
-    for name in MODELS:
-        candidate(name)
+    champion = champion_of("gan")["mnist-gan"]["aliases"]["champion"]
     candidate("gan", fid_cls=15.0)  # worse than 10.0
     code, report = promote_now()
-    assert code == 0
-    assert report["models"]["gan"]["decision"] == gate.KEEP
-    assert aliases()["gan"] == {"champion": "1", "challenger": "2"}
+    assert code == 0 and report["models"]["gan"]["decision"] == gate.KEEP
+    challenger = report["models"]["gan"]["candidate_version"]
+    assert challenger != champion and aliases("gan") == {"champion": champion, "challenger": challenger}
 
 
 def test_better_candidate_takes_the_title(workspace):
-    for name in MODELS:
-        candidate(name)
+    champion = champion_of("gan")["mnist-gan"]["aliases"]["champion"]
     candidate("gan", fid_cls=5.0)
     code, report = promote_now()
     assert code == 0 and report["models"]["gan"]["decision"] == gate.PROMOTE
-    assert aliases()["gan"] == {"champion": "3", "challenger": "3"}
+    new = report["models"]["gan"]["candidate_version"]
+    assert new != champion and aliases("gan") == {"champion": new, "challenger": new}
+    assert report["models"]["gan"]["champion_version"] == champion
     assert "better by 5" in (workspace / "reports" / "promotion.md").read_text()
 
 
 def test_candidate_under_a_floor_exits_1_and_moves_nothing(workspace):
-    before = aliases()
-    versions_before = len(tracking.client().search_model_versions("name = 'mnist-wgan'"))
-    for name in MODELS:
-        candidate(name)
+    """Through the real script in its own process: exit status 1 is what CI sees."""
+    before = champion_of("wgan")
     candidate("wgan", fid_cls=500.0, classes_present=3)
-    code, report = promote_now()
-    assert code == 1
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "promote.py"), *PROMOTE_ARGS], cwd=workspace,
+                            env=os.environ, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1, result.stderr[-3000:]
+    report = json.loads((workspace / "reports" / "promotion.json").read_text())
     assert report["models"]["wgan"]["decision"] == gate.REJECT
-    assert aliases() == before
-    assert len(tracking.client().search_model_versions("name = 'mnist-wgan'")) == versions_before
+    assert snapshot() == before
     assert "REGRESSION" in (workspace / "reports" / "promotion.md").read_text()
 
 
 def test_unreachable_registry_exits_2_and_changes_nothing(workspace, monkeypatch):
-    before = aliases()
-    for name in MODELS:
-        candidate(name)
+    before = champion_of("vae")
+    candidate("vae", fid_cls=5.0)  # would be promoted
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/registry.db")
     code, report = promote_now()
     assert code == 2 and report["exit_code"] == 2
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace}/mlflow.db")
-    assert aliases() == before
+    assert snapshot() == before
+
+
+def test_failure_after_a_version_and_an_alias_rolls_them_back(workspace, monkeypatch, capsys):
+    """The last alias move fails after new versions, a new registered model and moved aliases exist:
+    every one of them is undone (aliases back to their old versions, new versions and models deleted)."""
+    before = champion_of("vae")
+    use_models("vae", "gan")
+    candidate("vae", fid_cls=5.0)  # better: moves @challenger and @champion of mnist-vae
+    candidate("gan")  # first gan: creates mnist-gan, its version 1 and @challenger
+    real_set_alias, moved = Registry.set_alias, []
+
+    def failing_set_alias(self, name, alias, version):
+        if (name, alias) == ("mnist-gan", "champion"):
+            raise MlflowException("injected: the store failed moving the alias")
+        real_set_alias(self, name, alias, version)
+        moved.append((name, alias, version))
+
+    monkeypatch.setattr(Registry, "set_alias", failing_set_alias)
+    code, report = promote_now()
+    assert code == 2 and report["exit_code"] == 2
+    assert [(n, a) for n, a, _ in moved] == [("mnist-vae", "challenger"), ("mnist-vae", "champion"), ("mnist-gan", "challenger")]
+    assert int(moved[0][2]) not in before["mnist-vae"]["versions"]  # a new vae version was created...
+    assert snapshot() == before  # ...and is gone again, as are mnist-gan and every alias move
+    assert "registry left as it was" in capsys.readouterr().err
+
+
+def test_store_failing_midway_leaves_the_registry_exactly_as_it_was(workspace, monkeypatch):
+    """The store itself starts refusing new versions after the first one of this promotion."""
+    before = champion_of("vae", "gan")
+    candidate("vae", fid_cls=5.0)
+    candidate("gan", fid_cls=5.0)
+    real_create, created = MlflowClient.create_model_version, []
+
+    def create_then_fail(self, name, *args, **kwargs):
+        if created:
+            raise MlflowException("injected: database is locked")
+        version = real_create(self, name, *args, **kwargs)
+        created.append((name, str(version.version)))
+        return version
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_fail)
+    code, _ = promote_now()
+    assert code == 2
+    assert len(created) == 1 and int(created[0][1]) not in before[created[0][0]]["versions"]
+    assert snapshot() == before
 
 
 def test_pyfunc_by_alias_returns_images(workspace):
     import mlflow
 
+    champion_of("vae")
     model = mlflow.pyfunc.load_model("models:/mnist-vae@champion")
     images = model.predict(np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
     assert images.shape == (6, 28, 28) and images.min() >= 0 and images.max() <= 1
@@ -183,10 +254,12 @@ def post(port: int, body: bytes) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_with_digits_and_survives_garbage(workspace):
+    champion_of("wgan")
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)  # mlflow and the uvicorn it starts live beside this python
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db", "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
     mlflow_cli = os.path.join(bin_dir, "mlflow")
     server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", "models:/mnist-wgan@champion", "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -1,42 +1,72 @@
-"""The train stage against a real MLflow SQLite store in a temp folder; the logged pyfunc model."""
+"""The MLflow side against real SQLite stores in temp folders: the train stage's run, the logged
+pyfunc model, the Run context manager, big batches, tracking off and the experiment kind tag."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow import MlflowClient
 
-from helpers import ROOT, tiny_model_params, write_params, write_prepared
+from helpers import ROOT, load_script, tiny_model_params, write_params, write_prepared
+from mnistgen import tracking
+
+RUN_SECTION = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1}
+
+
+def train_args(model: str) -> list[str]:
+    return [model, "--data", "data/prepared", "--out", f"models/{model}", "--curves", f"curves/{model}"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def empty_store(tmp_path_factory) -> Path:
+    """A migrated, empty SQLite store: creating one takes seconds, copying it next to nothing."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, empty_store):
+    """One tiny VAE trained for two epochs by the real stage script; the tests below only read it."""
     work = tmp_path_factory.mktemp("train")
+    shutil.copy(empty_store, work / "mlflow.db")
     write_prepared(work / "data" / "prepared")
-    run_section = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1}
-    write_params(work, train=run_section, models={"vae": {**tiny_model_params("vae"), "epochs": 2}})
+    write_params(work, train=RUN_SECTION, models={"vae": tiny_model_params("vae", epochs=2)})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "vae"], cwd=work, env=env,
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("vae")], cwd=work, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, result
 
 
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_store) -> MlflowClient:
+    """A fresh SQLite store in this test's own folder, which is also the working directory."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return MlflowClient(tracking_uri=uri)
+
+
 def test_train_stage_logs_params_curves_tags_and_model(trained):
     work, result = trained
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=f"sqlite:///{work}/mlflow.db")
     experiment = client.get_experiment_by_name("test-exp")
     assert experiment.artifact_location.endswith("mlartifacts")
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # the UI opens on its runs
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["model.family"] == "vae" and run.data.params["model.latent_dim"] == "4"
-    assert run.data.params["train.seed"] == "0"
+    assert run.info.status == "FINISHED" and run.info.run_name == "vae"
+    params = run.data.params
+    assert params["model.family"] == "vae" and params["model.latent_dim"] == "4" and params["model.beta"] == "1.0"
+    assert params["train.seed"] == "0"
+    assert "model.n_critic" not in params and "model.betas" not in params  # only the family's own params
     history = client.get_metric_history(run.info.run_id, "kl")
     assert [m.step for m in history] == [1, 2]
     for key in ("loss", "recon", "val_loss", "val_kl", "images_per_second"):
@@ -46,9 +76,10 @@ def test_train_stage_logs_params_curves_tags_and_model(trained):
     assert run.data.tags["device"] == "cpu"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/samples_epoch_001.png", "samples/samples_epoch_002.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {"figures/curves.png", "figures/samples.png"}
     record = json.loads((work / "models" / "vae" / "run.json").read_text())
     assert record["run_id"] == run.info.run_id and record["model_uri"].startswith("models:/")
-    assert (work / "models" / "vae" / "curves.csv").read_text().startswith("epoch,")
+    assert (work / "curves" / "vae" / "kl.csv").read_text().startswith("epoch,train,val")
     assert "train vae: 2 epochs" in result.stdout
 
 
@@ -73,9 +104,85 @@ def test_unreachable_tracking_store_fails_before_training(tmp_path):
     write_prepared(tmp_path / "data" / "prepared")
     write_params(tmp_path, models={"ae": tiny_model_params("ae")})
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:////nonexistent/folder/mlflow.db"}
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "ae"], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("ae")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: MLflow tracking store sqlite:////nonexistent/folder/mlflow.db cannot be reached: folder /nonexistent/folder does not exist")
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_run_context_ends_finished_on_success_and_failed_on_error(store):
+    with tracking.Run.start("ctx", "ok", {"stage": "test"}) as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+    assert store.get_run(run.run_id).info.status == "FINISHED"
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.Run.start("ctx", "broken", {}) as failed:
+            raise RuntimeError("boom")
+    assert store.get_run(failed.run_id).info.status == "FAILED"
+
+
+def test_run_context_keeps_the_original_error_when_the_store_is_gone_too(store, monkeypatch):
+    def store_down(*args, **kwargs):
+        raise OSError("store down")
+
+    with pytest.raises(KeyError, match="original"):
+        with tracking.Run.start("ctx", "lost", {}) as run:
+            monkeypatch.setattr(MlflowClient, "set_terminated", store_down)
+            raise KeyError("original")
+    assert store.get_run(run.run_id).info.status == "RUNNING"  # could not be marked; the error the user sees is the real one
+
+
+def test_failing_training_marks_the_run_failed(store, monkeypatch):
+    """The train stage in-process with training itself raising: the stage fails and its run reads FAILED."""
+    write_prepared(Path("data/prepared"), n_train=64, n_val=32, n_test=32)
+    # deterministic off: in-process, it would switch torch's deterministic mode on for every later test
+    write_params(Path.cwd(), train={**RUN_SECTION, "deterministic": False}, models={"ae": tiny_model_params("ae")})
+    stage = load_script("pipelines/train.py")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected training failure")
+
+    monkeypatch.setattr(stage.training, "train", broken)
+    monkeypatch.setattr(sys, "argv", ["train.py", *train_args("ae")])
+    with pytest.raises(RuntimeError, match="injected training failure"):
+        stage.main()
+    (run,) = store.search_runs([store.get_experiment_by_name("test-exp").experiment_id])
+    assert run.info.run_name == "ae" and run.info.status == "FAILED"
+    assert not Path("models/ae").exists()
+
+
+def test_one_call_logs_more_than_one_store_batch(store):
+    """MLflow splits big batches itself (1,000 metrics / 100 params per request): one call logs them all."""
+    with tracking.Run.start("batch", "big", {}) as run:
+        run.log_params({f"p{i:03d}": i for i in range(250)})
+        run.log_metrics({f"m{i:04d}": float(i) for i in range(2500)}, step=3)
+        run.set_tags({f"t{i:03d}": i for i in range(150)})
+    data = store.get_run(run.run_id).data
+    assert len(data.params) == 250 and data.params["p249"] == "249"
+    assert len(data.metrics) == 2500 and data.metrics["m2499"] == 2499.0
+    assert {f"t{i:03d}" for i in range(150)} <= set(data.tags)
+    assert store.get_metric_history(run.run_id, "m0007")[0].step == 3
+
+
+def test_tracking_off_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNISTGEN_TRACKING", "off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/folder/mlflow.db")  # never touched
+    with tracking.Run.start("off", "x", {}) as run:
+        run.log_params({"a": 1})
+        run.log_metrics({"b": 2.0}, step=1)
+        run.set_tags({"c": 3})
+        assert run.log_generator(tmp_path / "w.pt", tmp_path / "c.json", 4, None) is None
+    assert run.run_id is None and tracking.Run.resume("abc").run_id is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_experiment_without_the_kind_tag_gets_it(store):
+    created = store.create_experiment("old-exp")  # as an older version of the project created it
+    assert tracking.EXPERIMENT_KIND_TAG not in store.get_experiment(created).tags
+    assert tracking.experiment_id("old-exp") == created
+    assert store.get_experiment(created).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    fresh = tracking.experiment_id("new-exp")
+    assert store.get_experiment(fresh).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"

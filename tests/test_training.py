@@ -3,14 +3,13 @@ import pytest
 import torch
 
 from mnistgen import training
-from mnistgen.config import ModelParams
+from helpers import tiny
 from mnistgen.models import build_model
 from mnistgen.utils import StageError, seed_everything
 
 
 def params(family="vae", epochs=3, **schedule):
-    return ModelParams(family=family, epochs=epochs, batch_size=16, lr=1e-3, arch="conv", width=4, latent_dim=4, n_critic=2,
-                       **schedule)
+    return tiny(family, epochs=epochs, batch_size=16, arch="conv", width=4, **{"lr_warmup": 0.0, "lr_decay": False, **schedule})
 
 
 def images(n=96, seed=0):
@@ -22,13 +21,12 @@ def run(family, tmp_path, epochs=3, on_epoch=None, checkpoint=True, **schedule):
     seed_everything(0, deterministic=True)
     model = build_model(params(family, epochs, **schedule))
     ckpt = training.Checkpoint(tmp_path / "last.pt", {"family": family}) if checkpoint else None
-    history = training.train(model, images(), images(32, 1), epochs=epochs, batch_size=16, seed=0,
-                             checkpoint=ckpt, on_epoch=on_epoch, progress=False)
+    history = training.train(model, images(), images(32, 1), seed=0, checkpoint=ckpt, on_epoch=on_epoch, progress=False)
     return model, history
 
 
 def test_nan_loss_stops_with_the_documented_message(tmp_path, monkeypatch):
-    model = build_model(params("ae"))
+    model = build_model(params("ae", epochs=2))
     original = model.train_step
 
     def poisoned(x, optimizers, step):
@@ -38,7 +36,7 @@ def test_nan_loss_stops_with_the_documented_message(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "train_step", poisoned)
     ckpt = training.Checkpoint(tmp_path / "last.pt", {})
     with pytest.raises(training.DivergenceError, match="ae: training diverged: loss is nan in epoch 1; stopped, no model was saved or registered"):
-        training.train(model, images(), images(32), epochs=2, batch_size=16, seed=0, checkpoint=ckpt, progress=False)
+        training.train(model, images(), images(32), seed=0, checkpoint=ckpt, progress=False)
     assert not ckpt.path.exists()  # the diverged epoch was not checkpointed
 
 
@@ -76,7 +74,7 @@ def test_every_step_uses_the_scheduled_lr(monkeypatch):
         return original(x, optimizers, step)
 
     monkeypatch.setattr(model, "train_step", record)
-    training.train(model, images(), images(32, 1), epochs=2, batch_size=16, seed=0, progress=False)
+    training.train(model, images(), images(32, 1), seed=0, progress=False)
     assert [s for s, _ in seen] == list(range(12))
     assert [lr for _, lr in seen] == pytest.approx([1e-3 * training.lr_factor(s, 12, 3, True) for s in range(12)])
     assert seen[2][1] == pytest.approx(1e-3) and seen[-1][1] == pytest.approx(1e-3 / 9)

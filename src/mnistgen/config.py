@@ -120,7 +120,8 @@ class GateParams(Section):
 
 def _describe(err: ValidationError, where: str, tag: str | None = None) -> ParamsError:
     """pydantic's first error as one line that names the key, e.g. 'models.ae.n_critic: unknown key'."""
-    first = err.errors()[0]
+    # An unknown key first: a misspelt key is also reported missing under its right name.
+    first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = list(first["loc"])
     if tag is not None and loc and loc[0] == tag:  # a tagged union puts the tag first
         loc = loc[1:]

@@ -19,6 +19,10 @@ ARTIFACT_ROOT = "mlartifacts"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).parent
 MODEL_CODE = ("__init__.py", "config.py", "models")  # what pyfunc_model.py imports: shipped with the logged model
+# The experiment tag MLflow 3's UI reads to choose an experiment's layout; "custom_model_development"
+# ("Machine learning" in the UI) opens on the runs table instead of the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def enabled() -> bool:
@@ -62,15 +66,21 @@ def check_reachable() -> None:
 
 
 def experiment_id(name: str) -> str:
-    """The experiment's id, creating it (artifacts under mlartifacts/ for a local store) if needed."""
+    """The experiment's id, creating it (artifacts under mlartifacts/ for a local store) if needed.
+
+    It is tagged as a machine-learning experiment, so that MLflow 3's UI opens it on its runs
+    rather than on the GenAI overview; an experiment created without the tag gets it here.
+    """
     mlflow = _mlflow()
     found = mlflow.get_experiment_by_name(name)
     if found:
+        if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if tracking_uri().startswith(("sqlite:", "file:")) or "://" not in tracking_uri():
         location = (Path.cwd() / ARTIFACT_ROOT).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def git_commit() -> str:
@@ -101,7 +111,11 @@ def data_hash(prepared: str | Path = "data/prepared", lock: str | Path = "dvc.lo
 
 
 class Run:
-    """One MLflow run; a no-op when tracking is off, so the library works on a bare GPU box."""
+    """One MLflow run; a no-op when tracking is off, so the library works on a bare GPU box.
+
+    A context manager, like `mlflow.start_run`: `with Run.start(...) as run:` ends the run
+    FINISHED when the block completes and FAILED when it raises.
+    """
 
     def __init__(self, run_id: str | None):
         self.run_id = run_id
@@ -121,13 +135,23 @@ class Run:
             return cls(run_id)
         return cls(None)
 
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+            return
+        try:
+            self.end("FAILED")
+        except Exception as err:  # noqa: BLE001 - the store may be what failed: keep the original error
+            print(f"warning: could not mark MLflow run {self.run_id} FAILED: {err}")
+
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
             from mlflow.entities import Param
 
-            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                client().log_batch(self.run_id, params=items[i : i + 100])
+            client().log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.run_id:
@@ -137,13 +161,13 @@ class Run:
 
             now = int(time.time() * 1000)
             items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if isinstance(v, (int, float))]
-            for i in range(0, len(items), 500):
-                client().log_batch(self.run_id, metrics=items[i : i + 500])
+            client().log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.run_id:
-            for k, v in tags.items():
-                client().set_tag(self.run_id, k, str(v))
+            from mlflow.entities import RunTag
+
+            client().log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.run_id:

@@ -7,6 +7,7 @@ epoch ends with a checkpoint, from which an interrupted run resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -123,9 +124,10 @@ def restore(state, model, optimizers, shuffle_rng) -> None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def step(model: GenerativeModel, x: torch.Tensor, optimizers: dict, global_step: int) -> dict[str, torch.Tensor]:
-    """One optimisation step of any family on batch x, under the device's autocast (benchmarks time this)."""
-    with autocast(x.device):
+def step(model: GenerativeModel, x: torch.Tensor, optimizers: dict, global_step: int, mixed_precision: bool = True) -> dict[str, torch.Tensor]:
+    """One optimisation step of any family on batch x, under the device's autocast unless `mixed_precision`
+    is off (the benchmarks time this, and gpu_check compares it with full precision)."""
+    with autocast(x.device) if mixed_precision else contextlib.nullcontext():
         return model.train_step(x, optimizers, global_step)
 
 

@@ -50,7 +50,7 @@ def autocast(device: torch.device):
 
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CPU, where oneDNN's NHWC convolutions made a training step of every
-    family 1.17-1.33x faster (scripts/benchmark_train.py --variants, 5 rounds); CUDA keeps the default."""
+    family 1.17-1.33x faster (benchmarks/benchmark_train.py --variants, 5 rounds); CUDA keeps the default."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
 
 

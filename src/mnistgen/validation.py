@@ -16,9 +16,14 @@ ephemeral context:
   (train-test, val-test): test images whose exact content (hash) occurs in the other
   split, at most max_train_test_duplicates.
 
-The `ValidationResult` names every failed expectation with the split / class / pair that
-failed. Great Expectations takes several seconds to import, so it is imported inside
-`validate` only: importing this module (or the rest of the library) never pulls it in.
+The `ValidationResult` holds one pandas row per expectation run (`checks`: check, split,
+GE type, success, expected condition, observed value, and what failed where, naming the
+split / class / pair) beside the split statistics, class fractions and duplicate counts
+as DataFrames. `to_markdown` renders each table with `DataFrame.to_markdown`; `to_json`
+writes GE's own result dicts (`to_json_dict`) and the tables through pandas' JSON writer.
+
+Great Expectations takes several seconds to import, so it is imported inside `validate`
+only: importing this module (or the rest of the library) never pulls it in.
 """
 from __future__ import annotations
 
@@ -137,10 +142,12 @@ def duplicate_counts(table: pd.DataFrame, pairs=CHECKED_PAIRS + REPORTED_PAIRS) 
 
 @dataclasses.dataclass
 class ValidationResult:
-    # one row per expectation run: name ("<check> [<split>]" or "<check>"), check, split (None
-    # for a cross-split check), expectation (GE type), success, expected (the condition),
-    # observed (GE's observed value, or "n of m unexpected, e.g. ..."), failed (what failed
-    # where, one string per split / class / pair; None when it passed), ge (GE's result dict)
+    """`checks` has one row per expectation run: name ("<check> [<split>]" or "<check>"),
+    check, split (None for a cross-split check), expectation (GE type), success, expected
+    (the condition), observed (GE's observed value, or "n of m unexpected, e.g. ..."),
+    failed (what failed where, one string per split / class / pair; None when it passed)
+    and ge (GE's result dict)."""
+
     checks: pd.DataFrame
     splits: pd.DataFrame  # per split: images, expected, describe() of the per-image mean intensity
     fractions: pd.DataFrame  # split x class 0..9: fraction of the split's images
@@ -251,8 +258,8 @@ def _row(res, split: str | None, keys: list[str] | None) -> dict[str, Any]:
             "/".join(f"class {row[k]}" if k == "label" else str(row[k]) for k in keys) + f": {_fmt(value)}"
             for row, value in zip(result.get("unexpected_index_list") or [], result.get("unexpected_list") or [])
         ]
-        observed = f"{result['unexpected_count']} of {result['element_count']} unexpected" + "".join(
-            f"{'; ' if i else ': '}{f}" for i, f in enumerate(failed))
+        observed = f"{result['unexpected_count']} of {result['element_count']} unexpected"
+        observed += ": " + "; ".join(failed) if failed else ""
     else:  # a split's batch: a few of the failing values (GE's partial list)
         values = list(dict.fromkeys(map(_fmt, result.get("partial_unexpected_list") or [])))
         n_of = f"{result['unexpected_count']} of {result['element_count']}"
@@ -273,7 +280,6 @@ def _row(res, split: str | None, keys: list[str] | None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- validate
 
-SPLIT_SUITE = "mnistgen-split"
 INDEX_COLUMNS = {"class_fractions": ["split", "label"], "duplicates": ["pair"]}
 
 

@@ -91,7 +91,7 @@ def init_output_bias(decoder: nn.Module, images: torch.Tensor) -> None:
 
     Per pixel where the last layer has one bias per pixel (MLP), else the mean over all pixels
     (conv). As in Burda et al.'s IWAE code; it lowers the MLP VAE's test -ELBO after 5 epochs
-    by about 1 nat (scripts/vae_time_to_elbo.py --no-bias-init).
+    by about 1 nat (benchmarks/vae_time_to_elbo.py --no-bias-init).
     """
     last = [m for m in decoder.modules() if getattr(m, "bias", None) is not None][-1]
     per_pixel = last.bias.numel() == images[0].numel()

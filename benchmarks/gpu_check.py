@@ -1,26 +1,28 @@
 """One prepared check for a GPU machine: does the project's training path work there, and how fast?
 
-Usage (from the repo root; needs only torch, numpy, PyYAML, tqdm: no dvc, no mlflow):
-    python scripts/gpu_check.py                              # cuda, params-paper.yaml if present else params.yaml
-    python scripts/gpu_check.py --mnist shared/mnist         # no data/prepared: build the splits from the .gz files
-    python scripts/gpu_check.py --device cpu --steps 5       # a quick dry run on a CPU
-    python scripts/gpu_check.py --compile                    # also a bf16 + torch.compile row per family
+Usage (from the repo root; needs only torch, numpy, PyYAML, pydantic, tqdm: no dvc, no mlflow;
+where mnistgen is not installed, prefix PYTHONPATH=src):
+    python benchmarks/gpu_check.py                            # cuda, params.yaml with the params-paper.yaml profile
+    python benchmarks/gpu_check.py --mnist shared/mnist       # no data/prepared: build the splits from the .gz files
+    python benchmarks/gpu_check.py --device cpu --steps 5     # a quick dry run on a CPU
+    python benchmarks/gpu_check.py --compile                  # also a bf16 + torch.compile row per model
 
 What it does, in order (sized to stay well under 8 minutes on an H100; --budget-seconds skips
 the rest once it is spent):
   1. prints torch / CUDA / cuDNN versions and the device;
   2. loads real MNIST: data/prepared/{train,val}.pt if present, else the four official .gz
      files in --mnist (read with mnistgen.data.read_pair, MNIST_MIRROR set to that folder,
-     split with make_splits(PrepareParams())), and moves the training set to the device once;
-  3. per model family (section models.<name> of --params, which may be an overrides file
-     like params-paper.yaml: it is deep-merged onto params.yaml as scripts/apply_params.py
-     does), with its batch size: the project's harness step (training.train's inner loop: device tensor, seeded randperm
-     per epoch, slices, model.train_step) for --warmup + --steps steps, under bf16 autocast
-     (mnistgen.utils.autocast) and again in fp32 (autocast off), each on a freshly built
-     model; CUDA is synchronised only at the timing boundaries; reports images/s, ms/step,
+     split with make_splits and the prepare section), and moves the training set to the device once;
+  3. per model (section models.<name> of params.yaml with --profile applied, in memory, as
+     `python -m mnistgen.profiles` does), with its batch size: the project's harness
+     (bench_common.Harness, training.train's inner loop: device tensor, seeded randperm per
+     epoch, slices, training.Schedule, then the one step, training.step) for --warmup +
+     --steps steps, under training.step's bf16 autocast and again in fp32 (that autocast
+     off), each on a freshly built model; CUDA is synchronised only at the timing
+     boundaries; reports images/s, ms/step,
      the implied 55,000-image epoch time, whether every loss stayed finite, and the peak GPU
      memory of the measurement;
-  4. one real mnistgen.training.train(...) call: 1 epoch of the AE (params from --params) on
+  4. one real mnistgen.training.train(...) call: 1 epoch of the AE (models.ae, --profile applied) on
      the device, with validation and fit_prior, to prove the full loop works there;
   5. a compact table; with $OUT set (or --json) the results also go to a JSON file.
 Exit status 1 if any loss was not finite or a step failed.
@@ -28,8 +30,6 @@ Exit status 1 if any loss was not finite or a step failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -38,29 +38,22 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch
+from bench_common import (ROOT, Harness, add_profile_option, family_params, load_params, prepare_model, sync,
+                          timed)
 
-import torch  # noqa: E402
+from mnistgen import config, data, training
+from mnistgen.models import build_model
+from mnistgen.utils import memory_format, pick_device, seed_everything
 
-from mnistgen import data, training  # noqa: E402
-from mnistgen.config import ModelParams, PrepareParams, from_dict, read_merged_params, section  # noqa: E402
-from mnistgen.models import FAMILIES, build_model  # noqa: E402
-from mnistgen.utils import autocast, pick_device, seed_everything  # noqa: E402
-from bench_common import compile_in_place, sync  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 55_000
 GZ = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
       "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def model_params(params: dict, name: str) -> ModelParams:
-    return from_dict(ModelParams, section(params, f"models.{name}"), f"models.{name}")
-
-
-def default_params() -> str:
+def default_profile() -> str | None:
     paper = ROOT / "params-paper.yaml"
-    return str(paper if paper.exists() else ROOT / "params.yaml")
+    return str(paper) if paper.exists() else None
 
 
 def mnist_candidates(given: str | None) -> list[Path]:
@@ -70,7 +63,7 @@ def mnist_candidates(given: str | None) -> list[Path]:
     return out + [ROOT / "shared" / "mnist", ROOT.parent / "shared" / "mnist"]
 
 
-def load_mnist(prepared: Path, mnist: str | None) -> tuple[data.Split, data.Split, str]:
+def load_mnist(prepared: Path, mnist: str | None, all_params: dict) -> tuple[data.Split, data.Split, str]:
     """(train, val) splits and where they came from."""
     if (prepared / "train.pt").exists() and (prepared / "val.pt").exists():
         return data.load_split(prepared, "train"), data.load_split(prepared, "val"), str(prepared)
@@ -79,77 +72,41 @@ def load_mnist(prepared: Path, mnist: str | None) -> tuple[data.Split, data.Spli
             os.environ["MNIST_MIRROR"] = str(folder)  # read_pair's default reader checks every MD5
             train = data.read_pair(*GZ["train"])
             test = data.read_pair(*GZ["test"])
-            splits = data.make_splits(train, test, PrepareParams())
-            return splits["train"], splits["val"], f"{folder} (split with PrepareParams())"
+            params = config.validate_section(config.PrepareParams, config.section(all_params, "prepare"), "prepare")
+            splits = data.make_splits(train, test, params)
+            return splits["train"], splits["val"], f"{folder} (split with params.yaml's prepare section)"
     tried = ", ".join(str(p) for p in [prepared, *mnist_candidates(mnist)])
     raise SystemExit(f"error: no MNIST found (tried {tried}); pass --mnist FOLDER with the four official .gz files")
 
 
-
-
-def harness_steps(params: ModelParams, train_images: torch.Tensor, steps: int, warmup: int, seed: int,
+def harness_steps(params: config.ModelParams, train_images: torch.Tensor, steps: int, warmup: int, seed: int,
                   use_autocast: bool, compile_: bool) -> dict:
-    """Warm-up + timed steps of training.train's inner loop on a fresh model; one host sync at the end."""
+    """Warm-up + timed steps of training.train's inner loop (training.step) on a fresh model; one host sync at the end."""
     device = train_images.device
-    seed_everything(seed)
-    model = build_model(params).to(device)
-    if compile_:
-        torch._dynamo.reset()  # a fresh cache: all compiled modules share Module._call_impl's recompile limit
-        compile_in_place(model)
-    optimizers = model.make_optimizers()
-    model.train()
-    bs = params.batch_size
-    n = len(train_images)
-    per_epoch = n // bs
-    shuffle_rng = torch.Generator().manual_seed(seed)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    order = None
-    amp = (lambda: autocast(device)) if use_autocast else contextlib.nullcontext
-
-    def run(first: int, count: int) -> None:
-        nonlocal order
-        for step in range(first, first + count):
-            i = step % per_epoch
-            if i == 0:
-                order = torch.randperm(n, generator=shuffle_rng).to(device)
-            x = train_images[order[i * bs : (i + 1) * bs]]
-            with amp():
-                losses = model.train_step(x, optimizers, step)
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0) + value.float()
-                counts[key] = counts.get(key, 0) + 1  # g_loss only every n_critic steps
-
+    channels_last = memory_format(device) == torch.channels_last  # as training.train does
+    model, optimizers, _ = prepare_model(params, device, seed, compile_, channels_last)
+    harness = Harness(model, optimizers, train_images, seed, mixed_precision=use_autocast)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    run(0, warmup)
-    sync(device)
-    warm_seconds = time.perf_counter() - started
-    sums.clear()
-    counts.clear()
-    started = time.perf_counter()
-    run(warmup, steps)
-    sync(device)
-    seconds = time.perf_counter() - started
-    means = {k: (v / counts[k]).item() for k, v in sums.items()}  # the one host sync, after the clock stopped
+    warm_seconds, _ = timed(harness, warmup)
+    harness.reset_losses()
+    seconds, images = timed(harness, steps)
+    means = harness.mean_losses()  # the one host sync, after the clock stopped
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    del model, optimizers
-    return {"seconds": seconds, "warmup_seconds": warm_seconds, "images_per_second": steps * bs / seconds,
-            "ms_per_step": 1000 * seconds / steps, "epoch_seconds": EPOCH_IMAGES * seconds / (steps * bs),
+    del model, optimizers, harness
+    return {"seconds": seconds, "warmup_seconds": warm_seconds, "images_per_second": images / seconds,
+            "ms_per_step": 1000 * seconds / steps, "epoch_seconds": EPOCH_IMAGES * seconds / images,
             "finite": all(math.isfinite(v) for v in means.values()), "losses": means, "peak_gib": peak}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) | cuda:N | cpu (a dry run) | auto")
-    parser.add_argument("--params", default=default_params(),
-                        help="params file, full or overrides merged onto --base (default: params-paper.yaml if it exists)")
-    parser.add_argument("--base", default=str(ROOT / "params.yaml"), help="the full params file that overrides apply to")
+    add_profile_option(parser, default_profile())
     parser.add_argument("--prepared", default=str(ROOT / "data" / "prepared"), help="prepared splits, used when present")
     parser.add_argument("--mnist", default=None, help="folder with the four official MNIST .gz files (when no --prepared)")
-    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--models", nargs="+", default=None, help="models (keys of params.yaml's models; default: all)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (at least n_critic + 1)")
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 (autocast off) rows")
@@ -176,11 +133,13 @@ def main() -> int:
     else:
         device_name = f"cpu, {torch.get_num_threads()} threads"
         print(f"device {device} ({device_name}): a dry run; autocast is a no-op on CPU, so 'bf16' rows are fp32 here")
-    all_params = read_merged_params(args.params, args.base)
-    print(f"params: {args.params}" + ("" if Path(args.params).resolve() == Path(args.base).resolve() else f" merged onto {args.base}"))
+    all_params = load_params(args.profile)
+    args.models = args.models or list(all_params["models"])
+    profile = Path(args.profile).name if args.profile not in (None, "", "none") else None
+    print(f"params: {profile} merged onto params.yaml" if profile else "params: params.yaml")
 
     started = time.perf_counter()
-    train_split, val_split, source = load_mnist(Path(args.prepared), args.mnist)
+    train_split, val_split, source = load_mnist(Path(args.prepared), args.mnist, all_params)
     train_images = data.to_float(train_split.images, device)  # the whole set, once
     val_images = data.to_float(val_split.images, device)
     sync(device)
@@ -197,8 +156,8 @@ def main() -> int:
 
     rows, failures, skipped = [], [], []
     for family in args.models:
-        params = model_params(all_params, family)
-        warmup = max(args.warmup, params.n_critic + 1)
+        params = family_params(all_params, family)
+        warmup = max(args.warmup, getattr(params, "n_critic", 1) + 1)
         for label, use_amp, comp in variants:
             if time.perf_counter() - t0 > args.budget_seconds:
                 skipped.append(f"{family} {label}")
@@ -219,18 +178,17 @@ def main() -> int:
                   flush=True)
 
     train_result = None
-    if args.train_epochs > 0 and "ae" in FAMILIES:
+    if args.train_epochs > 0 and "ae" in all_params["models"]:
         if time.perf_counter() - t0 > args.budget_seconds:
             skipped.append("training.train ae")
         else:
-            params = dataclasses.replace(model_params(all_params, "ae"), epochs=args.train_epochs)
+            params = family_params(all_params, "ae", epochs=args.train_epochs)
             seed_everything(args.seed)
             model = build_model(params).to(device)
             print(f"\nmnistgen.training.train: ae, {args.train_epochs} epoch(s), batch {params.batch_size}, on {device}", flush=True)
             started = time.perf_counter()
             try:
-                history = training.train(model, train_images, val_images, epochs=params.epochs, batch_size=params.batch_size,
-                                         seed=args.seed, checkpoint=None, progress=False)
+                history = training.train(model, train_images, val_images, seed=args.seed, checkpoint=None, progress=False)
                 sync(device)
                 train_result = {"total_seconds": time.perf_counter() - started, **history[-1]}
                 print(f"train() done: epoch {history[-1]['epoch_seconds']:.2f} s, {history[-1]['images_per_second']:.0f} img/s, "
@@ -239,7 +197,7 @@ def main() -> int:
                 traceback.print_exc()
                 failures.append(f"training.train ae: {type(err).__name__}: {err}")
 
-    print(f"\nSummary on {device} ({device_name}), params {Path(args.params).name}, {args.steps} timed steps per row, "
+    print(f"\nSummary on {device} ({device_name}), params {profile or 'params.yaml'}, {args.steps} timed steps per row, "
           f"epoch s = {EPOCH_IMAGES:,} images / (img/s):")
     header = f"{'model':<5} {'precision':<12} {'batch':>5} | {'img/s':>9} {'ms/step':>8} {'epoch s':>8} | {'peak GiB':>8} | finite"
     print(header)
@@ -266,7 +224,7 @@ def main() -> int:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({
             "torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device), "device_name": device_name,
-            "params": args.params, "steps": args.steps, "rows": rows, "train": train_result, "failures": failures,
+            "params": profile or "params.yaml", "steps": args.steps, "rows": rows, "train": train_result, "failures": failures,
             "skipped": skipped, "total_seconds": time.perf_counter() - t0,
         }, indent=2, default=float) + "\n")
         print(f"results: {out}")

@@ -1,26 +1,29 @@
 """Training throughput: the project's harness against a plain per-sample DataLoader baseline.
 
 Usage (from the repo root):
-    python scripts/benchmark_train.py                         # all four families, params.yaml, auto device
-    python scripts/benchmark_train.py --models vae gan --steps 50 --device cpu
-    python scripts/benchmark_train.py --device cuda --compile --channels-last on
-    python scripts/benchmark_train.py --variants eager channels_last compile --repeats 5 --skip-baseline
+    python benchmarks/benchmark_train.py                         # every model in params.yaml, auto device
+    python benchmarks/benchmark_train.py --models vae gan --steps 50 --device cpu
+    python benchmarks/benchmark_train.py --profile params-paper.yaml --device cuda --compile --channels-last on
+    python benchmarks/benchmark_train.py --variants eager channels_last compile --repeats 5 --skip-baseline
 
-For each model family (section `models.<name>` of --params; an overrides file such as
-params-paper.yaml is deep-merged onto params.yaml first, as scripts/apply_params.py does) it times the same number of
+For each model (section `models.<name>` of params.yaml, with --profile applied as
+`python -m mnistgen.profiles` does, but only in memory) it times the same number of
 `model.train_step` calls two ways, on the same device, with the same batch size:
 
-  ours        the project's harness (mnistgen.training.train): the whole training set is
-              one float tensor on the device, each epoch draws a seeded randperm and batches
-              are slices of it; the model in utils.memory_format(device) (channels_last on
-              CPU); train_step runs under utils.autocast(device) (bf16 on CUDA, nothing on
+  ours        the project's harness: training.train's inner loop (bench_common.Harness) around
+              the one step, training.step: the whole training set is one float tensor on the
+              device, each epoch draws a seeded randperm and batches are slices of it
+              (training.batches per epoch); training.Schedule sets the learning rate, then
+              training.step runs train_step under utils.autocast(device) (bf16 on CUDA,
+              nothing on CPU); the model in utils.memory_format(device) (channels_last on
               CPU); losses are summed on the device, never read in the loop.
   DataLoader  a typical MNIST tutorial: a per-sample Dataset whose __getitem__ turns one
               uint8 image into a PIL image and then a float tensor
               (torchvision.transforms.functional.to_tensor), DataLoader(batch_size,
               shuffle=True, num_workers=0), each batch moved to the device; the same
               model, memory format and train_step under the same autocast (use
-              --baseline-fp32 to drop it), so the speed-up is the data path's alone.
+              --baseline-fp32 to drop it) at a constant learning rate, so the speed-up is the
+              data path's (ours also pays training.train's per-step learning-rate update).
 
 Each method runs --warmup steps first (not timed; at least n_critic + 1, so a GAN's generator
 step is warm/compiled too), then --repeats rounds of --steps timed steps, alternating the two
@@ -33,117 +36,46 @@ compile, compile+channels_last), each variant on its own copy of the same initia
 alternating rounds in one process so that machine noise hits every variant alike; the table
 gives each variant's median and best round and its median relative to eager.
 
-Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML and tqdm.
+Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML, pydantic and tqdm.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch
+from bench_common import (ROOT, Harness, PerSampleMNIST, add_profile_option, add_run_options, device_from, family_params,
+                          load_params, prepare_model, sync, timed)
 
-import torch  # noqa: E402
+from mnistgen import data, training
+from mnistgen.utils import memory_format
 
-from mnistgen import data  # noqa: E402
-from mnistgen.config import ModelParams, from_dict, read_merged_params, section  # noqa: E402
-from mnistgen.models import FAMILIES, build_model  # noqa: E402
-from bench_common import PerSampleMNIST, add_run_options, compile_in_place, device_from, sync  # noqa: E402
-from mnistgen.utils import autocast, memory_format, seed_everything  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 EPOCH_IMAGES = 55_000
 VARIANTS = {  # name -> (compile, channels_last)
     "eager": (False, False), "channels_last": (False, True), "compile": (True, False), "compile+channels_last": (True, True)
 }
 
 
-def model_params(params: dict, name: str) -> ModelParams:
-    return from_dict(ModelParams, section(params, f"models.{name}"), f"models.{name}")
-
-
-# ---------------------------------------------------------------------------- options
-
-
-
-
-def prepare_model(params: ModelParams, device: torch.device, seed: int, compile_: bool, channels_last: bool):
-    seed_everything(seed)
-    model = build_model(params).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    compiled = compile_in_place(model) if compile_ else []
-    model.train()
-    return model, model.make_optimizers(), compiled
-
-
-# ---------------------------------------------------------------------------- ours
-
-
-class Harness:
-    """The inner loop of training.train: device-resident images, a seeded randperm per epoch, slices."""
-
-    def __init__(self, model, optimizers, train_images: torch.Tensor, batch_size: int, seed: int,
-                 use_autocast: bool = True, label: str = "ours"):
-        self.label = label
-        self.model, self.optimizers, self.images, self.batch_size = model, optimizers, train_images, batch_size
-        self.device = train_images.device
-        self.per_epoch = len(train_images) // batch_size  # the harness drops the last partial batch
-        self.shuffle_rng = torch.Generator().manual_seed(seed)
-        self.use_autocast = use_autocast
-        self.order = None
-        self.step = 0
-        self.images_seen = 0
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def amp(self):
-        return autocast(self.device) if self.use_autocast else contextlib.nullcontext()
-
-    def next_batch(self) -> torch.Tensor:
-        i = self.step % self.per_epoch
-        if i == 0:  # a new epoch: a fresh seeded permutation, moved to the device once
-            self.order = torch.randperm(len(self.images), generator=self.shuffle_rng).to(self.device)
-        return self.images[self.order[i * self.batch_size : (i + 1) * self.batch_size]]
-
-    def run(self, count: int) -> None:
-        for _ in range(count):
-            x = self.next_batch()  # one channel: the same memory in either layout, so only the model is converted
-            with self.amp():
-                losses = self.model.train_step(x, self.optimizers, self.step)
-            for key, value in losses.items():  # summed on the device, as the harness does
-                self.sums[key] = self.sums.get(key, 0) + value.float()
-            self.step += 1
-            self.images_seen += len(x)
-
-    def finite(self) -> bool:
-        return all(math.isfinite(float(v)) for v in self.sums.values())
-
-
 # ---------------------------------------------------------------------------- baseline
 
 
 class LoaderBaseline(Harness):
-    """A tutorial's loop: DataLoader(per-sample Dataset, shuffle=True), each batch moved to the device."""
+    """A tutorial's loop, deliberately not the harness: DataLoader(per-sample Dataset, shuffle=True), each
+    batch moved to the device, training.step with the same autocast (or none), a constant learning rate."""
 
-    label = "DataLoader"
-
-    def __init__(self, model, optimizers, split: data.Split, device: torch.device, batch_size: int, seed: int,
+    def __init__(self, model, optimizers, split: data.Split, device: torch.device, seed: int,
                  use_autocast: bool, workers: int):
-        self.model, self.optimizers, self.batch_size, self.device = model, optimizers, batch_size, device
+        self.label, self.model, self.optimizers, self.device = "DataLoader", model, optimizers, device
         self.use_autocast = use_autocast
         self.loader = torch.utils.data.DataLoader(
-            PerSampleMNIST(split.images, split.labels), batch_size=batch_size, shuffle=True, num_workers=workers,
-            generator=torch.Generator().manual_seed(seed),
+            PerSampleMNIST(split.images, split.labels), batch_size=model.params.batch_size, shuffle=True,
+            num_workers=workers, generator=torch.Generator().manual_seed(seed),
         )
         self.batches = iter(self.loader)
-        self.step = 0
+        self.global_step = 0
         self.images_seen = 0
-        self.sums = {}
+        self.sums, self.counts = {}, {}
 
     def next_batch(self) -> torch.Tensor:
         try:
@@ -153,15 +85,8 @@ class LoaderBaseline(Harness):
             x, _labels = next(self.batches)
         return x.to(self.device)
 
-
-def timed(runner: Harness, steps: int) -> tuple[float, int]:
-    """Seconds and images for `steps` steps; CUDA is synchronised only here, at the two boundaries."""
-    sync(runner.device)
-    seen = runner.images_seen
-    started = time.perf_counter()
-    runner.run(steps)
-    sync(runner.device)
-    return time.perf_counter() - started, runner.images_seen - seen
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return training.step(self.model, x, self.optimizers, self.global_step, self.use_autocast)  # the same step as ours
 
 
 # ---------------------------------------------------------------------------- main
@@ -185,10 +110,8 @@ def print_variants(rows, args, device, name) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), help="families to measure")
-    parser.add_argument("--params", default=str(ROOT / "params.yaml"),
-                        help="params file: full, or overrides (params-paper.yaml) merged onto --base")
-    parser.add_argument("--base", default=str(ROOT / "params.yaml"), help="the full params file that overrides apply to")
+    parser.add_argument("--models", nargs="+", default=None, help="keys of params.yaml's models to measure (default: all)")
+    add_profile_option(parser)
     parser.add_argument("--prepared", default=str(ROOT / "data" / "prepared"), help="folder with train.pt")
     add_run_options(parser)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
@@ -223,28 +146,24 @@ def main() -> None:
           f"baseline workers={args.baseline_workers}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"best of {args.repeats} alternating round(s)")
 
-    all_params = read_merged_params(args.params, args.base)
+    all_params = load_params(args.profile)
     rows, variant_rows = [], []
-    for family in args.models:
-        params = model_params(all_params, family)
-        if args.batch_size:
-            params = dataclasses.replace(params, batch_size=args.batch_size)
+    for family in args.models or list(all_params["models"]):
+        params = family_params(all_params, family, **({"batch_size": args.batch_size} if args.batch_size else {}))
         bs = params.batch_size
-        warmup = max(args.warmup, params.n_critic + 1)  # at least one generator step: it compiles and warms too
+        warmup = max(args.warmup, getattr(params, "n_critic", 1) + 1)  # at least one generator step: it compiles and warms too
         print(f"\n{family}: {params.arch}, width {params.width}, latent {params.latent_dim}, batch {bs}", flush=True)
-        if args.compile or args.variants:  # a fresh compile cache per family: modules share Module._call_impl's recompile limit
-            torch._dynamo.reset()
         runners = []
         for label in args.variants or ["ours"]:
             compile_, channels_last = VARIANTS[label] if args.variants else (args.compile, args.channels_last)
             model, optimizers, compiled = prepare_model(params, device, args.seed, compile_, channels_last)
             if compile_:
                 print(f"  {label}: compiled in place: {', '.join(compiled) or 'nothing'}"
-                      + ("  (critic left eager: double backward)" if family == "wgan" else ""))
-            runners.append(Harness(model, optimizers, train_images, bs, args.seed, label=label))
+                      + ("  (critic left eager: double backward)" if params.family == "wgan" else ""))
+            runners.append(Harness(model, optimizers, train_images, args.seed, label=label))
         if not (args.skip_baseline or args.variants):  # a second copy of the same initial model
             model, optimizers, _ = prepare_model(params, device, args.seed, args.compile, args.channels_last)
-            runners.append(LoaderBaseline(model, optimizers, split, device, bs, args.seed,
+            runners.append(LoaderBaseline(model, optimizers, split, device, args.seed,
                                           not args.baseline_fp32, args.baseline_workers))
         rounds: dict[str, list[tuple[float, int]]] = {runner.label: [] for runner in runners}
         for runner in runners:

@@ -1,9 +1,9 @@
 """Wall-clock time for an MLP VAE to reach a TEST negative ELBO of --target nats per image.
 
 Usage (from the repo root):
-    python scripts/vae_time_to_elbo.py                      # baseline, then ours, on the auto device
-    python scripts/vae_time_to_elbo.py --skip-baseline --baseline-seconds 164.2 --no-bias-init
-    python scripts/vae_time_to_elbo.py --device cuda --sweep 512:1e-2:8 1024:2e-2:12 1024:5e-3:0
+    python benchmarks/vae_time_to_elbo.py                   # baseline, then ours, on the auto device
+    python benchmarks/vae_time_to_elbo.py --skip-baseline --baseline-seconds 164.2 --no-bias-init
+    python benchmarks/vae_time_to_elbo.py --device cuda --sweep 512:1e-2:8 1024:2e-2:12 1024:5e-3:0
 
 The goal: "the VAE reaches a test negative ELBO of 105.6 nats per image as fast as possible".
 The negative ELBO is BCE of the grey (not binarised) test pixels, summed over the 784 pixels,
@@ -23,8 +23,9 @@ the target; every check's time is inside the clock.
             (shuffle=True, num_workers=0), each batch moved to the device, fp32, loss summed
             over the batch, loss.item() every step (as the tutorial prints it); the test
             ELBO is checked after each epoch through a per-sample test DataLoader (batch 1000).
-  ours      the project's VAE class, ModelParams(family="vae", arch="mlp", hidden=400,
-            latent_dim=20, ...), trained by the project's harness itself, mnistgen.training.train
+  ours      the project's VAE class with a full vae section of its own (arch mlp, hidden 400,
+            latent_dim 20, beta 1; see vae_params), trained by the project's harness itself,
+            mnistgen.training.train, whose every step is training.step
             (device-resident data, seeded randperm slices, fused Adam, the decoder's output
             bias started at the pixel log-odds, utils.autocast: bf16 on CUDA, fp32 on CPU,
             its per-epoch validation losses on the 5,000 validation images), with the test
@@ -33,7 +34,7 @@ the target; every check's time is inside the clock.
 What makes ours fast on a CPU, where the MLP's arithmetic bounds both runs (measured on the
 2-core CPU, one run each; see the README):
   - fewer epochs: a 0.5-epoch linear learning-rate warm-up to 1e-2, then linear decay to 0
-    at the end of a 5-epoch budget (ModelParams lr_warmup, lr_decay), reaches the target in
+    at the end of a 5-epoch budget (params lr_warmup, lr_decay), reaches the target in
     5 epochs where the baseline needs 11; the output-bias start is worth about 1 nat at 5
     epochs (--no-bias-init), without it the 5-epoch budget misses;
   - cheaper epochs: no per-sample work, batch 256, fused Adam (12 % off an MLP step).
@@ -42,30 +43,24 @@ there the fewest optimizer steps win. On an H100 the sweep's best was batch 1024
 10-epoch budget: 1.8 s (9 epochs) against the baseline's 77.6 s (12 epochs), 44x; batch 256
 with the CPU settings took 3.6 s, a constant lr 5e-3 at batch 1024 3.1 s.
 
-Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML and tqdm.
+Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML, pydantic and tqdm.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch
+from bench_common import ROOT, PerSampleMNIST, add_run_options, device_from, sync
+from torch import nn
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+from mnistgen import config, data, training
+from mnistgen.models import build_model
+from mnistgen.utils import seed_everything
 
-from mnistgen import data, training  # noqa: E402
-from mnistgen.config import ModelParams  # noqa: E402
-from mnistgen.models import build_model  # noqa: E402
-from bench_common import PerSampleMNIST, add_run_options, device_from, sync  # noqa: E402
-from mnistgen.utils import seed_everything  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 EVAL_SEED = 1234
 # ours by device: (batch size, peak lr, epoch budget); see the module docstring. cuda: the best
 # of a sweep on an H100 (docs/benchmarks/h100-time_to_elbo.log).
@@ -175,14 +170,24 @@ def test_nelbo(model, test_images: torch.Tensor, batch_size: int = 2000) -> floa
     return total.item() / len(test_images)  # the one host sync of a check
 
 
+def vae_params(batch_size: int, lr: float, epochs: int, warmup: float):
+    """The whole models.vae section of ours: the tutorial's 784-400-20 MLP with the ELBO (beta 1) on grey
+    pixels, so the two runs differ only in how they train. epochs 0 = a constant lr (no budget)."""
+    return config.model_params({
+        "family": "vae", "arch": "mlp", "hidden": 400, "latent_dim": 20,
+        "width": 16,  # conv channels: unused by an mlp
+        "beta": 1.0, "dynamic_binarization": False,
+        "epochs": epochs or 1000, "batch_size": batch_size, "lr": lr,
+        "lr_warmup": warmup if epochs else 0.0, "lr_decay": bool(epochs),
+    }, "vae_time_to_elbo")
+
+
 def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int, label: str = "ours") -> dict:
-    """Train with training.train; epochs 0 = constant lr until the target (or --max-seconds)."""
+    """Train with training.train (each step is training.step); epochs 0 = constant lr until the target (or --max-seconds)."""
     seed_everything(args.seed)
     started = time.perf_counter()
     train_images, val_images, test_images = (data.to_float(splits[k].images, device) for k in ("train", "val", "test"))
-    params = ModelParams(family="vae", arch="mlp", hidden=400, latent_dim=20, epochs=epochs or 1000,
-                         batch_size=batch_size, lr=lr, lr_warmup=args.warmup if epochs else 0.0, lr_decay=bool(epochs))
-    model = build_model(params).to(device)
+    model = build_model(vae_params(batch_size, lr, epochs, args.warmup)).to(device)
     if args.no_bias_init:
         model.init_from_data = lambda images: None  # the ablation: PyTorch's default output-bias init
     history = []
@@ -196,8 +201,7 @@ def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int
             raise StopRun
 
     try:
-        training.train(model, train_images, val_images, epochs=params.epochs, batch_size=batch_size, seed=args.seed,
-                       on_epoch=check, progress=False)
+        training.train(model, train_images, val_images, seed=args.seed, on_epoch=check, progress=False)
     except StopRun:
         pass
     except training.DivergenceError as err:

@@ -1,0 +1,188 @@
+"""Shared by the benchmark scripts: options, params, CUDA sync, the harness loop, the per-sample baseline, torch.compile.
+
+The scripts run as files (`python benchmarks/benchmark_train.py`): Python puts a script's own
+folder first on sys.path, so they import this module as `bench_common` with no path edits.
+mnistgen itself must be importable: installed (pip install -e .), or on a bare GPU box
+PYTHONPATH=src, as gpu_session.sh sets.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mnistgen import config, profiles, training
+from mnistgen.models import build_model
+from mnistgen.utils import pick_device, seed_everything
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+
+
+# ---------------------------------------------------------------------------- options and params
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --threads and --seed, the same in every benchmark."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default); on a busy shared CPU 1 can be much faster than 2")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_profile_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--profile", "--params", dest="profile", default=default,
+                        help="a profile applied to params.yaml as `python -m mnistgen.profiles` does (e.g. "
+                             f"params-paper.yaml); 'none' = params.yaml as it is (default: {default or 'none'})")
+
+
+def device_from(args: argparse.Namespace) -> torch.device:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
+def load_params(profile: str | None) -> dict:
+    """params.yaml with `profile` applied (mnistgen.profiles.load_profiled), as plain dicts."""
+    if profile in (None, "", "none") or Path(profile).resolve() == PARAMS.resolve():
+        return profiles.load_profiled(None, PARAMS)
+    try:
+        return profiles.load_profiled(profile, PARAMS)
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("ruamel"):
+            raise
+        # A bare GPU box has no ruamel.yaml (it keeps params.yaml's comments, which a read does not
+        # need): the same merge, with the same errors, on PyYAML's plain dicts.
+        overrides = yaml.safe_load(Path(profile).read_text()) or {}
+        return profiles.merge(yaml.safe_load(PARAMS.read_text()), overrides)
+
+
+def family_params(all_params: dict, name: str, **changes) -> config.ModelParams:
+    """Section models.<name> as its family's params class, with `changes` (e.g. batch_size=64) applied."""
+    where = f"models.{name}"
+    return config.model_params({**config.section(all_params, where), **changes}, where)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work: the benchmarks call it only at timing boundaries."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def compile_in_place(model: torch.nn.Module) -> list[str]:
+    """torch.compile each direct submodule in place (nn.Module.compile), except a WGAN critic.
+
+    The WGAN critic is differentiated twice (gradient penalty with create_graph=True), which
+    compiled graphs do not support, so it always stays eager. Returns the compiled names.
+    """
+    names = []
+    for name, child in model.named_children():
+        if model.family == "wgan" and name == "critic":
+            continue
+        child.compile()
+        names.append(name)
+    return names
+
+
+def prepare_model(params: config.ModelParams, device: torch.device, seed: int, compile_: bool, channels_last: bool):
+    """A freshly seeded model on `device` in train mode, its optimizers, and the names of its compiled submodules."""
+    seed_everything(seed)
+    model = build_model(params).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_:
+        torch._dynamo.reset()  # a fresh cache: all compiled modules share Module._call_impl's recompile limit
+    compiled = compile_in_place(model) if compile_ else []
+    model.train()
+    return model, model.make_optimizers(), compiled
+
+
+# ---------------------------------------------------------------------------- ours
+
+
+class Harness:
+    """training.train's inner loop, run a given number of steps at a time: the whole training set
+    one tensor on the device, a seeded randperm per epoch, batches sliced from it, the learning-rate
+    schedule set per step (training.Schedule), then training.step; losses summed on the device."""
+
+    def __init__(self, model, optimizers, train_images: torch.Tensor, seed: int, label: str = "ours", mixed_precision: bool = True):
+        p = model.params
+        self.label, self.model, self.optimizers, self.images = label, model, optimizers, train_images
+        self.mixed_precision = mixed_precision  # off for gpu_check's fp32 rows
+        self.batch_size, self.device = p.batch_size, train_images.device
+        self.per_epoch = training.batches(len(train_images), p.batch_size)
+        self.schedule = training.Schedule(optimizers, self.per_epoch, p.epochs, p.lr_warmup, p.lr_decay)
+        self.shuffle_rng = torch.Generator().manual_seed(seed)
+        self.order = None
+        self.global_step = 0
+        self.images_seen = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def next_batch(self) -> torch.Tensor:
+        i = self.global_step % self.per_epoch
+        if i == 0:  # a new epoch: a fresh seeded permutation, moved to the device once
+            self.order = torch.randperm(len(self.images), generator=self.shuffle_rng).to(self.device)
+        return self.images[self.order[i * self.batch_size : (i + 1) * self.batch_size]]
+
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # A benchmark may run past the params' last step, where a decayed lr would turn negative: hold the last one.
+        self.schedule.set(min(self.global_step, self.schedule.total - 1))
+        return training.step(self.model, x, self.optimizers, self.global_step, self.mixed_precision)
+
+    def run(self, count: int) -> None:
+        for _ in range(count):
+            x = self.next_batch()
+            for key, value in self.train_step(x).items():  # summed on the device, as training.train does
+                self.sums[key] = self.sums.get(key, 0) + value.float()
+                self.counts[key] = self.counts.get(key, 0) + 1  # a GAN's g_loss only every n_critic steps
+            self.global_step += 1
+            self.images_seen += len(x)
+
+    def reset_losses(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def mean_losses(self) -> dict[str, float]:
+        return {k: (v / self.counts[k]).item() for k, v in self.sums.items()}  # a host sync: call it off the clock
+
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.mean_losses().values())
+
+
+def timed(runner: Harness, steps: int) -> tuple[float, int]:
+    """Seconds and images for `steps` steps; CUDA is synchronised only here, at the two boundaries."""
+    sync(runner.device)
+    seen = runner.images_seen
+    started = time.perf_counter()
+    runner.run(steps)
+    sync(runner.device)
+    return time.perf_counter() - started, runner.images_seen - seen
+
+
+# ---------------------------------------------------------------------------- the baseline's data
+
+
+class PerSampleMNIST(torch.utils.data.Dataset):
+    """torchvision.datasets.MNIST-style: one uint8 image -> PIL image -> float tensor [1, 28, 28]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        from PIL import Image
+        from torchvision.transforms import functional as TF
+
+        self.images, self.labels = images.numpy(), labels.numpy()
+        self._image, self._to_tensor = Image, TF.to_tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = self._image.fromarray(self.images[index])  # uint8 [28, 28] -> mode "L"
+        return self._to_tensor(image), int(self.labels[index])

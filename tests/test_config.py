@@ -1,0 +1,94 @@
+"""Typed params: strict, frozen, unknown keys refused, each family only its own fields, no defaults in code."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import ROOT, load_script, repo_params, tiny_model_params, write_params, write_prepared
+from mnistgen.config import EvaluateParams, ParamsError, load_model_params, model_names, model_params
+from mnistgen.models import FAMILIES
+
+# A key every other family has but this one does not, and a value of the wrong type.
+FOREIGN_KEY = {"ae": ("n_critic", 5), "vae": ("betas", [0.5, 0.9]), "gan": ("beta", 1.0), "wgan": ("dynamic_binarization", False)}
+
+
+def test_the_repo_params_validate_and_name_the_models():
+    assert model_names(ROOT / "params.yaml") == ["ae", "vae", "gan", "wgan"]
+    for name in model_names(ROOT / "params.yaml"):
+        params = load_model_params(name, ROOT / "params.yaml")
+        assert type(params) is FAMILIES[params.family].Params
+
+
+@pytest.mark.parametrize("family", list(FOREIGN_KEY))
+def test_a_key_of_another_family_is_refused_naming_it(family):
+    key, value = FOREIGN_KEY[family]
+    with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.{key}: unknown key$"):
+        model_params({**repo_params()["models"][family], key: value}, f"models.{family}")
+
+
+@pytest.mark.parametrize("family", list(FOREIGN_KEY))
+def test_a_wrong_type_or_missing_key_is_refused_naming_it(family):
+    section = repo_params()["models"][family]
+    with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.lr: input should be a valid number, got 'fast'$"):
+        model_params({**section, "lr": "fast"}, f"models.{family}")
+    with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.epochs: input should be a valid integer, got '8'$"):
+        model_params({**section, "epochs": "8"}, f"models.{family}")  # strict: no string-to-number coercion
+    with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.latent_dim: missing key$"):
+        model_params({k: v for k, v in section.items() if k != "latent_dim"}, f"models.{family}")
+
+
+def test_an_unknown_family_lists_the_known_ones():
+    with pytest.raises(ParamsError, match=r"models.x.family: unknown or missing model family 'dcgan' \(known: ae, vae, gan, wgan\)"):
+        model_params({**repo_params()["models"]["gan"], "family": "dcgan"}, "models.x")
+
+
+def test_each_family_logs_only_its_own_fields():
+    fields = {name: set(FAMILIES[name].Params.model_fields) for name in FAMILIES}
+    assert "beta" in fields["vae"] and "beta" not in fields["gan"] | fields["wgan"] | fields["ae"]
+    assert "gp_weight" in fields["wgan"] and "gp_weight" not in fields["gan"]
+    for name, cls in FAMILIES.items():
+        assert cls.Params.model_fields["family"].annotation.__args__ == (name,)  # the tag is the family's name
+
+
+def test_params_are_frozen_and_have_no_defaults_in_code():
+    params = load_model_params("vae", ROOT / "params.yaml")
+    with pytest.raises(Exception, match="frozen"):
+        params.beta = 2.0
+    section = repo_params()["evaluate"]
+    for key in section:  # every evaluate key must come from params.yaml: dropping any one is an error
+        with pytest.raises(ParamsError, match=rf"evaluate.{key}: missing key"):
+            from mnistgen.config import validate_section
+
+            validate_section(EvaluateParams, {k: v for k, v in section.items() if k != key}, "evaluate")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FOREIGN_KEY))
+def test_dvc_repro_stops_at_once_on_a_key_of_another_family(tmp_path, family):
+    """`dvc repro train@<family>` fails before any training with one line naming the key; nothing is written."""
+    smoke = load_script("scripts/smoke_pipeline.py")
+    work = smoke.make_workspace(tmp_path / "w", None)
+    write_prepared(work / "data" / "prepared")
+    (work / "data" / "validation").mkdir(parents=True)
+    (work / "data" / "validation" / "result.json").write_text("{}")
+    key, value = FOREIGN_KEY[family]
+    models = yaml.safe_load((work / "params.yaml").read_text())["models"]
+    write_params(work, models={**models, family: {**tiny_model_params(family), key: value}})
+    result = smoke.dvc("repro", "--single-item", f"train@{family}", cwd=work, capture=True)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    assert errors == [f"error: params.yaml: models.{family}.{key}: unknown key"]
+    assert not (work / "models" / family).exists() and not (work / "checkpoints" / family).exists()
+    assert "epoch 1" not in result.stdout
+
+
+def test_stage_script_refuses_a_bad_key_before_touching_mlflow(tmp_path):
+    write_prepared(tmp_path / "data" / "prepared")
+    write_params(tmp_path, models={"gan": {**tiny_model_params("gan"), "beta": 1.0}})
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines/train.py"), "gan", "--data", "data/prepared", "--out", "models/gan",
+                             "--curves", "curves/gan"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"MNISTGEN_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: params.yaml: models.gan.beta: unknown key"]
+    assert not (tmp_path / "mlflow.db").exists()

@@ -1,0 +1,133 @@
+"""dvc.yaml tells the truth: each stage depends on exactly the library modules its script imports,
+takes every path from its command line, and an edit reruns exactly the stages that read it."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import ROOT, load_script
+
+# Files a stage reads as code without importing them: the logged model's own code.
+READ_AS_FILES = {"train": {"src/mnistgen/pyfunc_model.py"}}
+PROBE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("stage", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print("\\n".join(sorted(m.__file__ for name, m in sys.modules.items() if name.split(".")[0] == "mnistgen")))
+"""
+
+
+def stages() -> dict[str, dict]:
+    """Stage name -> definition (a foreach stage's `do`), straight from dvc.yaml."""
+    raw = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in raw.items()}
+
+
+def code_deps(stage: dict) -> set[str]:
+    """The stage's deps under src/, a folder expanded to its .py files."""
+    out = set()
+    for dep in stage["deps"]:
+        path = ROOT / dep
+        if dep.startswith("src/"):
+            out |= {str(p.relative_to(ROOT)) for p in path.rglob("*.py")} if path.is_dir() else {dep}
+    return out
+
+
+def imported(script: str) -> set[str]:
+    result = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / script)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return {str(Path(f).resolve().relative_to(ROOT)) for f in result.stdout.split()}
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_each_stage_depends_on_exactly_the_modules_it_imports(name):
+    stage = stages()[name]
+    script = re.search(r"python (pipelines/\S+\.py)", stage["cmd"]).group(1)
+    assert script in stage["deps"], f"{name}: its script {script} is not a dep"
+    assert code_deps(stage) == imported(script) | READ_AS_FILES.get(name, set())
+
+
+@pytest.mark.parametrize("name", list(stages()))
+def test_every_path_a_stage_uses_is_on_its_command_line(name):
+    """Each --flag PATH in the command is a dep or an output, and the scripts hard-code no data paths."""
+    stage = stages()[name]
+    declared = set(stage["deps"]) | {next(iter(o)) if isinstance(o, dict) else o
+                                     for key in ("outs", "metrics") for o in stage.get(key, [])}
+    for flag, path in re.findall(r"(--[\w-]+) (\S+)", stage["cmd"]):
+        assert path in declared or any(d.startswith(path.rstrip("/") + "/") for d in declared), (name, flag, path)
+    script = re.search(r"python (pipelines/\S+\.py)", stage["cmd"]).group(1)
+    source = (ROOT / script).read_text()
+    for literal in ("data/prepared", "data/validation", "models/evaluator", '"metrics', '"reports'):
+        assert literal not in source.split('"""', 2)[-1], f"{script} hard-codes {literal}"
+
+
+@pytest.fixture(scope="module")
+def committed_workspace(tmp_path_factory):
+    """A scratch copy of the repo whose dvc.lock matches its files: every output stands in as a placeholder."""
+    from dvc.repo import Repo
+
+    work = load_script("scripts/smoke_pipeline.py").make_workspace(tmp_path_factory.mktemp("graph"), None)
+    for stage in Repo(str(work)).index.stages:
+        for out in stage.outs:
+            path = Path(out.fs_path)
+            if path.suffix:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}")
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "placeholder").write_text("x")
+    assert dvc("commit", "-f", cwd=work).returncode == 0
+    assert changed_stages(work) == set()
+    return work
+
+
+def dvc(*args, cwd):
+    return subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def changed_stages(work: Path) -> set[str]:
+    result = dvc("status", "--json", cwd=work)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout or "{}"))
+
+
+def edited(work: Path, rel: str, old: str | None = None, new: str | None = None) -> set[str]:
+    """The stages `dvc status` reports after editing one file (a comment appended, or old -> new); the edit is undone."""
+    path = work / rel
+    before = path.read_text()
+    path.write_text(before.replace(old, new, 1) if old else before + "\n# edited\n")
+    try:
+        return changed_stages(work)
+    finally:
+        path.write_text(before)
+
+
+MODELS = ("ae", "vae", "gan", "wgan")
+EVERY = {"prepare", "validate", "train_evaluator", "report", "promote", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rel, old, new, expected", [
+    ("src/mnistgen/classifier.py", None, None, {"train_evaluator", *(f"evaluate@{m}" for m in MODELS)}),
+    ("src/mnistgen/registry.py", None, None, {"promote"}),
+    ("src/mnistgen/report.py", None, None, {"report"}),
+    ("src/mnistgen/evaluator.py", None, None, {"train_evaluator"}),
+    ("src/mnistgen/models/vae.py", None, None, {*(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
+    ("src/mnistgen/figures.py", None, None, {"report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
+    ("src/mnistgen/config.py", None, None, EVERY),
+    ("src/mnistgen/utils.py", None, None, EVERY),
+    ("src/mnistgen/data.py", None, None, {"prepare", "validate", "train_evaluator", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
+    ("params.yaml", "iwae_k: 1000", "iwae_k: 500", {"report", *(f"evaluate@{m}" for m in MODELS)}),
+    ("params.yaml", "num_real: 10000", "num_real: 5000", {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
+    ("params.yaml", "beta: 1.0", "beta: 0.5", {"train@vae", "report", "promote"}),
+    ("params.yaml", "tolerance: 0.5\n    floors:\n      - {metric: recon_mse, max: 0.015}\n      - {metric: fid_cls, max: 30.0}\n      - {metric: classes_present",
+     "tolerance: 0.6\n    floors:\n      - {metric: recon_mse, max: 0.015}\n      - {metric: fid_cls, max: 30.0}\n      - {metric: classes_present", {"promote"}),
+])
+def test_an_edit_reruns_exactly_the_stages_that_read_it(committed_workspace, rel, old, new, expected):
+    if old:
+        assert old in (committed_workspace / rel).read_text(), f"{old!r} not in {rel}"
+    assert edited(committed_workspace, rel, old, new) == expected
