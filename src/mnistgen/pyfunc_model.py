@@ -24,11 +24,11 @@ warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.
 
 class MnistGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from mnistgen.config import ModelParams, from_dict
+        from mnistgen.config import model_params
         from mnistgen.models import build_model
 
         with open(context.artifacts["config"]) as f:
-            params = from_dict(ModelParams, json.load(f), "model")
+            params = model_params(json.load(f), "the model's config.json")
         self.model = build_model(params)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
