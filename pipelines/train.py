@@ -45,55 +45,51 @@ def main() -> None:
     seed_everything(run_params.seed, run_params.deterministic)
     data_hash = tracking.data_hash(args.data)
     params_hash = sha256_json({"train": run_params.model_dump(), "model": params.model_dump()})
-    run = tracking.Run.start(run_params.experiment, run_name=name, tags={  # fails here if MLflow is unreachable
+    # One MLflow run for the whole stage: it ends FAILED if anything below raises (training, a figure, the logged model).
+    with tracking.Run.start(run_params.experiment, run_name=name, tags={  # fails here if MLflow is unreachable
         "model": name, "family": params.family, "stage": "train", "git_commit": tracking.git_commit(), "data_hash": data_hash,
         "params_hash": params_hash, "device": str(device), "torch_version": torch.__version__,
-    })
-    run.log_params(flatten({"train": run_params, "model": params}))
+    }) as run:
+        run.log_params(flatten({"train": run_params, "model": params}))
 
-    train_images = data.to_float(data.load_split(args.data, "train").images, device)
-    val_images = data.to_float(data.load_split(args.data, "val").images, device)
-    model = build_model(params).to(device)
-    fixed_noise = torch.randn(64, params.latent_dim, generator=torch.Generator().manual_seed(run_params.seed)).to(device)
-    grids = Path("checkpoints") / name / "grids"
-    logged_epochs: set[int] = set()
+        train_images = data.to_float(data.load_split(args.data, "train").images, device)
+        val_images = data.to_float(data.load_split(args.data, "val").images, device)
+        model = build_model(params).to(device)
+        fixed_noise = torch.randn(64, params.latent_dim, generator=torch.Generator().manual_seed(run_params.seed)).to(device)
+        grids = Path("checkpoints") / name / "grids"
+        logged_epochs: set[int] = set()
 
-    def on_epoch(epoch: int, metrics: dict, model) -> None:
-        run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-        logged_epochs.add(epoch)
-        if epoch % run_params.sample_every == 0 or epoch == params.epochs:
-            model.eval()
-            with torch.no_grad():
-                grid = figures.save_grid(model.decode(fixed_noise), grids / f"samples_epoch_{epoch:03d}.png")
-            model.train()
-            run.log_artifact(grid, "samples")
+        def on_epoch(epoch: int, metrics: dict, model) -> None:
+            run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+            logged_epochs.add(epoch)
+            if epoch % run_params.sample_every == 0 or epoch == params.epochs:
+                model.eval()
+                with torch.no_grad():
+                    grid = figures.save_grid(model.decode(fixed_noise), grids / f"samples_epoch_{epoch:03d}.png")
+                model.train()
+                run.log_artifact(grid, "samples")
 
-    # "The code" in the fingerprint is every mnistgen module this stage imported: what dvc.yaml lists as its deps.
-    checkpoint = training.Checkpoint(Path("checkpoints") / name / "last.pt", {
-        "params": params_hash, "data": data_hash, "images": len(train_images), "code": sha256_json(training.library_code()),
-    })
-    try:
+        # "The code" in the fingerprint is every mnistgen module this stage imported: what dvc.yaml lists as its deps.
+        checkpoint = training.Checkpoint(Path("checkpoints") / name / "last.pt", {
+            "params": params_hash, "data": data_hash, "images": len(train_images), "code": sha256_json(training.library_code()),
+        })
         history = training.train(model, train_images, val_images, seed=run_params.seed, checkpoint=checkpoint, on_epoch=on_epoch)
-    except BaseException:
-        run.end("FAILED")
-        raise
-    for row in history:  # epochs trained before a resume, logged into this run too
-        if row["epoch"] not in logged_epochs:
-            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        for row in history:  # epochs trained before a resume, logged into this run too
+            if row["epoch"] not in logged_epochs:
+                run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
-    with atomic_dir(args.curves) as curves_dir:
-        write_curves(history, curves_dir)
-        figures.plot_curves(history, curves_dir / "curves.png", f"{name} training curves")
-        run.log_artifact(curves_dir / "curves.png", "figures")
-        with atomic_dir(args.out) as tmp:
-            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
-            (tmp / "config.json").write_text(params.model_dump_json(indent=2) + "\n")
-            with torch.no_grad():
-                figures.save_grid(model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png")
-            run.log_artifact(tmp / "samples.png", "figures")
-            model_uri = run.log_generator(tmp / "weights.pt", tmp / "config.json", params.latent_dim, fixed_noise[:2].cpu().numpy())
-            tracking.write_run_file(tmp / "run.json", run, model_uri)
-    run.end()
+        with atomic_dir(args.curves) as curves_dir:
+            write_curves(history, curves_dir)
+            figures.plot_curves(history, curves_dir / "curves.png", f"{name} training curves")
+            run.log_artifact(curves_dir / "curves.png", "figures")
+            with atomic_dir(args.out) as tmp:
+                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
+                (tmp / "config.json").write_text(params.model_dump_json(indent=2) + "\n")
+                with torch.no_grad():
+                    figures.save_grid(model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png")
+                run.log_artifact(tmp / "samples.png", "figures")
+                model_uri = run.log_generator(tmp / "weights.pt", tmp / "config.json", params.latent_dim, fixed_noise[:2].cpu().numpy())
+                tracking.write_run_file(tmp / "run.json", run, model_uri)
     last = history[-1]
     print(f"train {name}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "
           f"val_{'loss' if 'val_loss' in last else 'g_loss'} {last.get('val_loss', last.get('val_g_loss')):.4g}, run {run.run_id}")

@@ -1,12 +1,14 @@
-"""The MLflow UI in a real headless Chromium: a tracking server over a fresh SQLite store must list the runs.
+"""The MLflow UI in a real headless Chromium, showing the runs the project's own stages log.
 
-Fills a temp SQLite store with the experiment "mnist-generative" and four finished runs (ae, vae, gan,
-wgan) plus one deleted run, starts `mlflow server` on a free local port, loads the experiment's runs
-page (a single-page app, so the table only exists after its JavaScript has fetched the runs) with
-`chromium --headless --dump-dom --screenshot`, and checks the rendered DOM: exactly the four run-name
-links, each pointing at its own run id, the experiment name shown, the deleted run absent. The
-screenshot is kept as a CI artifact in artifacts/mlflow-ui.png. Skipped where no chromium binary is
-installed (CI installs the Debian `chromium` package in .ci/run).
+Runs the real stage scripts on tiny synthetic data (train.py for a VAE and a GAN, train_evaluator.py,
+evaluate.py for the VAE) into a temp SQLite store, starts `mlflow server` on it, and loads pages of
+the single-page app with `chromium --headless --dump-dom --screenshot` (the DOM only holds the
+tables after the app's JavaScript has fetched them, hence the virtual-time budget). It checks:
+the experiment opens on its training runs and lists the project's runs by name; each run's page
+shows exactly the params its family logged (the GAN no VAE-only `model.beta`) and the metrics the
+stages logged (`eval_*` from evaluate); an image the stage logged is served and shown. The
+screenshots are kept as CI artifacts in artifacts/mlflow-ui*.png. Skipped where no chromium
+binary is installed (CI installs the Debian `chromium` package in .ci/run).
 """
 import os
 import re
@@ -22,14 +24,20 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT
+from helpers import ROOT, tiny_model_params, write_params, write_prepared
+from mlflow import MlflowClient
 
 EXPERIMENT = "mnist-generative"
-MODELS = ("ae", "vae", "gan", "wgan")
-DELETED_RUN = "dcgan-deleted"  # logged, then deleted: the UI must not list it
-SCREENSHOT = ROOT / "artifacts" / "mlflow-ui.png"
+TRAINED = ("vae", "gan")  # two families with different params; the VAE is evaluated too
+EVALUATED = "vae"
+SAMPLE = "samples/samples_epoch_001.png"  # the fixed-noise grid train.py logs after epoch 1
+ARTIFACTS = ROOT / "artifacts"
 WINDOW = (1400, 900)
+RUN_WINDOW = (1400, 1400)
+ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's GenAI / Model training switch, as a URL parameter
+TINY_EVALUATE = {"seed": 0, "num_samples": 256, "num_real": 128, "batch_size": 128, "kid_subsets": 2, "kid_subset_size": 64,
+                 "is_splits": 2, "pr_k": 3, "interp_pairs": 4, "interp_steps": 3, "iwae_k": 4, "iwae_images": 16, "binarize_seed": 0}
+TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "lr": 0.005, "shift_pixels": 0, "seed": 0, "min_test_accuracy": 0.0}
 
 
 def _chromium() -> str | None:
@@ -45,49 +53,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fill_store(tracking_uri: str, artifacts: Path) -> tuple[str, dict[str, str]]:
-    """Experiment + four finished runs with params and per-epoch metrics; returns (experiment id, name -> run id)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
-    run_ids = {}
-    now = int(time.time() * 1000)
-    for i, name in enumerate((*MODELS, DELETED_RUN)):
-        run = client.create_run(experiment_id, run_name=name, start_time=now - 60_000 + i * 1000)
-        run_id = run.info.run_id
-        params = [Param("model.family", name), Param("train.epochs", "3"),
-                  Param("train.lr", "0.001"), Param("model.latent_dim", "16")]
-        metrics = []
-        for epoch in range(3):
-            loss = 1.0 / (epoch + 1) + 0.1 * i
-            metrics += [Metric("train_loss", loss, now + epoch, epoch),
-                        Metric("val_loss", loss * 1.1, now + epoch, epoch)]
-        client.log_batch(run_id, metrics=metrics, params=params)
-        client.set_terminated(run_id, "FINISHED", end_time=now - 30_000 + i * 1000)
-        run_ids[name] = run_id
-    client.delete_run(run_ids.pop(DELETED_RUN))
-    return experiment_id, run_ids
+def _run_stages(work: Path, db_uri: str) -> None:
+    """The project's own stages, as dvc.yaml runs them, on 256 synthetic training images."""
+    write_prepared(work / "data" / "prepared")
+    write_params(work, train={"seed": 0, "device": "cpu", "deterministic": False, "experiment": EXPERIMENT, "sample_every": 1},
+                 models={m: tiny_model_params(m) for m in TRAINED}, evaluator=TINY_EVALUATOR, evaluate=TINY_EVALUATE)
+    stages = [["pipelines/train.py", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED]
+    stages.append(["pipelines/train_evaluator.py", "--data", "data/prepared", "--out", "models/evaluator", "--metrics", "metrics/evaluator.json"])
+    stages.append(["pipelines/evaluate.py", EVALUATED, "--data", "data/prepared", "--evaluator", "models/evaluator",
+                   "--model-dir", f"models/{EVALUATED}", "--figures", f"evaluation/{EVALUATED}", "--metrics", f"metrics/{EVALUATED}.json"])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": db_uri}
+    for script, *args in stages:
+        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{script} {' '.join(args)} failed:\n{result.stderr[-3000:]}"
 
 
-class _Links(HTMLParser):
-    """(text, href) of every <a> in a document (text whitespace-collapsed); the visible text nodes (no script/style)."""
+class _Page(HTMLParser):
+    """The rendered DOM: (text, href) of every <a>, the visible text nodes (no script/style), (alt, src) of every <img>."""
 
-    def __init__(self):
+    def __init__(self, dom: str):
         super().__init__()
-        self.links, self.texts, self._open, self._skip = [], [], [], 0
+        self.links, self.texts, self.images, self._open, self._skip = [], [], [], [], 0
+        self.feed(dom)
 
     def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
         if tag in ("script", "style"):
             self._skip += 1
         elif tag == "a":
-            self._open.append([dict(attrs).get("href") or "", ""])
+            self._open.append([attrs.get("href") or "", ""])
+        elif tag == "img":
+            self.images.append((attrs.get("alt") or "", attrs.get("src") or ""))
 
     def handle_data(self, data):
         if self._skip:
             return
-        self.texts.append(data)
+        if data.strip():
+            self.texts.append(" ".join(data.split()))
         for link in self._open:
             link[1] += data
 
@@ -98,10 +100,12 @@ class _Links(HTMLParser):
             href, text = self._open.pop()
             self.links.append((" ".join(text.split()), href))
 
+    def summary(self) -> str:
+        return " | ".join(self.texts)[:2000]
+
 
 def _start_server(db_uri: str, port: int, workdir: Path) -> tuple[subprocess.Popen, Path]:
     bin_dir = Path(sys.executable).parent
-    mlflow_exe = bin_dir / "mlflow"
     env = {**os.environ,
            "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", ""),  # mlflow starts uvicorn from PATH
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job-runner processes: faster start, clean stop
@@ -110,8 +114,7 @@ def _start_server(db_uri: str, port: int, workdir: Path) -> tuple[subprocess.Pop
     log = workdir / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(mlflow_exe), "server", "--backend-store-uri", db_uri,
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", db_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 
@@ -149,16 +152,23 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def _render(chromium: str, url: str, profile: Path, screenshot: Path, budget_ms: int) -> str:
-    """One headless Chromium pass: returns the DOM after `budget_ms` of virtual time and writes the screenshot."""
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
-           f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
-           f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--screenshot={screenshot}", "--dump-dom", url]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"chromium failed ({result.returncode}):\n{result.stderr[-3000:]}"
-    return result.stdout
+def _render(chromium: str, url: str, profile: Path, screenshot: Path, window: tuple[int, int], ready) -> _Page:
+    """Headless Chromium passes with growing virtual-time budgets until `ready(page)`; writes the screenshot."""
+    screenshot.unlink(missing_ok=True)
+    for attempt, budget_ms in enumerate((20_000, 40_000, 60_000)):
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
+               f"--user-data-dir={profile}-{attempt}", f"--virtual-time-budget={budget_ms}",
+               f"--window-size={window[0]},{window[1]}", f"--screenshot={screenshot}", "--dump-dom", url]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"chromium failed ({result.returncode}):\n{result.stderr[-3000:]}"
+        page = _Page(result.stdout)
+        if ready(page):  # the app has fetched and rendered what we look for
+            break
+    assert screenshot.exists() and screenshot.stat().st_size > 10_000, f"no real screenshot at {screenshot}"
+    assert _png_size(screenshot) == window
+    return page
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -167,42 +177,65 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def _param_names(page: _Page) -> set[str]:
+    return {t for t in page.texts if re.fullmatch(r"(model|train)\.[a-z_]+", t)}
+
+
+@pytest.mark.slow
+@pytest.mark.browser
 @pytest.mark.timeout(300)
-def test_mlflow_ui_lists_the_four_model_runs(tmp_path, monkeypatch):
+def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no chromium binary (install the Debian package: apt-get install -y chromium)")
 
     db_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", db_uri)
-    experiment_id, run_ids = _fill_store(db_uri, tmp_path / "mlartifacts")
+    _run_stages(tmp_path, db_uri)
+    client = MlflowClient(tracking_uri=db_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(TRAINED)
+    exp_id, ids = experiment.experiment_id, {name: r.info.run_id for name, r in runs.items()}
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
+    run_link = re.compile(rf"^#/experiments/{exp_id}/runs/([0-9a-f]{{32}})$")
+
+    def listed(page: _Page) -> set[tuple[str, str]]:
+        return {(text, m.group(1)) for text, href in page.links if (m := run_link.match(href))}
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     proc, log = _start_server(db_uri, port, tmp_path)
     try:
         _wait_healthy(proc, log, base)
-        url = f"{base}/#/experiments/{experiment_id}/runs"  # the runs table (plain /#/experiments/<id> is the GenAI overview)
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        SCREENSHOT.unlink(missing_ok=True)
-        link = re.compile(rf"^#/experiments/{experiment_id}/runs/([0-9a-f]{{32}})$")
-        for attempt, budget_ms in enumerate((20_000, 40_000, 60_000)):
-            dom = _render(chromium, url, tmp_path / f"chromium-profile-{attempt}", SCREENSHOT, budget_ms)
-            parser = _Links()
-            parser.feed(dom)
-            listed = {(text, m.group(1)) for text, href in parser.links if (m := link.match(href))}
-            if listed:  # the SPA fetched and rendered the runs table
-                break
+        experiment_page = _render(chromium, f"{base}/#/experiments/{exp_id}?{ML_VIEW}", tmp_path / "profile-experiment",
+                                  ARTIFACTS / "mlflow-ui.png", WINDOW, lambda p: listed(p))
+        run_pages = {name: _render(chromium, f"{base}/#/experiments/{exp_id}/runs/{ids[name]}?{ML_VIEW}", tmp_path / f"profile-{name}",
+                                   ARTIFACTS / f"mlflow-ui-run-{name}.png", RUN_WINDOW, lambda p: _param_names(p))
+                     for name in TRAINED}
+        artifact_page = _render(chromium, f"{base}/#/experiments/{exp_id}/runs/{ids['gan']}/artifacts/{SAMPLE}?{ML_VIEW}",
+                                tmp_path / "profile-artifact", ARTIFACTS / "mlflow-ui-artifact.png", WINDOW,
+                                lambda p: any(alt == SAMPLE for alt, _ in p.images))
     finally:
         _stop(proc)
 
-    assert listed == {(name, run_id) for name, run_id in run_ids.items()}, (
-        f"runs table links {sorted(listed)} != the four logged runs {sorted(run_ids.items())}; "
-        f"page text: {' '.join(' '.join(parser.texts).split())[:2000]}")
-    texts = {" ".join(t.split()) for t in parser.texts}
-    assert EXPERIMENT in texts, "experiment name not shown on the page"
-    assert DELETED_RUN not in dom, "a deleted run is listed"
+    # (a) the experiment opens on its training runs and lists the project's runs by their names
+    assert listed(experiment_page) == set(ids.items()), (
+        f"runs table links {sorted(listed(experiment_page))} != the stages' runs {sorted(ids.items())}; page: {experiment_page.summary()}")
+    assert EXPERIMENT in experiment_page.texts, "experiment name not shown on the page"
+    assert "Runs" in experiment_page.texts and "Judges" not in experiment_page.texts  # the training view, not the GenAI one
 
-    assert SCREENSHOT.exists(), "chromium wrote no screenshot"
-    assert SCREENSHOT.stat().st_size > 10_000, f"screenshot only {SCREENSHOT.stat().st_size} bytes"
-    assert _png_size(SCREENSHOT) == WINDOW
+    # (b) each run shows exactly the params its own family logged, and the stages' metrics
+    for name, page in run_pages.items():
+        assert _param_names(page) == set(runs[name].data.params), f"{name}: params shown {sorted(_param_names(page))}; page: {page.summary()}"
+        assert {"model.family", "model.latent_dim", "train.seed"} <= _param_names(page)
+    assert "model.beta" in run_pages["vae"].texts and "model.dynamic_binarization" in run_pages["vae"].texts
+    assert "model.beta" not in run_pages["gan"].texts and "model.betas" in run_pages["gan"].texts  # VAE-only params absent
+    assert {"val_loss", "kl", "eval_fid_cls", "eval_iwae_nll"} <= set(run_pages["vae"].texts)
+    assert {"g_loss", "d_loss", "val_g_loss"} <= set(run_pages["gan"].texts)
+    assert not {"kl", "eval_fid_cls"} & set(run_pages["gan"].texts)  # the GAN was not evaluated
+
+    # (c) the sample grid the train stage logged is listed and shown (fetched by the app as a blob)
+    assert "samples" in artifact_page.texts and "figures" in artifact_page.texts
+    assert any(alt == SAMPLE and src.startswith("blob:") for alt, src in artifact_page.images), (
+        f"{SAMPLE} not shown: images {artifact_page.images[:5]}; page: {artifact_page.summary()}")

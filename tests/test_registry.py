@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, load_script, tiny, tiny_model_params, write_params
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from helpers import ROOT, load_script, tiny, tiny_model_params, write_params
 from mnistgen import gate, tracking
 from mnistgen.config import Floor, GateParams
 from mnistgen.models import build_model

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, load_script, tiny_model_params, write_params, write_prepared
 from mlflow import MlflowClient
 
-from helpers import ROOT, load_script, tiny_model_params, write_params, write_prepared
 from mnistgen import tracking
 
 RUN_SECTION = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1}
@@ -117,9 +117,8 @@ def test_run_context_ends_finished_on_success_and_failed_on_error(store):
         run.log_metrics({"loss": 1.0}, step=1)
     assert store.get_run(run.run_id).info.status == "FINISHED"
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with tracking.Run.start("ctx", "broken", {}) as failed:
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), tracking.Run.start("ctx", "broken", {}) as failed:
+        raise RuntimeError("boom")
     assert store.get_run(failed.run_id).info.status == "FAILED"
 
 
@@ -127,10 +126,9 @@ def test_run_context_keeps_the_original_error_when_the_store_is_gone_too(store, 
     def store_down(*args, **kwargs):
         raise OSError("store down")
 
-    with pytest.raises(KeyError, match="original"):
-        with tracking.Run.start("ctx", "lost", {}) as run:
-            monkeypatch.setattr(MlflowClient, "set_terminated", store_down)
-            raise KeyError("original")
+    with pytest.raises(KeyError, match="original"), tracking.Run.start("ctx", "lost", {}) as run:
+        monkeypatch.setattr(MlflowClient, "set_terminated", store_down)
+        raise KeyError("original")
     assert store.get_run(run.run_id).info.status == "RUNNING"  # could not be marked; the error the user sees is the real one
 
 

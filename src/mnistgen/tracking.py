@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .utils import StageError
 
@@ -19,8 +19,9 @@ ARTIFACT_ROOT = "mlartifacts"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).parent
 MODEL_CODE = ("__init__.py", "config.py", "models")  # what pyfunc_model.py imports: shipped with the logged model
-# The experiment tag MLflow 3's UI reads to choose an experiment's layout; "custom_model_development"
-# ("Machine learning" in the UI) opens on the runs table instead of the GenAI overview.
+# Marks the experiment as model training ("Machine learning") rather than GenAI, for the MLflow UIs
+# that read the tag. The open-source 3.17 UI ignores it and follows its own GenAI / Model training
+# switch instead: open http://<server>/#/experiments/<id>?workflowType=machine_learning.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
@@ -68,8 +69,7 @@ def check_reachable() -> None:
 def experiment_id(name: str) -> str:
     """The experiment's id, creating it (artifacts under mlartifacts/ for a local store) if needed.
 
-    It is tagged as a machine-learning experiment, so that MLflow 3's UI opens it on its runs
-    rather than on the GenAI overview; an experiment created without the tag gets it here.
+    It is tagged as a model-training experiment (EXPERIMENT_KIND_TAG); one created without the tag gets it here.
     """
     mlflow = _mlflow()
     found = mlflow.get_experiment_by_name(name)
@@ -121,7 +121,7 @@ class Run:
         self.run_id = run_id
 
     @classmethod
-    def start(cls, experiment: str, run_name: str, tags: dict[str, str]) -> "Run":
+    def start(cls, experiment: str, run_name: str, tags: dict[str, str]) -> Run:
         if not enabled():
             return cls(None)
         check_reachable()
@@ -129,13 +129,13 @@ class Run:
         return cls(run.info.run_id)
 
     @classmethod
-    def resume(cls, run_id: str | None) -> "Run":
+    def resume(cls, run_id: str | None) -> Run:
         if run_id and enabled():
             check_reachable()
             return cls(run_id)
         return cls(None)
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -195,10 +195,10 @@ class Run:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
             params=ParamSchema([ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]),
         )
-        import torch
-
         import shutil
         import tempfile
+
+        import torch
 
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id):
             package = Path(tmp) / PACKAGE_DIR.name
