@@ -52,3 +52,46 @@ def load_script(relative: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chromium_binary() -> str:
+    """Debian's chromium (CHROMIUM overrides); the calling test is skipped where there is none."""
+    import os
+    import shutil
+
+    import pytest
+
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if not found:
+        pytest.skip("no chromium binary (install the Debian package: apt-get install -y chromium)")
+    return found
+
+
+def headless_chromium(target: str, profile: Path, budget_ms: int, window: tuple[int, int], screenshot: Path | None = None,
+                      offline: bool = False) -> str:
+    """One headless Chromium pass over `target` (a URL); returns the DOM after `budget_ms` of virtual time.
+
+    The flags keep Chromium off this machine's closed network; `offline` also makes every host name
+    unresolvable and any proxy dead, so a page that reaches for a CDN fails even where there is internet.
+    """
+    import subprocess
+
+    cmd = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--disable-quic", "--no-first-run", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
+           f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", f"--window-size={window[0]},{window[1]}"]
+    if offline:
+        cmd += ["--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9"]
+    if screenshot:
+        cmd.append(f"--screenshot={screenshot}")
+    result = subprocess.run([*cmd, "--dump-dom", target], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"chromium failed ({result.returncode}):\n{result.stderr[-3000:]}"
+    return result.stdout

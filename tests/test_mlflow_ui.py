@@ -12,9 +12,7 @@ binary is installed (CI installs the Debian `chromium` package in .ci/run).
 """
 import os
 import re
-import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, tiny_model_params, write_params, write_prepared
+from helpers import ROOT, chromium_binary, free_port, headless_chromium, tiny_model_params, write_params, write_prepared
 from mlflow import MlflowClient
 
 EXPERIMENT = "mnist-generative"
@@ -38,19 +36,6 @@ ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's GenAI / Model trainin
 TINY_EVALUATE = {"seed": 0, "num_samples": 256, "num_real": 128, "batch_size": 128, "kid_subsets": 2, "kid_subset_size": 64,
                  "is_splits": 2, "pr_k": 3, "interp_pairs": 4, "interp_steps": 3, "iwae_k": 4, "iwae_images": 16, "binarize_seed": 0}
 TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "lr": 0.005, "shift_pixels": 0, "seed": 0, "min_test_accuracy": 0.0}
-
-
-def _chromium() -> str | None:
-    found = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if found:
-        return found
-    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_stages(work: Path, db_uri: str) -> None:
@@ -152,18 +137,11 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def _render(chromium: str, url: str, profile: Path, screenshot: Path, window: tuple[int, int], ready) -> _Page:
+def _render(url: str, profile: Path, screenshot: Path, window: tuple[int, int], ready) -> _Page:
     """Headless Chromium passes with growing virtual-time budgets until `ready(page)`; writes the screenshot."""
     screenshot.unlink(missing_ok=True)
     for attempt, budget_ms in enumerate((20_000, 40_000, 60_000)):
-        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-               "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
-               f"--user-data-dir={profile}-{attempt}", f"--virtual-time-budget={budget_ms}",
-               f"--window-size={window[0]},{window[1]}", f"--screenshot={screenshot}", "--dump-dom", url]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, f"chromium failed ({result.returncode}):\n{result.stderr[-3000:]}"
-        page = _Page(result.stdout)
+        page = _Page(headless_chromium(url, Path(f"{profile}-{attempt}"), budget_ms, window, screenshot))
         if ready(page):  # the app has fetched and rendered what we look for
             break
     assert screenshot.exists() and screenshot.stat().st_size > 10_000, f"no real screenshot at {screenshot}"
@@ -185,9 +163,7 @@ def _param_names(page: _Page) -> set[str]:
 @pytest.mark.browser
 @pytest.mark.timeout(300)
 def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no chromium binary (install the Debian package: apt-get install -y chromium)")
+    chromium_binary()  # skips the test where there is none
 
     db_uri = f"sqlite:///{tmp_path}/mlflow.db"
     _run_stages(tmp_path, db_uri)
@@ -197,7 +173,7 @@ def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
     assert set(runs) == set(TRAINED)
     exp_id, ids = experiment.experiment_id, {name: r.info.run_id for name, r in runs.items()}
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     run_link = re.compile(rf"^#/experiments/{exp_id}/runs/([0-9a-f]{{32}})$")
 
@@ -208,12 +184,12 @@ def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
     proc, log = _start_server(db_uri, port, tmp_path)
     try:
         _wait_healthy(proc, log, base)
-        experiment_page = _render(chromium, f"{base}/#/experiments/{exp_id}?{ML_VIEW}", tmp_path / "profile-experiment",
+        experiment_page = _render(f"{base}/#/experiments/{exp_id}?{ML_VIEW}", tmp_path / "profile-experiment",
                                   ARTIFACTS / "mlflow-ui.png", WINDOW, lambda p: listed(p))
-        run_pages = {name: _render(chromium, f"{base}/#/experiments/{exp_id}/runs/{ids[name]}?{ML_VIEW}", tmp_path / f"profile-{name}",
+        run_pages = {name: _render(f"{base}/#/experiments/{exp_id}/runs/{ids[name]}?{ML_VIEW}", tmp_path / f"profile-{name}",
                                    ARTIFACTS / f"mlflow-ui-run-{name}.png", RUN_WINDOW, lambda p: _param_names(p))
                      for name in TRAINED}
-        artifact_page = _render(chromium, f"{base}/#/experiments/{exp_id}/runs/{ids['gan']}/artifacts/{SAMPLE}?{ML_VIEW}",
+        artifact_page = _render(f"{base}/#/experiments/{exp_id}/runs/{ids['gan']}/artifacts/{SAMPLE}?{ML_VIEW}",
                                 tmp_path / "profile-artifact", ARTIFACTS / "mlflow-ui-artifact.png", WINDOW,
                                 lambda p: any(alt == SAMPLE for alt, _ in p.images))
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, chromium_binary, headless_chromium
 
 SCREENSHOT = ROOT / "artifacts" / "dvc-plots.png"
 WINDOW = (1500, 900)
@@ -39,13 +39,6 @@ PLOTS = {
 # Makes vega-embed draw SVG (text and paths readable in the DOM); only used on a test copy of the page.
 SVG_PROBE = ('<script>if (window.vegaEmbed) { const embed = window.vegaEmbed; '
              'window.vegaEmbed = (el, spec, opts) => embed(el, spec, {...opts, renderer: "svg"}); }</script>\n')
-
-
-def _chromium() -> str | None:
-    found = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if found:
-        return found
-    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -124,19 +117,9 @@ class _Page(HTMLParser):
             self.texts[self._stack[-1][1]].append(data.strip())
 
 
-def _render(chromium: str, page: Path, profile: Path, budget_ms: int, screenshot: Path | None = None) -> str:
+def _render(page: Path, profile: Path, budget_ms: int, screenshot: Path | None = None) -> str:
     """The DOM after `budget_ms` of virtual time, every host name unresolvable and any proxy dead (no network)."""
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
-           "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
-           f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}",
-           f"--window-size={WINDOW[0]},{WINDOW[1]}"]
-    if screenshot:
-        cmd.append(f"--screenshot={screenshot}")
-    result = subprocess.run([*cmd, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"chromium failed ({result.returncode}):\n{result.stderr[-3000:]}"
-    return result.stdout
+    return headless_chromium(page.as_uri(), profile, budget_ms, WINDOW, screenshot, offline=True)
 
 
 def _plot_id(name: str) -> str:
@@ -160,9 +143,7 @@ def test_offline_template_matches_vendored_files():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dvc_plots_show_renders_offline(tmp_path):
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no chromium binary (install the Debian package: apt-get install -y chromium)")
+    chromium_binary()  # skips the test where there is none
 
     repo = tmp_path / "repo"
     _scratch_repo(repo)
@@ -185,7 +166,7 @@ def test_dvc_plots_show_renders_offline(tmp_path):
     SCREENSHOT.unlink(missing_ok=True)
     for attempt, budget_ms in enumerate((10_000, 30_000)):
         drawn = _Page(ids)
-        drawn.feed(_render(chromium, index, tmp_path / f"profile-{attempt}", budget_ms, SCREENSHOT))
+        drawn.feed(_render(index, tmp_path / f"profile-{attempt}", budget_ms, SCREENSHOT))
         if all(drawn.marks.values()):
             break
     assert sum(len(m) for m in drawn.marks.values()) == len(PLOTS), (
@@ -198,7 +179,7 @@ def test_dvc_plots_show_renders_offline(tmp_path):
     svg_page.write_text(html[:at] + SVG_PROBE + html[at:], encoding="utf8")
     for attempt, budget_ms in enumerate((10_000, 30_000)):
         svg = _Page(ids)
-        svg.feed(_render(chromium, svg_page, tmp_path / f"profile-svg-{attempt}", budget_ms))
+        svg.feed(_render(svg_page, tmp_path / f"profile-svg-{attempt}", budget_ms))
         if all(svg.marks.values()):
             break
     for name, (title, ys) in PLOTS.items():

@@ -7,7 +7,6 @@ tests run alone, in any order, or in parallel.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, load_script, tiny, tiny_model_params, write_params
+from helpers import ROOT, free_port, load_script, tiny, tiny_model_params, write_params
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -41,14 +40,6 @@ GATE = {  # the tests' own gate, independent of the repo's floors
 }
 PROMOTE_ARGS = ["--metrics", "metrics", "--models", "models", "--out", "reports"]
 promote_stage = load_script("pipelines/promote.py")
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """A migrated, empty SQLite store: creating one takes seconds, copying it next to nothing."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-    return db
 
 
 @pytest.fixture
@@ -237,12 +228,6 @@ def test_pyfunc_by_alias_returns_images(workspace):
     images = model.predict(np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
     assert images.shape == (6, 28, 28) and images.min() >= 0 and images.max() <= 1
     assert model.predict(np.zeros((1, 4), np.float32), params={"count": 3}).shape == (3, 28, 28)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, body: bytes) -> tuple[int, bytes]:

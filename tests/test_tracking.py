@@ -22,14 +22,6 @@ def train_args(model: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """A migrated, empty SQLite store: creating one takes seconds, copying it next to nothing."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-    return db
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, empty_store):
     """One tiny VAE trained for two epochs by the real stage script; the tests below only read it."""
     work = tmp_path_factory.mktemp("train")
