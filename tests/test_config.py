@@ -9,31 +9,44 @@ from helpers import ROOT, load_script, repo_params, tiny_model_params, write_par
 from mnistgen.config import EvaluateParams, ParamsError, load_model_params, model_names, model_params
 from mnistgen.models import FAMILIES
 
-# A key every other family has but this one does not, and a value of the wrong type.
-FOREIGN_KEY = {"ae": ("n_critic", 5), "vae": ("betas", [0.5, 0.9]), "gan": ("beta", 1.0), "wgan": ("dynamic_binarization", False)}
+MODELS = model_names(ROOT / "params.yaml")
 
 
-def test_the_repo_params_validate_and_name_the_models():
-    assert model_names(ROOT / "params.yaml") == ["ae", "vae", "gan", "wgan"]
-    for name in model_names(ROOT / "params.yaml"):
+def foreign_key(family: str) -> tuple[str, object]:
+    """A key (and the value it has there) of another family's section in params.yaml that this family does not have."""
+    own = set(FAMILIES[family].Params.model_fields)
+    for name, section in repo_params()["models"].items():
+        for key, value in section.items():
+            if key not in own:
+                return key, value
+    raise AssertionError(f"every key of every section is also a field of {family}")
+
+
+def test_the_repo_params_validate_and_every_family_is_used():
+    used = set()
+    for name in MODELS:
         params = load_model_params(name, ROOT / "params.yaml")
         assert type(params) is FAMILIES[params.family].Params
+        used.add(params.family)
+    assert used == set(FAMILIES)  # a family with no section in params.yaml is untested and untrained
 
 
-@pytest.mark.parametrize("family", list(FOREIGN_KEY))
+@pytest.mark.parametrize("family", MODELS)
 def test_a_key_of_another_family_is_refused_naming_it(family):
-    key, value = FOREIGN_KEY[family]
+    key, value = foreign_key(family)
     with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.{key}: unknown key$"):
         model_params({**repo_params()["models"][family], key: value}, f"models.{family}")
 
 
-@pytest.mark.parametrize("family", list(FOREIGN_KEY))
+@pytest.mark.parametrize("family", MODELS)
 def test_a_wrong_type_or_missing_key_is_refused_naming_it(family):
     section = repo_params()["models"][family]
     with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.lr: input should be a valid number, got 'fast'$"):
         model_params({**section, "lr": "fast"}, f"models.{family}")
     with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.epochs: input should be a valid integer, got '8'$"):
         model_params({**section, "epochs": "8"}, f"models.{family}")  # strict: no string-to-number coercion
+    with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.lr_decay: input should be a valid boolean, got 1$"):
+        model_params({**section, "lr_decay": 1}, f"models.{family}")
     with pytest.raises(ParamsError, match=rf"^params.yaml: models.{family}.latent_dim: missing key$"):
         model_params({k: v for k, v in section.items() if k != "latent_dim"}, f"models.{family}")
 
@@ -64,7 +77,7 @@ def test_params_are_frozen_and_have_no_defaults_in_code():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(FOREIGN_KEY))
+@pytest.mark.parametrize("family", MODELS)
 def test_dvc_repro_stops_at_once_on_a_key_of_another_family(tmp_path, family):
     """`dvc repro train@<family>` fails before any training with one line naming the key; nothing is written."""
     smoke = load_script("scripts/smoke_pipeline.py")
@@ -72,7 +85,7 @@ def test_dvc_repro_stops_at_once_on_a_key_of_another_family(tmp_path, family):
     write_prepared(work / "data" / "prepared")
     (work / "data" / "validation").mkdir(parents=True)
     (work / "data" / "validation" / "result.json").write_text("{}")
-    key, value = FOREIGN_KEY[family]
+    key, value = foreign_key(family)
     models = yaml.safe_load((work / "params.yaml").read_text())["models"]
     write_params(work, models={**models, family: {**tiny_model_params(family), key: value}})
     result = smoke.dvc("repro", "--single-item", f"train@{family}", cwd=work, capture=True)

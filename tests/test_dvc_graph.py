@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from helpers import ROOT, load_script
+from mnistgen.config import model_names
 
 # Files a stage reads as code without importing them: the logged model's own code.
 READ_AS_FILES = {"train": {"src/mnistgen/pyfunc_model.py"}}
@@ -106,7 +107,7 @@ def edited(work: Path, rel: str, old: str | None = None, new: str | None = None)
         path.write_text(before)
 
 
-MODELS = ("ae", "vae", "gan", "wgan")
+MODELS = model_names(ROOT / "params.yaml")
 EVERY = {"prepare", "validate", "train_evaluator", "report", "promote", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}
 
 
