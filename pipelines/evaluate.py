@@ -1,5 +1,5 @@
-"""Stage evaluate@<model>: every metric of the protocol for one model, its figures, and the
-same numbers logged into the model's MLflow training run.
+"""Stage evaluate@<model>: every metric of the protocol for one model, in both evaluator feature
+spaces, its figures, and the same numbers logged into the model's MLflow training run.
 
 Usage: python pipelines/evaluate.py <model> --data data/prepared --evaluator models/evaluator
        --model-dir models/<model> --figures evaluation/<model> --metrics metrics/<model>.json   (paths from dvc.yaml)
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mnistgen import data, evaluation, tracking
-from mnistgen.classifier import Classifier
+from mnistgen.classifier import load_classifier
 from mnistgen.config import EvaluateParams, load_section, model_params
 from mnistgen.models import build_model
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
@@ -40,25 +40,31 @@ def main() -> None:
     run = tracking.Run.resume(tracking.read_run_file(args.model_dir / "run.json").get("run_id"))
     torch.manual_seed(params.seed)
 
-    classifier = Classifier()
-    classifier.load_state_dict(torch.load(args.evaluator / "classifier.pt", map_location="cpu", weights_only=True))
-    classifier.to(device).eval()
-    ref = evaluation.Reference(**torch.load(args.evaluator / "reference.pt", map_location=device, weights_only=True))
-    test = data.load_split(args.data, "test")
+    try:
+        spaces = evaluation.read_spaces(args.evaluator)
+        classifiers = {s["suffix"]: load_classifier(args.evaluator / s["classifier"], s["arch"], s["width"], device) for s in spaces}
+    except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise StageError(f"{args.evaluator}: cannot load the evaluators ({err}); run `dvc repro train_evaluator`") from err
+    refs = evaluation.load_references(args.evaluator, device)
+    test, val = data.load_split(args.data, "test"), data.load_split(args.data, "val")
     test_x, test_y = data.to_float(test.images, device), test.labels.to(device)
+    val_x, val_y = data.to_float(val.images, device), val.labels.to(device)
     model = load_trained(args.model_dir, device)
 
     with atomic_dir(args.figures) as figures_dir:
-        job = evaluation.Evaluation(model, classifier, ref, params, figures_dir)
-        results = job.run(test_x, test_y)
-        results["evaluator_hash"] = ref.evaluator_hash
+        job = evaluation.Evaluation(model, classifiers, refs, params, figures_dir)
+        results = job.run(test_x, test_y, val_x, val_y)
+        hashes = {f"evaluator_hash{suffix}": ref.evaluator_hash for suffix, ref in refs.items()}
+        results.update(hashes)
         results["eval_seconds"] = time.perf_counter() - started
         write_json(args.metrics, {k: results[k] for k in sorted(results)})
-        run.log_metrics({f"eval_{k}": v for k, v in results.items() if k != "evaluator_hash"})
-        run.set_tags({"evaluator_hash": ref.evaluator_hash})
+        run.log_metrics({f"eval_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+        run.set_tags(hashes)
         run.log_artifacts(figures_dir, "evaluation")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items())
-    headline = f"FID_cls {results['fid_cls']:.2f}, IS_cls {results['is_cls']:.2f}, precision {results['precision']:.3f}, recall {results['recall']:.3f}"
+    headline = (f"FID_cls {results['fid_cls']:.2f} [{results['fid_cls_lo']:.2f}, {results['fid_cls_hi']:.2f}] "
+                f"(evaluator 2: {results['fid_cls_e2']:.2f}), IS_cls {results['is_cls']:.2f}, "
+                f"precision {results['precision']:.3f}, recall {results['recall']:.3f}, gradient magnitude {results['grad_mag']:.4f}")
     print(f"evaluate {args.model}: {headline} ({timings}; total {time.perf_counter() - started:.0f} s)")
 
 

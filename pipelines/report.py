@@ -1,11 +1,12 @@
 """Stage report: one comparison of every model and the real-data floor, as markdown and HTML.
 
-The models are the keys of params.yaml's `models` section; the real-data column scores the
+The models are the keys of params.yaml's `models` section; the real-data column scores each
 evaluator's training-image reference features against its test features with the same
-protocol as a model's samples.
+protocol as a model's samples (bands included), and measures the sharpness of the reference
+test digits (the first `evaluate.num_real` test images).
 
 Usage: python pipelines/report.py --metrics metrics --figures evaluation --curves curves
-       --evaluator models/evaluator --out reports   (paths from dvc.yaml)
+       --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
 """
 import argparse
 import csv
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mnistgen import evaluation, report
+from mnistgen import data, evaluation, metrics, report
 from mnistgen.config import EvaluateParams, load_section, model_names
 from mnistgen.utils import StageError, atomic_write_text, run_stage, write_json
 
@@ -37,26 +38,30 @@ def read_curves(folder: Path) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--metrics", "--figures", "--curves", "--evaluator", "--out"):
+    for flag in ("--metrics", "--figures", "--curves", "--evaluator", "--data", "--out"):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args()
     models = model_names()
     params = load_section(EvaluateParams, "evaluate")
     results = {m: read_json(args.metrics / f"{m}.json") for m in models}
     evaluator = read_json(args.metrics / "evaluator.json")
-    ref = evaluation.Reference(**torch.load(args.evaluator / "reference.pt", map_location="cpu", weights_only=True))
-    real = evaluation.real_data_row(ref, params)
+    refs = evaluation.load_references(args.evaluator)
+    real = evaluation.real_data_row(refs, params)
+    test = data.load_split(args.data, "test")
+    real.update(metrics.sharpness(data.to_float(test.images[: params.num_real], torch.device("cpu")), params.batch_size))
     curves = {m: read_curves(args.curves / m) for m in models}
     checks = report.claims(results, curves)
     figures = {m: [p for name in report.FIGURES if (p := args.figures / m / name).exists()] + [args.curves / m / "curves.png"]
                for m in models}
     write_json(args.out / "real_data.json", real)
     atomic_write_text(args.out / "comparison.md", report.build_markdown(results, real, evaluator, checks))
-    atomic_write_text(args.out / "comparison.html", report.build_html(results, real, checks, figures))
+    atomic_write_text(args.out / "comparison.html", report.build_html(results, real, checks, figures, evaluator))
     held = sum(v == report.HOLDS for _, v, _ in checks)
     close = sum(v == report.TOO_CLOSE for _, v, _ in checks)
+    agreement = ", ".join(f"{k} {v:+.2f}" for k, v in report.rank_agreement(results).items())
     print(f"report: {held}/{len(checks)} of the design's claims hold" + (f", {close} too close to call" if close else "")
-          + f"; real-data FID_cls floor {real['fid_cls']:.3f}; {args.out}/comparison.md and comparison.html")
+          + f"; real-data FID_cls floor {real['fid_cls']:.3f}; rank agreement of the two spaces (Kendall tau) {agreement}; "
+          f"{args.out}/comparison.md and comparison.html")
 
 
 if __name__ == "__main__":

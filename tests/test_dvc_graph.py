@@ -121,12 +121,16 @@ EVERY = {"prepare", "validate", "train_evaluator", "report", "promote", *(f"{s}@
     ("src/mnistgen/figures.py", None, None, {"report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
     ("src/mnistgen/config.py", None, None, EVERY),
     ("src/mnistgen/utils.py", None, None, EVERY),
-    ("src/mnistgen/data.py", None, None, {"prepare", "validate", "train_evaluator", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
+    ("src/mnistgen/data.py", None, None, {"prepare", "validate", "train_evaluator", "report",  # report: the test digits' sharpness
+                                          *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
+    ("src/mnistgen/metrics.py", None, None, {"report", *(f"evaluate@{m}" for m in MODELS)}),
     ("params.yaml", "iwae_k: 1000", "iwae_k: 500", {"report", *(f"evaluate@{m}" for m in MODELS)}),
     ("params.yaml", "num_real: 10000", "num_real: 5000", {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
     ("params.yaml", "beta: 1.0", "beta: 0.5", {"train@vae", "report", "promote"}),
-    ("params.yaml", "tolerance: 0.5\n    floors:\n      - {metric: recon_mse, max: 0.015}\n      - {metric: fid_cls, max: 30.0}\n      - {metric: classes_present",
-     "tolerance: 0.6\n    floors:\n      - {metric: recon_mse, max: 0.015}\n      - {metric: fid_cls, max: 30.0}\n      - {metric: classes_present", {"promote"}),
+    ("params.yaml", "bootstrap: 100", "bootstrap: 50", {"report", *(f"evaluate@{m}" for m in MODELS)}),
+    ("params.yaml", "  width: 16\n  epochs: 3", "  width: 16\n  epochs: 2", {"train_evaluator"}),  # evaluator2
+    ("params.yaml", "tolerance: 0.5\n    agree_in_both_spaces: false", "tolerance: 0.6\n    agree_in_both_spaces: false", {"promote"}),
+    ("params.yaml", "tolerance: band\n    agree_in_both_spaces: true", "tolerance: 0.5\n    agree_in_both_spaces: true", {"promote"}),
 ])
 def test_an_edit_reruns_exactly_the_stages_that_read_it(committed_workspace, rel, old, new, expected):
     if old:

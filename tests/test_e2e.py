@@ -29,6 +29,21 @@ def test_every_stage_ran_and_printed_its_summary(pipeline):
     assert json.loads((work / "data/validation/result.json").read_text())["success"] is True
 
 
+# What a working pipeline reaches on the smoke subset (5,000 training images, 2,000 samples against
+# 2,000 test images), with a margin of about 1.5x below what the issue-12 smoke run measured
+# (FID_cls / FID_cls evaluator 2 / IS_cls / precision / recall: AE 14.9 / 32.3 / 3.61 / 0.77 / 0.44,
+# VAE 25.0 / 60.7 / 2.86 / 0.77 / 0.30, GAN 37.9 / 43.2 / 2.06 / 0.74 / 0.01, WGAN 21.3 / 25.7 / 2.89 /
+# 0.76 / 0.18); a model that learned nothing, or an evaluator that broke, misses them by far.
+# The smoke GAN covers little of the test set in feature space (recall 0.01): no recall bound for it.
+REACHES = {  # model: (FID_cls max, FID_cls evaluator 2 max, IS_cls min, precision min, recall min)
+    "ae": (30.0, 60.0, 2.5, 0.5, 0.25),
+    "vae": (40.0, 100.0, 2.0, 0.5, 0.15),
+    "gan": (60.0, 70.0, 1.5, 0.4, 0.0),
+    "wgan": (40.0, 50.0, 2.0, 0.5, 0.08),
+}
+BANDED = [f"{m}{s}" for m in ("fid_cls", "kid_cls", "precision", "recall") for s in ("", "_e2")]
+
+
 def test_metrics_follow_the_protocol(pipeline):
     work, _ = pipeline
     evaluator = json.loads((work / "metrics/evaluator.json").read_text())
@@ -36,14 +51,28 @@ def test_metrics_follow_the_protocol(pipeline):
     from mnistgen.utils import sha256_file
 
     assert evaluator["evaluator_hash"] == sha256_file(work / "models/evaluator/classifier.pt")
+    assert evaluator["evaluator_hash_e2"] == sha256_file(work / "models/evaluator/classifier2.pt") != evaluator["evaluator_hash"]
+    assert evaluator["test_accuracy"] >= 0.97 and evaluator["test_accuracy_e2"] >= 0.97
+    assert real["fid_cls"] < 3.0 and real["fid_cls_e2"] < 3.0 and real["precision"] > 0.6 and real["recall"] > 0.6
+    assert real["is_cls"] > 8.0 and real["classes_present"] == 10
     for model in MODELS:
         m = json.loads((work / f"metrics/{model}.json").read_text())
-        assert m["evaluator_hash"] == evaluator["evaluator_hash"]
-        for key in ("fid_cls", "kid_cls", "is_cls", "precision", "recall", "classes_present", "interp_linear_confidence", "interp_linear_fid_cls"):
+        assert m["evaluator_hash"] == evaluator["evaluator_hash"] and m["evaluator_hash_e2"] == evaluator["evaluator_hash_e2"]
+        for key in ("fid_cls", "kid_cls", "is_cls", "precision", "recall", "classes_present", "interp_linear_confidence",
+                    "interp_linear_fid_cls", "interp_linear_fid_cls_e2", "grad_mag", "laplacian_var", "grey_fraction"):
             assert key in m, (model, key)
-        assert 1.0 <= m["is_cls"] <= 10.0 and 0 <= m["precision"] <= 1 and m["fid_cls"] > real["fid_cls"]
+        for key in BANDED:
+            assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"] and m[f"{key}_hi"] > m[f"{key}_lo"], (model, key)
+        fid_max, fid2_max, is_min, precision_min, recall_min = REACHES[model]
+        assert m["fid_cls"] < fid_max and m["fid_cls_e2"] < fid2_max, (model, m["fid_cls"], m["fid_cls_e2"])
+        assert m["is_cls"] > is_min and m["precision"] > precision_min and m["recall"] >= recall_min, (model, m)
+        assert m["fid_cls"] > 2 * real["fid_cls"] and m["classes_present"] >= 9, (model, m["fid_cls"], real["fid_cls"])
+        assert 0.5 * real["grad_mag"] < m["grad_mag"] < 2 * real["grad_mag"], (model, m["grad_mag"], real["grad_mag"])
     vae = json.loads((work / "metrics/vae.json").read_text())
     assert vae["iwae_nll"] <= vae["nelbo_binarized"] + 1.0  # the IWAE bound is the tighter one
+    assert vae["iwae_nll"] < 130.0 and vae["recon_mse"] < 0.03
+    assert vae["likelihood_images"] == vae["iwae_images"] == 250  # params-smoke: 250 of 2,000, not a multiple of the chunk
+    assert vae["grey_fraction"] > real["grey_fraction"]  # a likelihood-trained decoder's mean is blurry
     assert "recon_mse" in json.loads((work / "metrics/ae.json").read_text()) and "recon_mse" not in json.loads((work / "metrics/gan.json").read_text())
     for figure in ("samples.png", "interpolation_linear.png", "class_histogram.png"):
         assert (work / "evaluation/gan" / figure).stat().st_size > 1000
@@ -51,6 +80,9 @@ def test_metrics_follow_the_protocol(pipeline):
         assert (work / "evaluation/vae" / figure).stat().st_size > 1000
     html = (work / "reports/comparison.html").read_text()
     assert 'id="comparison"' in html and "data:image/png;base64," in html
+    page = (work / "reports/comparison.md").read_text()
+    assert "Kendall tau" in page and "FID_cls, evaluator 2" in page and "sharpness: gradient magnitude" in page
+    assert page.count("evaluator 1") >= 3 and "same 250 test images" in page
 
 
 def test_mlflow_holds_four_runs_and_the_registry_four_champions(pipeline):
@@ -62,8 +94,9 @@ def test_mlflow_holds_four_runs_and_the_registry_four_champions(pipeline):
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(runs) == set(MODELS)
     for name, run in runs.items():
-        assert "eval_fid_cls" in run.data.metrics and any(k.startswith("val_") for k in run.data.metrics)
-        assert run.data.tags["evaluator_hash"]
+        assert {"eval_fid_cls", "eval_fid_cls_lo", "eval_fid_cls_e2_hi", "eval_grad_mag"} <= set(run.data.metrics)
+        assert any(k.startswith("val_") for k in run.data.metrics)
+        assert run.data.tags["evaluator_hash"] and run.data.tags["evaluator_hash_e2"]
         champion = client.get_model_version_by_alias(f"mnist-{name}", "champion")
         assert champion.run_id == run.info.run_id
         assert float(champion.tags["metric.fid_cls"]) == pytest.approx(run.data.metrics["eval_fid_cls"])
@@ -92,7 +125,7 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     from mnistgen.config import load_model_params
     from mnistgen.models import build_model
 
-    classifier = Classifier()
+    classifier = Classifier()  # the first evaluator: the default architecture
     classifier.load_state_dict(torch.load(work / "models/evaluator/classifier.pt", weights_only=True))
     classifier.eval()
     ref = evaluation.Reference(**torch.load(work / "models/evaluator/reference.pt", weights_only=True))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mnistgen import evaluation, report, training
-from helpers import tiny
+from helpers import ROOT, tiny
 from mnistgen.models import build_model
 
 
@@ -55,25 +55,162 @@ def test_interpolation_pairs_are_of_different_digits():
     assert len(first) == 500 and (labels[first] != labels[second]).all()
 
 
+def _both(value, value_e2, half=0.5):
+    """A distance in both spaces, each with a band of +-half."""
+    return {"fid_cls": value, "fid_cls_lo": value - half, "fid_cls_hi": value + half,
+            "fid_cls_e2": value_e2, "fid_cls_e2_lo": value_e2 - half, "fid_cls_e2_hi": value_e2 + half}
+
+
+def _sharp(grad, lap, grey):
+    return {"grad_mag": grad, "grad_mag_stderr": 0.001, "laplacian_var": lap, "laplacian_var_stderr": 0.001,
+            "grey_fraction": grey, "grey_fraction_stderr": 0.001}
+
+
 def test_report_claims_follow_the_numbers():
-    results = {"ae": {"fid_cls": 30.0, "interp_linear_midpoint_confidence": 0.6, "interp_linear_fid_cls": 40.0},
-               "vae": {"fid_cls": 10.0, "interp_linear_midpoint_confidence": 0.8, "interp_linear_fid_cls": 15.0},
-               "gan": {"fid_cls": 5.0}, "wgan": {"fid_cls": 8.0}}
+    results = {"ae": {**_both(30.0, 25.0), "interp_linear_midpoint_confidence": 0.6, "interp_linear_fid_cls": 40.0},
+               "vae": {**_both(10.0, 9.0), **_sharp(0.10, 0.05, 0.30), "interp_linear_midpoint_confidence": 0.8,
+                       "interp_linear_fid_cls": 15.0},
+               "gan": {**_both(5.0, 4.0), **_sharp(0.15, 0.09, 0.15)}, "wgan": {**_both(8.0, 6.0), **_sharp(0.14, 0.08, 0.18)}}
     curves = {"wgan": {"grad_norm": [1.2, 1.05], "wasserstein": [5.0, 2.0]}}
     checks = report.claims(results, curves)
-    assert [v for _, v, _ in checks] == [report.HOLDS] * 5
-    results["ae"]["fid_cls"] = 5.0  # now the AE samples look better than the VAE's: the claim must fail
+    assert [v for _, v, _ in checks] == [report.HOLDS] * 6
+    assert "holds in both feature spaces" in checks[0][2]
+    results["ae"].update(_both(5.0, 4.0))  # now the AE samples look better than the VAE's in both spaces: the claim must fail
     assert report.claims(results, curves)[0][1] == report.FAILS
     assert report.winners(results)["fid_cls"] == "ae"
+
+
+def test_a_claim_holds_only_if_it_holds_in_both_feature_spaces():
+    results = {"ae": _both(30.0, 7.0), "vae": _both(10.0, 9.0)}  # worse in space 1, better in space 2
+    (claim, outcome, evidence), = report.claims(results, {})
+    assert outcome == report.FAILS and "evaluator 1: holds; evaluator 2: does not hold" in evidence
+    results["ae"] = _both(30.0, 9.2)  # bands overlap in space 2
+    (claim, outcome, evidence), = report.claims(results, {})
+    assert outcome == report.TOO_CLOSE and "evaluator 2: too close to call" in evidence
+
+
+def test_a_gap_inside_the_bands_is_too_close_to_call():
+    results = {"ae": _both(10.4, 9.5, half=0.5), "vae": _both(10.0, 9.0, half=0.5)}
+    assert report.claims(results, {})[0][1] == report.TOO_CLOSE
+    results["ae"] = _both(11.2, 10.1, half=0.5)  # 1.2 and 1.1 apart: the bands no longer overlap
+    assert report.claims(results, {})[0][1] == report.HOLDS
+
+
+def test_the_sharpness_claim_rests_on_sharpness_not_on_fid():
+    results = {"vae": {**_both(20.0, 20.0), **_sharp(0.10, 0.05, 0.30)},
+               "gan": {**_both(5.0, 5.0), **_sharp(0.08, 0.04, 0.35)}}  # a better FID, but blurrier samples
+    verdicts = {c: v for c, v, _ in report.claims(results, {})}
+    sharper = next(c for c in verdicts if "sharper" in c)
+    closer = next(c for c in verdicts if "closer to the data" in c)
+    assert verdicts[sharper] == report.FAILS and verdicts[closer] == report.HOLDS
+
+
+def test_the_wasserstein_claim_fails_on_a_rising_curve():
+    norms = [1.1, 1.0, 1.02]
+    assert report.claims({}, {"wgan": {"grad_norm": norms, "wasserstein": [5.0, 3.0, 1.0]}})[0][1] == report.HOLDS
+    for rising in ([1.0, 3.0, 5.0], [1.0, 0.5, 1.1], [5.0, 4.9, 4.8]):  # rises; ends above its start; falls by under 10 %
+        assert report.claims({}, {"wgan": {"grad_norm": norms, "wasserstein": rising}})[0][1] == report.FAILS, rising
+    assert not report.wasserstein_falls([2.0, 4.0, 6.0, 8.0, 1.7])  # last below first, but the trend rises
+
+
+def test_rank_agreement_between_the_spaces():
+    same = {m: {"fid_cls": v, "fid_cls_e2": 2 * v} for m, v in zip("abcd", (1.0, 2.0, 3.0, 4.0))}
+    assert report.rank_agreement(same)["fid_cls"] == 1.0
+    flipped = {m: {"fid_cls": v, "fid_cls_e2": -v} for m, v in zip("abcd", (1.0, 2.0, 3.0, 4.0))}
+    assert report.rank_agreement(flipped)["fid_cls"] == -1.0
+    page = report.build_markdown(same, {}, {}, [])
+    assert "Kendall tau" in page and "fid_cls +1.00" in page
+
+
+def test_the_table_shows_bands():
+    results = {"gan": _both(5.0, 4.0), "vae": _both(10.0, 9.0)}
+    page = report.build_markdown(results, {"fid_cls": 0.3, "fid_cls_lo": 0.25, "fid_cls_hi": 0.35}, {}, [])
+    assert "5.0000 [4.5000, 5.5000]" in page and "0.3000 [0.2500, 0.3500]" in page and "FID_cls, evaluator 2" in page
 
 
 def test_a_gap_within_two_standard_errors_is_too_close_to_call():
     key = "interp_linear_midpoint_confidence"
     results = {"ae": {key: 0.838, f"{key}_stderr": 0.006}, "vae": {key: 0.839, f"{key}_stderr": 0.006}}
     (claim, outcome, evidence), = report.claims(results, {})
-    assert outcome == report.TOO_CLOSE and "standard errors 0.0060 and 0.0060" in evidence
+    assert outcome == report.TOO_CLOSE and "AE 0.8380 ± 0.0060 vs VAE 0.8390 ± 0.0060" in evidence
     assert report.TOO_CLOSE in report.build_markdown(results, {}, {}, report.claims(results, {}))
     results["ae"][key] = 0.80  # 0.039 apart, more than 2 * 0.0085: the VAE's midpoints are clearly better
     assert report.claims(results, {})[0][1] == report.HOLDS
     results["ae"][key] = 0.88
     assert report.claims(results, {})[0][1] == report.FAILS
+
+
+# ---------------------------------------------------------------- protocol fixes
+
+
+def test_binarize_seed_changes_the_binarisation_and_is_what_likelihood_uses(small_vae, monkeypatch, tmp_path):
+    x = torch.rand(300, 1, 28, 28)
+    assert torch.equal(evaluation.binarize(x, 0), evaluation.binarize(x, 0))
+    assert not torch.equal(evaluation.binarize(x, 0), evaluation.binarize(x, 1))
+    seen = []
+    real_binarize = evaluation.binarize
+    monkeypatch.setattr(evaluation, "binarize", lambda images, seed: seen.append(seed) or real_binarize(images, seed))
+    vae, _ = small_vae
+    job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(binarize_seed=17, iwae_k=2), tmp_path)
+    job.likelihood(x)
+    assert seen == [17]
+
+
+def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_vae, monkeypatch, tmp_path):
+    """150 images (not a multiple of the 100-image IWAE chunk) out of 300: exactly those 150, for both bounds."""
+    vae, _ = small_vae
+    x = torch.rand(300, 1, 28, 28)
+    seen = {"iwae": [], "elbo": []}
+    iwae, elbo = vae.iwae_nll, vae.negative_elbo
+    monkeypatch.setattr(vae, "iwae_nll", lambda images, k, chunk=100: seen["iwae"].append(images) or iwae(images, k, chunk))
+    monkeypatch.setattr(vae, "negative_elbo", lambda images, beta=1.0: seen["elbo"].append(images) or elbo(images, beta))
+    job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(iwae_images=150, iwae_k=2), tmp_path)
+    job.likelihood(x)
+    iwae_images = torch.cat(seen["iwae"])
+    elbo_binarised = torch.cat(seen["elbo"][len(seen["elbo"]) // 2:])  # grey batches first, then the binarised ones
+    assert len(iwae_images) == 150 and job.metrics["iwae_images"] == 150 and job.metrics["likelihood_images"] == 150
+    assert torch.equal(iwae_images, elbo_binarised)  # the same (binarised) images in both bounds
+    idx = evaluation.likelihood_subset(300, 150, 3)
+    assert len(set(idx.tolist())) == 150 and idx.max() >= 150  # a random subset, not the first 150
+    assert torch.equal(evaluation.likelihood_subset(300, 0, 3), torch.arange(300))
+    assert job.metrics["likelihood_all_test_images"] == 0.0
+
+
+class _FakeClassifier(torch.nn.Module):
+    def features_and_probs(self, images, batch_size=1000):
+        flat = images.flatten(1)
+        return flat[:, :8], torch.softmax(flat[:, :10], 1)
+
+
+def _fake_reference():
+    g = torch.Generator().manual_seed(0)
+    return evaluation.Reference(torch.rand(200, 8, generator=g), torch.softmax(torch.rand(200, 10, generator=g), 1),
+                                torch.rand(200, 8, generator=g), torch.softmax(torch.rand(200, 10, generator=g), 1), "h")
+
+
+def _params(**changes):
+    from mnistgen.config import EvaluateParams, load_section
+
+    base = load_section(EvaluateParams, "evaluate", ROOT / "params.yaml").model_dump()
+    return EvaluateParams(**{**base, "batch_size": 64, "num_samples": 100, "kid_subsets": 2, "kid_subset_size": 50,
+                             "is_splits": 2, "interp_pairs": 20, "bootstrap": 20, **changes})
+
+
+def test_interpolation_paths_start_from_the_held_out_images_and_have_bands(small_vae, tmp_path):
+    vae, _ = small_vae
+    val_x, val_y = torch.rand(100, 1, 28, 28), torch.arange(100) % 10
+    encoded = []
+    encode = vae.encode
+    vae.encode = lambda images: encoded.append(images) or encode(images)
+    try:
+        job = evaluation.Evaluation(vae, {"": _FakeClassifier(), "_e2": _FakeClassifier()},
+                                    {"": _fake_reference(), "_e2": _fake_reference()}, _params(), tmp_path)
+        job.interpolation(val_x, val_y)
+    finally:
+        del vae.encode
+    assert all(any(torch.equal(row, v) for v in val_x) for row in encoded[0][:5])
+    m = job.metrics
+    assert m["interp_points"] == 20 * 7
+    for key in ("interp_linear_fid_cls", "interp_linear_fid_cls_e2", "interp_slerp_fid_cls_e2"):
+        assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"]
+    assert "interp_linear_midpoint_confidence_e2_stderr" in m

@@ -209,3 +209,109 @@ def test_class_coverage_balanced_and_collapsed():
 def test_class_coverage_rejects_out_of_range_labels():
     with pytest.raises(ValueError):
         class_coverage(torch.tensor([0, 10]), num_classes=10)
+
+
+# ---------------------------------------------------------------- noise bands
+
+from mnistgen.metrics import (  # noqa: E402
+    band,
+    bootstrap_counts,
+    fid_replicates,
+    fraction_replicates,
+    inside_flags,
+    kendall_tau,
+    kid_with_replicates,
+    sharpness,
+)
+
+
+def _fid_band(n, seed=0):
+    real, fake = _randn(4000, 6, seed=1), _randn(n, 6, seed=2 + seed) * 1.2 + 0.3
+    mu, sigma = gaussian_stats(real)
+    point = fid_from_stats(*gaussian_stats(fake), mu, sigma)
+    return point, band(point, fid_replicates(fake, mu, sigma, bootstrap_counts(n, 200, seed)))
+
+
+def test_bootstrap_counts_resample_n_of_n_and_whole_blocks():
+    counts = bootstrap_counts(12, 5, seed=0)
+    assert counts.shape == (5, 12) and torch.all(counts.sum(1) == 12)
+    assert torch.equal(counts, bootstrap_counts(12, 5, seed=0)) and not torch.equal(counts, bootstrap_counts(12, 5, seed=1))
+    blocks = bootstrap_counts(12, 5, seed=0, groups=3)
+    assert torch.all(blocks.view(5, 4, 3) == blocks.view(5, 4, 3)[:, :, :1])  # the 3 points of a block share a count
+
+
+def test_fid_band_contains_the_estimate_and_shrinks_with_more_samples():
+    small_point, (small_lo, small_hi) = _fid_band(400)
+    big_point, (big_lo, big_hi) = _fid_band(6400)
+    assert small_lo <= small_point <= small_hi and big_lo <= big_point <= big_hi
+    assert big_hi - big_lo < 0.5 * (small_hi - small_lo)  # 16x the samples: about 1/4 the width
+
+
+def test_fid_replicates_with_unit_counts_give_the_plain_fid():
+    real, fake = _randn(500, 5, seed=1), _randn(300, 5, seed=2) + 0.5
+    mu, sigma = gaussian_stats(real)
+    ones = torch.ones(1, 300, dtype=torch.float64)
+    assert fid_replicates(fake, mu, sigma, ones)[0] == pytest.approx(fid_from_stats(*gaussian_stats(fake), mu, sigma), rel=1e-9)
+
+
+def test_kid_with_replicates_keeps_kid_and_its_band_holds_it():
+    a, b = _randn(600, 8, seed=1) + 0.3, _randn(600, 8, seed=2)
+    plain = kid(a, b, subsets=5, subset_size=200, seed=3)
+    result = kid_with_replicates(a, b, 5, 200, 3, bootstrap_counts(600, 100, 0))
+    assert result["mean"] == pytest.approx(plain["mean"], rel=1e-12)
+    lo, hi = band(result["mean"], result["replicates"])
+    assert lo <= result["mean"] <= hi and hi - lo > 0
+    unit = kid_with_replicates(a, b, 5, 200, 3, torch.ones(1, 600, dtype=torch.float64))
+    assert unit["replicates"][0] == pytest.approx(plain["mean"], rel=1e-6)  # weight 1 everywhere: the estimate itself
+
+
+def test_precision_recall_bands_from_the_per_sample_flags():
+    real = _randn(1500, 4, seed=1)
+    fake = _randn(3000, 4, seed=2)
+    fake = fake[fake[:, 0] > 0][:1400]
+    fake_inside, real_inside = inside_flags(real, fake, k=3)
+    assert float(fake_inside.mean()) == precision_recall(real, fake, k=3)["precision"]
+    assert float(real_inside.mean()) == precision_recall(real, fake, k=3)["recall"]
+    point = float(real_inside.mean())
+    lo, hi = band(point, fraction_replicates(real_inside, bootstrap_counts(len(real), 200, 0)))
+    assert lo <= point <= hi and 0.005 < hi - lo < 0.1  # a fraction of 1,500: about +-2.5 %
+
+
+# ---------------------------------------------------------------- sharpness
+
+
+def _digit_like(n=64, seed=0):
+    """Sharp binary strokes: random rectangles of ink on a black background."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(n, 1, 28, 28)
+    for i in range(n):
+        r, c = torch.randint(4, 16, (2,), generator=g).tolist()
+        images[i, 0, r : r + 8, c : c + 3] = 1
+        images[i, 0, r : r + 3, c : c + 9] = 1
+    return images
+
+
+def test_a_blurred_image_is_less_sharp_than_the_sharp_one():
+    sharp = _digit_like()
+    blurred = torch.nn.functional.avg_pool2d(sharp, 5, stride=1, padding=2, count_include_pad=False)
+    s, b = sharpness(sharp), sharpness(blurred)
+    assert b["grad_mag"] < 0.7 * s["grad_mag"] and b["laplacian_var"] < 0.5 * s["laplacian_var"]
+    assert s["grey_fraction"] == 0.0 and b["grey_fraction"] > 0.05
+    assert s["grad_mag_stderr"] > 0
+
+
+def test_sharpness_of_a_flat_image_is_zero_and_a_unit_ramp_has_gradient_one():
+    assert sharpness(torch.full((4, 1, 28, 28), 0.5))["grad_mag"] == pytest.approx(0.0, abs=1e-7)
+    ramp = torch.arange(28.0).repeat(28, 1)[None, None] / 100  # rises 0.01 per pixel
+    assert sharpness(ramp)["grad_mag"] == pytest.approx(0.01, rel=1e-4)
+
+
+# ---------------------------------------------------------------- rank agreement
+
+
+def test_rank_agreement_identical_is_one_reversed_is_minus_one():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)  # one swapped pair of six
+    with pytest.raises(ValueError):
+        kendall_tau([1], [1])

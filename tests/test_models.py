@@ -141,3 +141,29 @@ def test_init_from_data_leaves_a_gan_as_built():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.init_from_data(torch.rand(16, 1, 28, 28))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_finite_difference_penalty_is_fp32_under_bf16_autocast():
+    """A critic exactly 1-Lipschitz along every real-fake segment, at a score offset of 100: the difference quotient
+    is 1 and the penalty ~0. Computed from bf16 scores (resolution 0.5 at 100) it would be far from 0."""
+    from mnistgen.models.wgan import difference_quotient, penalty
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 1, 28, 28, generator=g)
+    u /= u.norm()
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 1))
+    with torch.no_grad():
+        critic[1].weight.copy_(u.flatten()[None])
+        critic[1].bias.fill_(100.0)
+    real = torch.rand(64, 1, 28, 28, generator=g)
+    fake = real - torch.rand(64, 1, 1, 1, generator=g) * 2 * u  # each segment points along u: D changes at rate 1
+    eps1, eps2 = torch.rand(64, 1, 1, 1, generator=g), torch.rand(64, 1, 1, 1, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert critic(real).dtype == torch.bfloat16  # autocast is really on for the critic
+        norm = difference_quotient(critic, real, fake, eps1, eps2)
+        naive = critic(torch.cat([eps1 * real + (1 - eps1) * fake, eps2 * real + (1 - eps2) * fake])).float().squeeze(1)
+    assert torch.allclose(norm, torch.ones(64), atol=1e-3)
+    assert penalty(norm, 10.0, one_sided=False).item() < 1e-4
+    d1, d2 = naive.chunk(2)
+    naive_norm = (d1 - d2).abs() / ((eps1 - eps2).abs().flatten() * (real - fake).flatten(1).norm(dim=1))
+    assert penalty(naive_norm, 10.0, one_sided=False).item() > 0.5  # what the bf16 scores gave: the test has teeth

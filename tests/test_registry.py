@@ -34,7 +34,7 @@ GOOD = {
     "wgan": {"fid_cls": 20.0, "precision": 0.6, "recall": 0.5, "classes_present": 10},
 }
 GATE = {  # the tests' own gate, independent of the repo's floors
-    name: {"primary": "fid_cls", "higher_is_better": False, "min_improvement": 0.0, "tolerance": 0.5,
+    name: {"primary": "fid_cls", "higher_is_better": False, "min_improvement": 0.0, "tolerance": 0.5, "agree_in_both_spaces": True,
            "floors": [{"metric": "fid_cls", "max": 60.0}, *([{"metric": "classes_present", "min": 8}] if name in ("gan", "wgan") else [])]}
     for name in GOOD
 }
@@ -97,13 +97,54 @@ def champion_of(*names: str) -> dict:
 
 
 def test_gate_rules_without_a_registry():
-    rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=1.0, tolerance=0.5,
+    rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=1.0, tolerance=0.5, agree_in_both_spaces=False,
                       floors=(Floor(metric="fid_cls", max=50.0),))
     assert gate.decide("m", {"fid_cls": 40.0}, None, rule).decision == gate.PROMOTE
     assert gate.decide("m", {"fid_cls": 38.6}, {"fid_cls": 40.0}, rule).decision == gate.KEEP  # 1.4 < 1.5
     assert gate.decide("m", {"fid_cls": 38.0}, {"fid_cls": 40.0}, rule).decision == gate.PROMOTE
     assert gate.decide("m", {"fid_cls": 60.0}, None, rule).decision == gate.REJECT
     assert gate.decide("m", {}, None, rule).decision == gate.REJECT  # a missing floor metric is a breach
+
+
+def _banded(fid, half, fid_e2=None, half_e2=None):
+    out = {"fid_cls": fid, "fid_cls_lo": fid - half, "fid_cls_hi": fid + half}
+    if fid_e2 is not None:
+        out.update({"fid_cls_e2": fid_e2, "fid_cls_e2_lo": fid_e2 - half_e2, "fid_cls_e2_hi": fid_e2 + half_e2})
+    return out
+
+
+def test_gate_tolerance_from_the_bands():
+    """tolerance: band: the candidate must win by more than the two bands' facing half-widths (min_improvement 0: no overlap)."""
+    rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=0.0, tolerance="band", agree_in_both_spaces=False,
+                      floors=(Floor(metric="fid_cls", max=50.0),))
+    champion = _banded(20.0, 0.3)
+    assert gate.decide("m", _banded(19.5, 0.3), champion, rule).decision == gate.KEEP  # 0.5 < 0.3 + 0.3: bands overlap
+    promoted = gate.decide("m", _banded(19.3, 0.3), champion, rule)
+    assert promoted.decision == gate.PROMOTE and "the facing band half-widths" in promoted.reason  # 0.7 > 0.6
+    assert gate.decide("m", _banded(19.3, 0.1), _banded(20.0, 0.8), rule).decision == gate.KEEP  # a wide champion band: 0.7 < 0.9
+    asymmetric = {"fid_cls": 19.0, "fid_cls_lo": 18.9, "fid_cls_hi": 19.9}  # only the half facing the champion counts
+    assert gate.decide("m", asymmetric, champion, rule).decision == gate.KEEP  # 1.0 < 0.9 + 0.3
+    old_champion = gate.decide("m", _banded(19.3, 0.3), {"fid_cls": 20.0}, rule)  # registered before bands existed
+    assert old_champion.decision == gate.PROMOTE and "the champion has no band" in old_champion.reason
+    with pytest.raises(KeyError, match="no band"):
+        gate.decide("m", {"fid_cls": 10.0}, champion, rule)
+    higher = GateParams(primary="nll", higher_is_better=True, min_improvement=0.0, tolerance="band", agree_in_both_spaces=False, floors=())
+    assert gate.decide("m", {"nll": 5.0, "nll_stderr": 0.1}, {"nll": 4.5, "nll_stderr": 0.1}, higher).decision == gate.PROMOTE  # 0.5 > 0.39
+    assert gate.decide("m", {"nll": 5.0, "nll_stderr": 0.2}, {"nll": 4.5, "nll_stderr": 0.2}, higher).decision == gate.KEEP  # 0.5 < 0.78
+
+
+def test_gate_decision_says_whether_it_holds_in_both_spaces():
+    rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=0.0, tolerance="band", agree_in_both_spaces=True,
+                      floors=())
+    champion = _banded(20.0, 0.3, 10.0, 0.3)
+    both = gate.decide("m", _banded(18.0, 0.3, 8.0, 0.3), champion, rule)
+    assert both.decision == gate.PROMOTE and "holds in both feature spaces" in both.reason
+    flips = gate.decide("m", _banded(18.0, 0.3, 11.0, 0.3), champion, rule)  # better in space 1, worse in space 2
+    assert flips.decision == gate.KEEP and "does not hold in both feature spaces" in flips.reason and "fid_cls_e2 better by -1" in flips.reason
+    one_space = gate.decide("m", _banded(18.0, 0.3, 8.0, 0.3), _banded(20.0, 0.3), rule)
+    assert one_space.decision == gate.PROMOTE and "decided in one feature space" in one_space.reason
+    md = gate.to_markdown([flips], 0)
+    assert "| fid_cls_e2 | 11 |" in md
 
 
 def test_first_candidates_passing_floors_become_champions(workspace):

@@ -46,6 +46,10 @@ class ValidateParams(Section):
 
 
 class EvaluatorParams(Section):
+    """Sections `evaluator` (the first feature space) and `evaluator2` (the second opinion)."""
+
+    arch: Literal["strided", "maxpool"]  # strided convs, or convs at full resolution + max-pooling
+    width: PositiveInt  # channels of the first conv layer
     epochs: PositiveInt
     batch_size: PositiveInt
     lr: PositiveFloat
@@ -91,8 +95,11 @@ class EvaluateParams(Section):
     interp_pairs: PositiveInt
     interp_steps: Annotated[int, Field(ge=3)]
     iwae_k: PositiveInt
-    iwae_images: NonNegativeInt  # test images in the IWAE bound (0 = all)
-    binarize_seed: int
+    iwae_images: NonNegativeInt  # test images of the -ELBO and the IWAE bound: a seeded random subset (0 = all)
+    binarize_seed: int  # the Bernoulli draw that binarises the test images once
+    bootstrap: Annotated[int, Field(ge=10)]  # bootstrap rounds of the noise bands (FID, KID, precision, recall)
+    bootstrap_level: Annotated[float, Field(gt=0, lt=1)]  # coverage of a band, e.g. 0.95
+    bootstrap_seed: int
 
 
 class ReferenceParams(Section):
@@ -114,7 +121,10 @@ class GateParams(Section):
     primary: str
     higher_is_better: bool
     min_improvement: float  # the candidate must beat the champion by at least this much...
-    tolerance: float  # ...plus this noise tolerance
+    # ...plus this noise tolerance: a number in the metric's units, or "band": the two noise bands'
+    # facing half-widths combined (the candidate's band and the champion's must not overlap)
+    tolerance: float | Literal["band"]
+    agree_in_both_spaces: bool  # also require the gain in the second evaluator's space (<primary>_e2) where both have it
     floors: tuple[Floor, ...] = Field(strict=False)  # YAML gives a list
 
 

@@ -1,11 +1,16 @@
 """One evaluation path for all four models (the protocols of DESIGN.md, "Metric protocols").
 
 Features of the reference images (test set, a training subset) are extracted once by the
-train_evaluator stage and reused; each image set a model produces is embedded once, in
-batches on the device, and every metric reads those features.
+train_evaluator stage and reused; each image set a model produces is embedded once per
+evaluator feature space, in batches on the device, and every metric reads those features.
+
+Two feature spaces (two evaluators of different architecture and seed): a distance metric in
+the first is named `fid_cls`, in the second `fid_cls_e2` (SPACES gives the suffixes). Each
+distance comes with a bootstrap noise band `<name>_lo` .. `<name>_hi` (metrics.band).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -40,34 +45,85 @@ class Reference:
         return {k: getattr(self, k) for k in ("test_feats", "test_probs", "train_feats", "train_probs", "evaluator_hash")}
 
 
+SPACES = {"": "evaluator 1", "_e2": "evaluator 2"}  # metric-name suffix -> the feature space it is measured in
+SPACES_FILE = "spaces.json"  # in the evaluator folder: one entry per space (suffix, files, arch, width, hash)
+
+
+def read_spaces(folder: Path) -> list[dict]:
+    return json.loads((Path(folder) / SPACES_FILE).read_text())
+
+
+def load_references(folder: Path, device="cpu") -> dict[str, Reference]:
+    """{suffix: Reference} for every feature space the train_evaluator stage wrote."""
+    return {s["suffix"]: Reference(**torch.load(Path(folder) / s["reference"], map_location=device, weights_only=True))
+            for s in read_spaces(folder)}
+
+
 @torch.no_grad()
 def generate(fn, n: int, batch_size: int) -> torch.Tensor:
     """Concatenate fn(count) over batches: bounded memory for 10,000 images."""
     return torch.cat([fn(min(batch_size, n - i)) for i in range(0, n, batch_size)])
 
 
-def sample_quality(feats, probs, ref: Reference, p: EvaluateParams) -> tuple[dict[str, float], list[int]]:
-    """FID_cls, KID_cls, IS_cls, precision/recall and class coverage of one embedded image set, and its class histogram."""
-    mu, sigma = metrics.gaussian_stats(feats)
-    kid = metrics.kid(feats, ref.test_feats, p.kid_subsets, p.kid_subset_size, p.seed)
+def with_band(out: dict, key: str, value: float, replicates, p: EvaluateParams) -> None:
+    out[key] = float(value)
+    out[f"{key}_lo"], out[f"{key}_hi"] = metrics.band(float(value), replicates, p.bootstrap_level)
+
+
+def distances(feats, ref: Reference, p: EvaluateParams, suffix: str = "") -> dict[str, float]:
+    """FID_cls, KID_cls, precision and recall of one embedded image set in one feature space, each
+    with its bootstrap band: the generated features are resampled (counts over them) and the
+    metric recomputed from them, the reference fixed; recall's band resamples the real points it
+    scores (the generated manifold as computed, since duplicates would shrink k-NN radii)."""
+    counts = metrics.bootstrap_counts(len(feats), p.bootstrap, p.bootstrap_seed)
+    real_counts = metrics.bootstrap_counts(len(ref.test_feats), p.bootstrap, p.bootstrap_seed + 1)
+    out: dict[str, float] = {}
+    fid = metrics.fid_from_stats(*metrics.gaussian_stats(feats), *ref.test_stats)
+    with_band(out, f"fid_cls{suffix}", fid, metrics.fid_replicates(feats, *ref.test_stats, counts), p)
+    kid = metrics.kid_with_replicates(feats, ref.test_feats, p.kid_subsets, p.kid_subset_size, p.seed, counts)
+    with_band(out, f"kid_cls{suffix}", kid["mean"], kid["replicates"], p)
+    out[f"kid_cls{suffix}_std"] = kid["std"]
+    fake_inside, real_inside = metrics.inside_flags(ref.test_feats, feats, p.pr_k)
+    with_band(out, f"precision{suffix}", fake_inside.mean(), metrics.fraction_replicates(fake_inside, counts), p)
+    with_band(out, f"recall{suffix}", real_inside.mean(), metrics.fraction_replicates(real_inside, real_counts), p)
+    return out
+
+
+def sample_quality(embedded: dict[str, tuple], refs: dict[str, Reference], p: EvaluateParams) -> tuple[dict[str, float], list[int]]:
+    """Every sample-quality metric of one image set: distances (with bands) in each feature space
+    (`embedded[suffix] = (feats, probs)`), and from the first evaluator's classes IS_cls, class
+    coverage and confidence. Returns the metrics and the class histogram."""
+    out: dict[str, float] = {}
+    for suffix, ref in refs.items():
+        out.update(distances(embedded[suffix][0], ref, p, suffix))
+    probs = embedded[""][1]
     score = metrics.inception_score(probs, p.is_splits)
-    pr = metrics.precision_recall(ref.test_feats, feats, p.pr_k)
     coverage = metrics.class_coverage(probs.argmax(1))
-    out = {
-        "fid_cls": metrics.fid_from_stats(mu, sigma, *ref.test_stats),
-        "kid_cls": kid["mean"], "kid_cls_std": kid["std"],
+    out.update({
         "is_cls": score["mean"], "is_cls_std": score["std"],
-        "precision": pr["precision"], "recall": pr["recall"],
         "classes_present": coverage["classes_present"], "class_tv_to_uniform": coverage["tv_to_uniform"],
         "confidence": probs.max(1).values.mean().item(),
-    }
+    })
     return {k: float(v) for k, v in out.items()}, coverage["histogram"]
 
 
-def real_data_row(ref: Reference, p: EvaluateParams) -> dict[str, float]:
-    """The floor: a training subset scored against the test set as if it were a model's samples."""
-    row, _ = sample_quality(ref.train_feats, ref.train_probs, ref, p)
+def real_data_row(refs: dict[str, Reference], p: EvaluateParams) -> dict[str, float]:
+    """The floor: a training subset scored against the test set as if it were a model's samples, in every space."""
+    row, _ = sample_quality({s: (r.train_feats, r.train_probs) for s, r in refs.items()}, refs, p)
     return row
+
+
+def binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """One fixed Bernoulli draw of grey images (evaluate.binarize_seed), the same on every run."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return (torch.rand(x.shape, generator=gen, device=x.device) < x).float()
+
+
+def likelihood_subset(n: int, images: int, seed: int) -> torch.Tensor:
+    """Indices of the test images the -ELBO and the IWAE bound both use: all (images = 0 or >= n), else a seeded random subset."""
+    if images == 0 or images >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:images].sort().values
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -95,8 +151,13 @@ def interpolation_pairs(labels: torch.Tensor, n: int, generator: torch.Generator
 class Evaluation:
     """Evaluate one trained model; fills `self.metrics` and writes figures into `out`."""
 
-    def __init__(self, model: GenerativeModel, classifier: Classifier, ref: Reference, p: EvaluateParams, out: Path):
-        self.model, self.classifier, self.ref, self.p, self.out = model.eval(), classifier.eval(), ref, p, Path(out)
+    def __init__(self, model: GenerativeModel, classifiers: dict[str, Classifier], refs: dict[str, Reference],
+                 p: EvaluateParams, out: Path):
+        """`classifiers` and `refs` map each feature space's suffix (SPACES) to its evaluator and reference."""
+        if set(classifiers) != set(refs) or "" not in refs:
+            raise ValueError(f"one classifier per reference, the first space included: {sorted(classifiers)} vs {sorted(refs)}")
+        self.model, self.p, self.out = model.eval(), p, Path(out)
+        self.classifiers, self.refs = {k: c.eval() for k, c in classifiers.items()}, refs
         self.device = model.device
         self.metrics: dict[str, float] = {}
         self.timings: dict[str, float] = {}
@@ -111,16 +172,17 @@ class Evaluation:
         self.timings[name] = time.perf_counter() - started
         return result
 
-    def embed(self, images):
-        return self.classifier.features_and_probs(images, self.p.batch_size)
+    def embed(self, images) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{suffix: (features, probabilities)} of images in every feature space."""
+        return {s: c.features_and_probs(images, self.p.batch_size) for s, c in self.classifiers.items()}
 
     @torch.no_grad()
     def prior_samples(self) -> None:
         gen = self.generator()
         images = generate(lambda n: self.model.sample(n, gen), self.p.num_samples, self.p.batch_size)
-        feats, probs = self.embed(images)
-        quality, histogram = sample_quality(feats, probs, self.ref, self.p)
+        quality, histogram = sample_quality(self.embed(images), self.refs, self.p)
         self.metrics.update(quality)
+        self.metrics.update(metrics.sharpness(images, self.p.batch_size))
         figures.save_grid(images[:100], self.out / "samples.png", nrow=10)
         figures.class_histogram(histogram, self.out / "class_histogram.png", f"{self.model.family}: predicted classes of samples")
 
@@ -145,60 +207,78 @@ class Evaluation:
         figures.latent_scatter(codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits")
 
     @torch.no_grad()
-    def interpolation(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
-        """Fixed pairs, `interp_steps` points each; confidence and FID_cls of the interior points."""
+    def interpolation(self, val_x: torch.Tensor, val_y: torch.Tensor) -> None:
+        """Fixed pairs, `interp_steps` points each; confidence and FID_cls of the interior points in each space.
+
+        Every family scores the same count of interior points (interp_pairs x (interp_steps - 2)); an AE
+        or VAE encodes pairs of held-out validation digits, not the test images the FID reference is
+        made of. The points of one path are correlated, so the FID band resamples whole paths. These
+        FIDs compare interpolations between models; they are not on FID_cls's scale (fewer, correlated points).
+        """
         p = self.p
         t = torch.linspace(0, 1, p.interp_steps, device=self.device)
-        if self.model.has_encoder:  # encode fixed test pairs of different digits
-            first, second = interpolation_pairs(test_y.cpu(), p.interp_pairs, torch.Generator().manual_seed(p.seed))
-            z_a, z_b = self.model.encode(test_x[first.to(self.device)]), self.model.encode(test_x[second.to(self.device)])
+        if self.model.has_encoder:  # encode fixed held-out pairs of different digits
+            first, second = interpolation_pairs(val_y.cpu(), p.interp_pairs, torch.Generator().manual_seed(p.seed))
+            z_a, z_b = self.model.encode(val_x[first.to(self.device)]), self.model.encode(val_x[second.to(self.device)])
         else:  # random latent pairs from the model's noise
             gen = self.generator(1)
             z_a, z_b = self.model.sample_latent(p.interp_pairs, gen), self.model.sample_latent(p.interp_pairs, gen)
         paths = {"linear": lerp}
         if self.model.gaussian_latent:  # slerp is for Gaussian latents
             paths["slerp"] = slerp
+        interior_steps = p.interp_steps - 2
+        counts = metrics.bootstrap_counts(len(z_a) * interior_steps, p.bootstrap, p.bootstrap_seed, groups=interior_steps)
         for name, path in paths.items():
             z = path(z_a, z_b, t)  # [pairs, steps, latent]
             images = self.model.decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
-            interior = images[:, 1:-1].flatten(0, 1)
-            feats, probs = self.embed(interior)
-            self.metrics[f"interp_{name}_confidence"] = probs.max(1).values.mean().item()
-            self.metrics[f"interp_{name}_fid_cls"] = metrics.fid_from_stats(*metrics.gaussian_stats(feats), *self.ref.test_stats)
-            midpoint = probs.view(len(z_a), -1, 10)[:, (p.interp_steps - 2) // 2].max(1).values  # one per pair
-            self.metrics[f"interp_{name}_midpoint_confidence"] = midpoint.mean().item()
-            self.metrics[f"interp_{name}_midpoint_confidence_stderr"] = (midpoint.std() / len(midpoint) ** 0.5).item()
+            embedded = self.embed(images[:, 1:-1].flatten(0, 1))
+            for suffix, (feats, _) in embedded.items():
+                stats = self.refs[suffix].test_stats
+                with_band(self.metrics, f"interp_{name}_fid_cls{suffix}", metrics.fid_from_stats(*metrics.gaussian_stats(feats), *stats),
+                          metrics.fid_replicates(feats, *stats, counts), p)
+            self.metrics[f"interp_{name}_confidence"] = embedded[""][1].max(1).values.mean().item()
+            for suffix, (_, probs) in embedded.items():  # how recognisable the midpoint is, to each evaluator
+                midpoint = probs.view(len(z_a), -1, 10)[:, (p.interp_steps - 2) // 2].max(1).values  # one per pair
+                self.metrics[f"interp_{name}_midpoint_confidence{suffix}"] = midpoint.mean().item()
+                self.metrics[f"interp_{name}_midpoint_confidence{suffix}_stderr"] = (midpoint.std() / len(midpoint) ** 0.5).item()
             figures.save_grid(images[:10].flatten(0, 1), self.out / f"interpolation_{name}.png", nrow=p.interp_steps)
+        self.metrics["interp_points"] = float(len(z_a) * interior_steps)
 
     @torch.no_grad()
     def likelihood(self, test_x: torch.Tensor) -> None:
-        """VAE: negative ELBO on grey and on once-binarised test images, and the IWAE bound (nats per image)."""
+        """VAE: negative ELBO on grey and on once-binarised test images, and the IWAE bound (nats per image),
+        all three on the same test images (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed)."""
         p = self.p
-        binarised = torch.bernoulli(test_x, generator=self.generator(2)) if test_x.device.type == "cpu" else \
-            (torch.rand(test_x.shape, generator=self.generator(2), device=self.device) < test_x).float()
-        nelbo_grey = nelbo_bin = 0.0
-        for i in range(0, len(test_x), p.batch_size):
-            nelbo_grey += self.model.negative_elbo(test_x[i : i + p.batch_size])[2].sum().item()
-            nelbo_bin += self.model.negative_elbo(binarised[i : i + p.batch_size])[2].sum().item()
-        n_iwae = len(test_x) if p.iwae_images == 0 else min(p.iwae_images, len(test_x))
+        binarised_all = binarize(test_x, p.binarize_seed)  # binarise every image once, then pick: an image's draw does not depend on the subset
+        idx = likelihood_subset(len(test_x), p.iwae_images, p.seed + 3).to(test_x.device)
+        grey, binarised = test_x[idx], binarised_all[idx]
+        n = len(idx)
+        nelbo_grey = torch.cat([self.model.negative_elbo(grey[i : i + p.batch_size])[2] for i in range(0, n, p.batch_size)])
+        nelbo_bin = torch.cat([self.model.negative_elbo(binarised[i : i + p.batch_size])[2] for i in range(0, n, p.batch_size)])
         images_per_call = 100
         chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
         nll = torch.cat([
-            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk)
-            for i in progress_bar(range(0, n_iwae, images_per_call), f"IWAE k={p.iwae_k}")
+            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk)  # slices stop at n: no image past the subset
+            for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")
         ])
+
+        def stderr(values):
+            return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
+
         self.metrics.update({
-            "nelbo_grey": nelbo_grey / len(test_x),
-            "nelbo_binarized": nelbo_bin / len(test_x),
-            "iwae_nll": nll.mean().item(),
-            "iwae_nll_stderr": (nll.std() / math.sqrt(len(nll))).item() if len(nll) > 1 else 0.0,
-            "iwae_images": float(n_iwae),
+            "nelbo_grey": nelbo_grey.mean().item(), "nelbo_grey_stderr": stderr(nelbo_grey),
+            "nelbo_binarized": nelbo_bin.mean().item(), "nelbo_binarized_stderr": stderr(nelbo_bin),
+            "iwae_nll": nll.mean().item(), "iwae_nll_stderr": stderr(nll),
+            "iwae_images": float(len(nll)),
+            "likelihood_images": float(n),
+            "likelihood_all_test_images": float(n == len(test_x)),
             "iwae_k": float(p.iwae_k),
         })
 
-    def run(self, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, float]:
+    def run(self, test_x: torch.Tensor, test_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor) -> dict[str, float]:
+        """Every metric; val_x/val_y (held out from training and from the FID reference) start the AE/VAE interpolations."""
         self.timed("samples", self.prior_samples)
-        self.timed("interpolation", self.interpolation, test_x, test_y)
+        self.timed("interpolation", self.interpolation, val_x, val_y)
         if self.model.has_encoder:
             self.timed("reconstruction", self.reconstruction, test_x)
             self.timed("latent_scatter", self.latent_scatter, test_x, test_y)

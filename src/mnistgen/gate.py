@@ -2,14 +2,22 @@
 
 Per model: every floor must hold (else the candidate is a regression and CI fails);
 with no champion the floors alone decide; otherwise the candidate must beat the
-champion on the primary metric by more than min_improvement + tolerance (the
-tolerance absorbs run-to-run noise), or the champion stays.
+champion on the primary metric by more than min_improvement + tolerance, or the
+champion stays. The tolerance absorbs run-to-run noise: a fixed number, or `band`: the
+two noise bands' facing half-widths combined (the candidate's half towards the champion
+plus the champion's half towards the candidate, so with min_improvement 0 the bands must
+not overlap). With agree_in_both_spaces the same must hold for the metric in the second
+evaluator's feature space (`<primary>_e2`) whenever both versions have it; every reason
+says what each space says.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .config import Floor, GateParams
+
+SECOND_SPACE = "_e2"  # suffix of a metric measured in the second evaluator's feature space
+Z95 = 1.959964  # a band from a standard error: estimate +- 1.96 standard errors
 
 PROMOTE, KEEP, REJECT = "promote", "keep champion", "reject"
 
@@ -57,6 +65,32 @@ def improvement(candidate: float, champion: float, higher_is_better: bool) -> fl
     return candidate - champion if higher_is_better else champion - candidate
 
 
+def band_of(metrics: dict[str, float], key: str) -> tuple[float, float] | None:
+    """The noise band of `key`: its bootstrap interval `<key>_lo`..`<key>_hi`, else +-1.96 standard errors."""
+    if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
+        return metrics[f"{key}_lo"], metrics[f"{key}_hi"]
+    if f"{key}_stderr" in metrics and key in metrics:
+        return metrics[key] - Z95 * metrics[f"{key}_stderr"], metrics[key] + Z95 * metrics[f"{key}_stderr"]
+    return None
+
+
+def required_gain(key: str, candidate: dict[str, float], champion: dict[str, float], gate: GateParams) -> tuple[float, str]:
+    """How much better the candidate must be on `key`, and how that number was made."""
+    if gate.tolerance != "band":
+        return gate.min_improvement + gate.tolerance, f"min_improvement {gate.min_improvement:g} + tolerance {gate.tolerance:g}"
+    mine, theirs = band_of(candidate, key), band_of(champion, key)
+    if mine is None:
+        raise KeyError(f"gate tolerance 'band': the candidate has no band for {key!r} ({key}_lo/_hi or {key}_stderr)")
+    # the half of each band that faces the other value when the candidate is the better one
+    mine_half = candidate[key] - mine[0] if gate.higher_is_better else mine[1] - candidate[key]
+    if theirs is None:  # a champion registered before bands existed: assume its noise is the candidate's
+        theirs_half, whose = mine_half, "the candidate's half-width twice (the champion has no band)"
+    else:
+        theirs_half = theirs[1] - champion[key] if gate.higher_is_better else champion[key] - theirs[0]
+        whose = "the facing band half-widths"
+    return gate.min_improvement + mine_half + theirs_half, f"min_improvement {gate.min_improvement:g} + {whose}"
+
+
 def decide(model: str, candidate: dict[str, float], champion: dict[str, float] | None, gate: GateParams) -> Decision:
     floors = [check_floor(f, candidate) for f in gate.floors]
     decision = Decision(model, KEEP, "", gate.primary, candidate, champion, floors=floors)
@@ -71,14 +105,28 @@ def decide(model: str, candidate: dict[str, float], champion: dict[str, float] |
         decision.decision = PROMOTE
         decision.reason = "no champion yet; all floors hold"
         return decision
-    gain = improvement(candidate[gate.primary], champion[gate.primary], gate.higher_is_better)
-    needed = gate.min_improvement + gate.tolerance
     direction = "higher" if gate.higher_is_better else "lower"
-    if gain > needed:
-        decision.decision = PROMOTE
-        decision.reason = f"{gate.primary} better by {gain:.4g} ({direction} is better), more than the {needed:.4g} required"
-    else:
-        decision.reason = f"{gate.primary} better by {gain:.4g} ({direction} is better), not more than the {needed:.4g} required"
+    keys = [gate.primary]
+    second = gate.primary + SECOND_SPACE
+    note = ""
+    if gate.agree_in_both_spaces:
+        if second in candidate and second in champion:
+            keys.append(second)
+        else:
+            note = f"; {second} not measured for {'the champion' if second in candidate else 'the candidate'}: decided in one feature space"
+    parts, wins = [], []
+    for key in keys:
+        gain = improvement(candidate[key], champion[key], gate.higher_is_better)
+        needed, how = required_gain(key, candidate, champion, gate)
+        wins.append(gain > needed)
+        parts.append(f"{key} better by {gain:.4g} ({direction} is better), {'more' if wins[-1] else 'not more'} than the "
+                     f"{needed:.4g} required ({how})")
+    decision.decision = PROMOTE if all(wins) else KEEP
+    spaces = ""
+    if len(keys) == 2:
+        spaces = "; holds in both feature spaces" if all(wins) else ("; holds in neither feature space" if not any(wins)
+                                                                      else "; does not hold in both feature spaces")
+    decision.reason = "; ".join(parts) + spaces + note
     return decision
 
 
@@ -98,7 +146,7 @@ def to_markdown(decisions: list[Decision], exit_code: int) -> str:
         lines += ["", f"## {d.model}: {d.decision}", "", f"{d.reason}. Primary metric: `{d.primary}`.", "",
                   "| metric | candidate | champion | floor | ok |", "| --- | --- | --- | --- | --- |"]
         floors = {f.metric: f for f in d.floors}
-        shown = [d.primary] + [m for m in floors if m != d.primary]
+        shown = [d.primary] + [m for m in (d.primary + SECOND_SPACE,) if m in d.candidate] + [m for m in floors if m != d.primary]
         for metric in shown:
             f = floors.get(metric)
             ok = "" if f is None else ("yes" if f.ok else "**NO**")

@@ -146,15 +146,6 @@ def _knn_radii(feats: Tensor, k: int) -> Tensor:
     return torch.cat(radii)
 
 
-def _fraction_inside(manifold: Tensor, radii: Tensor, queries: Tensor) -> float:
-    """Fraction of queries that lie within at least one manifold ball."""
-    inside = [
-        (torch.cdist(rows, manifold) <= radii).any(dim=1)
-        for rows in queries.split(_DISTANCE_BATCH)
-    ]
-    return float(torch.cat(inside).to(torch.float64).mean())
-
-
 def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> dict[str, float]:
     """Improved precision and recall of generated samples.
 
@@ -163,13 +154,8 @@ def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> dict
     (fidelity). Recall: fraction of real points inside some fake ball
     (coverage/diversity).
     """
-    real = real_feats.reshape(len(real_feats), -1).float()
-    fake = fake_feats.reshape(len(fake_feats), -1).float().to(real.device)
-    if min(len(real), len(fake)) <= k:
-        raise ValueError(f"need more than k={k} samples in each set")
-    precision = _fraction_inside(real, _knn_radii(real, k), fake)
-    recall = _fraction_inside(fake, _knn_radii(fake, k), real)
-    return {"precision": precision, "recall": recall}
+    fake_inside, real_inside = inside_flags(real_feats, fake_feats, k)
+    return {"precision": float(fake_inside.mean()), "recall": float(real_inside.mean())}
 
 
 # --------------------------------------------------------------------------
@@ -197,3 +183,171 @@ def class_coverage(pred_labels: Tensor, num_classes: int = 10) -> dict:
         "classes_present": int((hist > 0).sum()),
         "tv_to_uniform": float(tv),
     }
+
+
+# --------------------------------------------------------------------------
+# Noise bands: bootstrap over already-computed features
+# --------------------------------------------------------------------------
+#
+# Each round resamples the generated set with replacement, written as multinomial counts
+# [rounds, n] (how often each sample is drawn), so a metric is recomputed from the features
+# it already has: no new samples, no new forward passes. The reference set stays fixed: it is
+# common to every model and every run, so its own sampling error does not move a comparison.
+
+
+def bootstrap_counts(n: int, rounds: int, seed: int, groups: int = 1) -> Tensor:
+    """Multinomial resampling counts [rounds, n] (each row sums to n), float64.
+
+    With groups > 1 the n samples are n // groups consecutive blocks of `groups` correlated
+    samples (e.g. the interior points of one interpolation path): whole blocks are resampled.
+    """
+    if n % groups:
+        raise ValueError(f"{n} samples do not split into blocks of {groups}")
+    blocks = n // groups
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(blocks, (rounds, blocks), generator=gen)
+    counts = torch.zeros(rounds, blocks, dtype=torch.float64).scatter_add_(1, idx, torch.ones(rounds, blocks, dtype=torch.float64))
+    return counts.repeat_interleave(groups, dim=1)
+
+
+def band(point: float, replicates, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates, shifted so their median sits on the point estimate.
+
+    Resampling with replacement duplicates samples, which biases distances such as FID upward;
+    the shift keeps the spread of the replicates and drops that bias, so the band always holds
+    the estimate. For an unbiased statistic (a fraction) the shift is about zero.
+    """
+    r = torch.as_tensor(replicates, dtype=torch.float64).flatten()
+    q = torch.quantile(r, torch.tensor([(1 - level) / 2, 0.5, (1 + level) / 2], dtype=torch.float64))
+    lo, mid, hi = (float(v) for v in q)
+    return point - (mid - lo), point + (hi - mid)
+
+
+def fid_replicates(feats: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Tensor) -> list[float]:
+    """FID of each bootstrap resample (weights `counts` [rounds, n]) of feats against fixed reference stats."""
+    x = feats.reshape(len(feats), -1).to(torch.float64)
+    out = []
+    for c in counts.to(x.device):
+        total = c.sum()
+        mu = c @ x / total
+        centred = x - mu
+        sigma = (centred * c[:, None]).T @ centred / (total - 1)
+        out.append(fid_from_stats(mu, sigma, ref_mu, ref_sigma))
+    return out
+
+
+def kid_with_replicates(feats_a: Tensor, feats_b: Tensor, subsets: int, subset_size: int, seed: int,
+                        counts: Tensor) -> dict:
+    """`kid(feats_a, feats_b, ...)` (the same subsets, so the same mean) and its bootstrap replicates.
+
+    Round r weights each sample i of feats_a by counts[r, i]; within a subset the unbiased
+    MMD^2 of the resampled multiset is taken over pairs of distinct copies:
+    (w'Kw - sum_i w_i k_ii) / (W (W - 1)) for the a-a term and w'K1 / (W m) for the cross term.
+    A copy drawn in several subsets keeps its count in all of them, as in a real resample.
+    """
+    a = feats_a.reshape(len(feats_a), -1).to(torch.float64)
+    b = feats_b.reshape(len(feats_b), -1).to(device=a.device, dtype=torch.float64)
+    counts = counts.to(device=a.device, dtype=torch.float64)
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples per set")
+    gen = torch.Generator().manual_seed(seed)
+    values, reps = [], []
+    for _ in range(subsets):
+        idx_a = torch.randperm(len(a), generator=gen)[:m].to(a.device)
+        idx_b = torch.randperm(len(b), generator=gen)[:m].to(a.device)
+        x, y = a[idx_a], b[idx_b]
+        k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
+        yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+        values.append((k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1)) + yy - 2 * k_xy.sum() / (m * m))
+        w = counts[:, idx_a]  # [rounds, m]
+        total = w.sum(1)
+        w_k = (w.float() @ k_xx.float()).double()  # the one big product in fp32: a band needs no more precision
+        xx = ((w_k * w).sum(1) - w @ k_xx.diagonal()) / (total * (total - 1)).clamp_min(1)
+        xy = w @ k_xy.sum(1) / (total * m).clamp_min(1)
+        reps.append(xx + yy - 2 * xy)
+    values = torch.stack(values)
+    return {"mean": float(values.mean()), "std": float(values.std(unbiased=False)),
+            "replicates": torch.stack(reps).mean(0).tolist()}
+
+
+def inside_flags(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> tuple[Tensor, Tensor]:
+    """Per-sample indicators behind precision_recall: fake point inside the real manifold, real point inside the fake one."""
+    real = real_feats.reshape(len(real_feats), -1).float()
+    fake = fake_feats.reshape(len(fake_feats), -1).float().to(real.device)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"need more than k={k} samples in each set")
+
+    def inside(manifold, radii, queries):
+        return torch.cat([(torch.cdist(rows, manifold) <= radii).any(dim=1) for rows in queries.split(_DISTANCE_BATCH)])
+
+    return inside(real, _knn_radii(real, k), fake).double(), inside(fake, _knn_radii(fake, k), real).double()
+
+
+def fraction_replicates(flags: Tensor, counts: Tensor) -> list[float]:
+    """Bootstrap replicates of a fraction: the mean of per-sample 0/1 flags under resampling counts."""
+    return (counts.to(flags.device) @ flags / counts.sum(1)).tolist()
+
+
+# --------------------------------------------------------------------------
+# Sharpness: direct measures on images
+# --------------------------------------------------------------------------
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8  # /8: a unit ramp has gradient 1 per pixel
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def sharpness_per_image(images: Tensor) -> dict[str, Tensor]:
+    """Per image (values in [0, 1], [N, 1, H, W]): mean Sobel gradient magnitude, variance of the
+    Laplacian, and the fraction of pixels neither ink nor background (0.1 < p < 0.9).
+
+    A blurred digit has softer edges (lower gradient magnitude and Laplacian variance) and more
+    grey pixels than a sharp one. Only interior pixels count (no padding artefacts)."""
+    x = images.reshape(len(images), 1, *images.shape[-2:]).to(torch.float32)
+    sobel = torch.stack([_SOBEL_X, _SOBEL_X.T])[:, None].to(x.device)
+    grad = torch.nn.functional.conv2d(x, sobel)  # [N, 2, H-2, W-2]
+    lap = torch.nn.functional.conv2d(x, _LAPLACIAN[None, None].to(x.device))
+    return {
+        "grad_mag": grad.square().sum(1).sqrt().flatten(1).mean(1),
+        "laplacian_var": lap.flatten(1).var(1),
+        "grey_fraction": ((x > 0.1) & (x < 0.9)).flatten(1).float().mean(1),
+    }
+
+
+def sharpness(images: Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Means over images of sharpness_per_image, each with its standard error (`<name>_stderr`)."""
+    parts = [sharpness_per_image(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    out = {}
+    for name in parts[0]:
+        values = torch.cat([p[name] for p in parts]).to(torch.float64)
+        out[name] = float(values.mean())
+        out[f"{name}_stderr"] = float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------
+# Rank agreement
+# --------------------------------------------------------------------------
+
+
+def kendall_tau(x, y) -> float:
+    """Kendall's tau-b between two score lists over the same items (1 = same order, -1 = reversed)."""
+    x, y = list(map(float, x)), list(map(float, y))
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError("need two equally long lists of at least 2 scores")
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+    return (concordant - discordant) / denominator if denominator else float("nan")

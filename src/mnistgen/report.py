@@ -9,20 +9,35 @@ from pathlib import Path
 
 import pandas as pd
 
-# (metric, label, True when higher is better)
+from .metrics import kendall_tau
+
+SPACES = {"": "evaluator 1", "_e2": "evaluator 2"}  # metric-name suffix -> feature space (evaluation.SPACES)
+DISTANCES = ["fid_cls", "kid_cls", "precision", "recall"]  # measured in both feature spaces, each with a band
+
+# (metric, label, True when higher is better; None when closer to real data is better)
 COLUMNS = [
     ("fid_cls", "FID_cls", False),
+    ("fid_cls_e2", "FID_cls, evaluator 2", False),
     ("kid_cls", "KID_cls", False),
+    ("kid_cls_e2", "KID_cls, evaluator 2", False),
     ("is_cls", "IS_cls", True),
     ("precision", "precision", True),
+    ("precision_e2", "precision, evaluator 2", True),
     ("recall", "recall", True),
+    ("recall_e2", "recall, evaluator 2", True),
     ("classes_present", "digits present", True),
     ("class_tv_to_uniform", "TV to uniform", False),
+    ("grad_mag", "sharpness: gradient magnitude", None),
+    ("laplacian_var", "sharpness: Laplacian variance", None),
+    ("grey_fraction", "grey pixels (0.1 < p < 0.9)", None),
     ("interp_linear_confidence", "interp. confidence (linear)", True),
     ("interp_linear_midpoint_confidence", "midpoint confidence (linear)", True),
+    ("interp_linear_midpoint_confidence_e2", "midpoint confidence (linear), evaluator 2", True),
     ("interp_linear_fid_cls", "interp. FID_cls (linear)", False),
+    ("interp_linear_fid_cls_e2", "interp. FID_cls (linear), evaluator 2", False),
     ("interp_slerp_confidence", "interp. confidence (slerp)", True),
     ("interp_slerp_fid_cls", "interp. FID_cls (slerp)", False),
+    ("interp_slerp_fid_cls_e2", "interp. FID_cls (slerp), evaluator 2", False),
     ("recon_mse", "recon. MSE", False),
     ("recon_bce", "recon. BCE", False),
     ("nelbo_grey", "-ELBO grey (nats)", False),
@@ -37,17 +52,40 @@ def fmt(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
+        if value != 0 and abs(value) < 0.01:
+            return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4f}"
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
     return str(value)
 
 
+def cell(r: dict, key: str) -> str:
+    """A value with its noise band, '13.73 [13.52, 13.97]', or with its standard error."""
+    if key not in r:
+        return "–"
+    if f"{key}_lo" in r and f"{key}_hi" in r:
+        return f"{fmt(r[key])} [{fmt(r[f'{key}_lo'])}, {fmt(r[f'{key}_hi'])}]"
+    if r.get(f"{key}_stderr"):
+        return f"{fmt(r[key])} ± {fmt(r[f'{key}_stderr'])}"
+    return fmt(r[key])
+
+
 def winners(results: dict[str, dict]) -> dict[str, str]:
-    """For each metric, the model with the best value (real data excluded)."""
+    """For each metric with a better direction, the model with the best value (real data excluded)."""
     out = {}
     for key, _, higher in COLUMNS:
         scored = {m: r[key] for m, r in results.items() if key in r}
-        if len(scored) > 1:
+        if len(scored) > 1 and higher is not None:
             out[key] = (max if higher else min)(scored, key=scored.get)
+    return out
+
+
+def rank_agreement(results: dict[str, dict]) -> dict[str, float]:
+    """Kendall tau between the two feature spaces' rankings of the models, per distance metric."""
+    out = {}
+    for key in DISTANCES:
+        models = [m for m, r in results.items() if key in r and f"{key}_e2" in r]
+        if len(models) >= 2:
+            out[key] = kendall_tau([results[m][key] for m in models], [results[m][f"{key}_e2"] for m in models])
     return out
 
 
@@ -59,64 +97,159 @@ def verdict(holds: bool) -> str:
     return HOLDS if holds else FAILS
 
 
+def combine(verdicts) -> str:
+    """One verdict from several checks that must all hold: any failure fails, then any too-close is too close."""
+    verdicts = list(verdicts)
+    if FAILS in verdicts:
+        return FAILS
+    return TOO_CLOSE if TOO_CLOSE in verdicts else HOLDS
+
+
+def by_band(a: dict, b: dict, key: str, a_larger: bool) -> str | None:
+    """Does a's `key` exceed b's (a_larger) or fall below it? Too close to call when the two bands overlap
+    (or, without bands, when the gap is within two combined standard errors). None if either lacks the metric."""
+    if key not in a or key not in b:
+        return None
+    x, y = a[key], b[key]
+    if f"{key}_lo" in a and f"{key}_lo" in b:
+        overlap = a[f"{key}_lo"] <= b[f"{key}_hi"] and b[f"{key}_lo"] <= a[f"{key}_hi"]
+    else:
+        overlap = abs(x - y) <= 2 * math.hypot(a.get(f"{key}_stderr", 0.0), b.get(f"{key}_stderr", 0.0))
+    if overlap:
+        return TOO_CLOSE
+    return verdict(x > y if a_larger else x < y)
+
+
+def in_both_spaces(a: dict, b: dict, key: str, a_larger: bool) -> tuple[str, str] | None:
+    """The verdict over both feature spaces (it holds only if it holds in each) and a sentence saying so."""
+    per_space = {name: v for suffix, name in SPACES.items() if (v := by_band(a, b, key + suffix, a_larger)) is not None}
+    if not per_space:
+        return None
+    outcome = combine(per_space.values())
+    if len(per_space) == 1:
+        return outcome, f"{next(iter(per_space.values()))} in {next(iter(per_space))}'s space only (no second space measured)"
+    values = set(per_space.values())
+    if values == {HOLDS}:
+        return outcome, "holds in both feature spaces"
+    return outcome, "; ".join(f"{name}: {v}" for name, v in per_space.items())
+
+
+def _pair(a: dict, b: dict, key: str, name_a: str, name_b: str) -> str:
+    parts = []
+    for suffix, space in SPACES.items():
+        if key + suffix in a and key + suffix in b:
+            parts.append(f"{space} {name_a} {cell(a, key + suffix)} vs {name_b} {cell(b, key + suffix)}")
+    return "; ".join(parts)
+
+
+def wasserstein_falls(w: list[float], margin: float = 0.1) -> bool:
+    """The critic's W estimate falls: the last epoch is below the first by more than `margin` of the first's size,
+    and the least-squares slope over the epochs is negative."""
+    if len(w) < 2:
+        return False
+    n = len(w)
+    mean_x, mean_w = (n - 1) / 2, sum(w) / n
+    slope = sum((i - mean_x) * (v - mean_w) for i, v in enumerate(w)) / sum((i - mean_x) ** 2 for i in range(n))
+    return w[-1] < w[0] - margin * abs(w[0]) and slope < 0
+
+
 def claims(results: dict[str, dict], curves: dict[str, dict[str, list[float]]]) -> list[tuple[str, str, str]]:
     """The design's story as checks on the measured numbers: (claim, verdict, evidence).
 
-    Where a metric comes with a standard error, a gap of at most two combined standard errors
-    is "too close to call" rather than a win for either side.
+    A distance claim is checked in both evaluator feature spaces; in each, overlapping bootstrap
+    bands make it "too close to call", and it holds only if it holds in both (the evidence says
+    which). Where a metric has a standard error instead, a gap within two combined standard errors
+    is too close to call.
     """
     ae, vae = results.get("ae", {}), results.get("vae", {})
     out = []
-    if "fid_cls" in ae and "fid_cls" in vae:
-        out.append(("AE prior samples (Gaussian fitted to its codes) are worse than VAE prior samples",
-                    verdict(ae["fid_cls"] > vae["fid_cls"]), f"FID_cls AE {fmt(ae['fid_cls'])} vs VAE {fmt(vae['fid_cls'])}"))
+    if (both := in_both_spaces(ae, vae, "fid_cls", a_larger=True)) is not None:
+        out.append(("AE prior samples (Gaussian fitted to its codes) are worse than VAE prior samples", both[0],
+                    f"FID_cls {_pair(ae, vae, 'fid_cls', 'AE', 'VAE')}; {both[1]}"))
     key = "interp_linear_midpoint_confidence"
-    if key in ae and key in vae:
-        a, v = ae[key], vae[key]
-        se_a, se_v = ae.get(f"{key}_stderr", 0.0), vae.get(f"{key}_stderr", 0.0)
-        evidence = f"evaluator confidence at the midpoint AE {fmt(a)} vs VAE {fmt(v)}"
-        if se_a or se_v:
-            evidence += f" (standard errors {fmt(se_a)} and {fmt(se_v)} over the pairs)"
-        close = abs(a - v) <= 2 * math.hypot(se_a, se_v)
-        out.append(("AE interpolation midpoints are less recognisable than VAE midpoints",
-                    TOO_CLOSE if close else verdict(a < v), evidence))
-    if "interp_linear_fid_cls" in ae and "interp_linear_fid_cls" in vae:
-        a, v = ae["interp_linear_fid_cls"], vae["interp_linear_fid_cls"]
-        out.append(("AE interpolation paths leave the data manifold more than VAE paths", verdict(a > v),
-                    f"FID_cls of interior points AE {fmt(a)} vs VAE {fmt(v)}"))
+    if (both := in_both_spaces(ae, vae, key, a_larger=False)) is not None:
+        out.append(("AE interpolation midpoints are less recognisable than VAE midpoints", both[0],
+                    f"evaluator confidence at the midpoint (standard error over the pairs) {_pair(ae, vae, key, 'AE', 'VAE')}; {both[1]}"))
+    key = "interp_linear_fid_cls"
+    if (both := in_both_spaces(ae, vae, key, a_larger=True)) is not None:
+        out.append(("AE interpolation paths leave the data manifold more than VAE paths", both[0],
+                    f"FID_cls of interior points (same count per model, paths from held-out digits) {_pair(ae, vae, key, 'AE', 'VAE')}; {both[1]}"))
+    gans = [m for m in ("gan", "wgan") if "grad_mag" in results.get(m, {})]
+    if "grad_mag" in vae and gans:
+        checks, evidence = [], []
+        for m in gans:
+            g = results[m]
+            checks += [by_band(g, vae, "grad_mag", True), by_band(g, vae, "laplacian_var", True), by_band(g, vae, "grey_fraction", False)]
+            evidence.append(f"{m.upper()} gradient magnitude {cell(g, 'grad_mag')}, Laplacian variance {cell(g, 'laplacian_var')}, "
+                            f"grey pixels {cell(g, 'grey_fraction')}")
+        evidence.append(f"VAE {cell(vae, 'grad_mag')}, {cell(vae, 'laplacian_var')}, {cell(vae, 'grey_fraction')}")
+        out.append(("A GAN's learned distance gives sharper samples than the VAE's pixel likelihood (every GAN: larger "
+                    "gradients and Laplacian variance, fewer grey pixels)", combine(checks),
+                    "; ".join(evidence) + "; a pixel measure, the same in both feature spaces"))
     gans = [m for m in ("gan", "wgan") if "fid_cls" in results.get(m, {})]
-    if "vae" in results and gans:
+    if "fid_cls" in vae and gans:
         best = min(gans, key=lambda m: results[m]["fid_cls"])
-        out.append(("A GAN's learned distance gives sharper samples than the VAE's pixel likelihood",
-                    verdict(results[best]["fid_cls"] < vae.get("fid_cls", float("inf"))),
-                    f"FID_cls {best.upper()} {fmt(results[best]['fid_cls'])} vs VAE {fmt(vae.get('fid_cls'))}"))
+        both = in_both_spaces(vae, results[best], "fid_cls", a_larger=True)
+        out.append(("A GAN's samples are closer to the data than the VAE's", both[0],
+                    f"FID_cls {_pair(results[best], vae, 'fid_cls', best.upper(), 'VAE')}; {both[1]}"))
     wgan_curve = curves.get("wgan", {})
     if wgan_curve.get("grad_norm") and wgan_curve.get("wasserstein"):
         norms, w = wgan_curve["grad_norm"], wgan_curve["wasserstein"]
-        stable = bool(norms) and all(0.5 < n < 2.0 for n in norms) and w[-1] <= max(w)
+        stable = all(0.5 < n < 2.0 for n in norms) and wasserstein_falls(w)
         out.append(("The WGAN-GP trains stably: its critic stays near 1-Lipschitz and its Wasserstein estimate falls",
                     verdict(stable), f"mean critic gradient norm per epoch {', '.join(f'{n:.2f}' for n in norms)}; "
-                    f"critic estimate of W first {w[0]:.2f}, last {w[-1]:.2f}"))
+                    f"critic estimate of W first {w[0]:.2f}, last {w[-1]:.2f} (must fall by more than 10 % with a negative slope); "
+                    "training curves, no feature space"))
     return out
 
 
 def table(results: dict[str, dict], real: dict, bold=lambda cell: f"**{cell}**") -> pd.DataFrame:
-    """Metrics as rows, models and the real-data floor as columns; the best model per row marked by `bold`."""
+    """Metrics as rows (each with its band where it has one), models and the real-data floor as columns;
+    the best model per row marked by `bold`."""
     best = winners(results)
     rows = {}
     for key, label, higher in COLUMNS:
         if any(key in r for r in results.values()):
-            cells = {m.upper(): bold(fmt(r.get(key))) if best.get(key) == m else fmt(r.get(key)) for m, r in results.items()}
-            rows[f"{label} {'↑' if higher else '↓'}"] = {**cells, "real data": fmt(real.get(key))}
+            cells = {m.upper(): bold(cell(r, key)) if best.get(key) == m else cell(r, key) for m, r in results.items()}
+            arrow = "≈ real" if higher is None else ("↑" if higher else "↓")
+            rows[f"{label} {arrow}"] = {**cells, "real data": cell(real, key)}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("metric")
 
 
+def notes(results: dict[str, dict], evaluator: dict, agreement: dict[str, float]) -> list[str]:
+    """What the table's numbers are: the spaces, the bands, the likelihood images, the interpolation counts, rank agreement."""
+    lines = [
+        f"Feature spaces: evaluator 1 (test accuracy {evaluator.get('test_accuracy', 0):.4f}, checkpoint sha256 "
+        f"`{str(evaluator.get('evaluator_hash', '?'))[:16]}…`) and evaluator 2, another architecture and seed (test accuracy "
+        f"{evaluator.get('test_accuracy_e2', 0):.4f}, sha256 `{str(evaluator.get('evaluator_hash_e2', '?'))[:16]}…`).",
+        "Bands [lo, hi]: bootstrap percentile intervals over the already-computed features (the generated set resampled, "
+        "the test reference fixed; recall resamples the real points it scores), centred on the estimate. "
+        "A gap whose bands overlap is too close to call. ± is a standard error.",
+        "Sharpness is measured on the prior samples and, in the real-data column, on the reference test digits.",
+    ]
+    vae = results.get("vae", {})
+    if "likelihood_images" in vae:
+        which = "all" if vae.get("likelihood_all_test_images") else "a seeded random subset of"
+        lines.append(f"The VAE's -ELBO (grey and binarised) and IWAE NLL (k = {vae.get('iwae_k', 0):.0f}) are all on the same "
+                     f"{vae['likelihood_images']:.0f} test images ({which} the test set), binarised once with evaluate.binarize_seed.")
+    points = {r["interp_points"] for r in results.values() if "interp_points" in r}
+    if points:
+        lines.append(f"Interpolation FID_cls: {', '.join(f'{p:.0f}' for p in sorted(points))} interior points per model, "
+                     "AE/VAE paths between held-out validation digits, bands resampling whole paths; it compares "
+                     "interpolations between models and is not on FID_cls's scale (fewer, correlated points).")
+    if agreement:
+        lines.append("Rank agreement of the two feature spaces over the models (Kendall tau, 1 = same order, -1 = reversed): "
+                     + ", ".join(f"{k} {v:+.2f}" for k, v in agreement.items()) + ".")
+    return lines
+
+
 def build_markdown(results: dict[str, dict], real: dict, evaluator: dict, checks) -> str:
+    agreement = rank_agreement(results)
     lines = [
         f"# {' → '.join(m.upper() for m in results)} on MNIST: comparison", "",
-        f"Evaluator: test accuracy {evaluator.get('test_accuracy', 0):.4f}, checkpoint sha256 `{evaluator.get('evaluator_hash', '?')[:16]}…`. "
-        "Sample metrics use 10,000 prior samples against the 10,000 test images in the evaluator's feature space; "
-        "the real-data column scores 10,000 training images the same way (the floor). Best model per metric in bold.", "",
+        "Sample metrics score each model's prior samples against the test images; the real-data column scores "
+        "training images the same way (the floor). Best model per metric in bold.", "",
+        *(f"- {line}" for line in notes(results, evaluator, agreement)), "",
         table(results, real).to_markdown(), "", "## What the numbers say", "",
     ]
     for claim, outcome, evidence in checks:
@@ -134,8 +267,9 @@ def _img(path: Path) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}"><figcaption>{html.escape(path.parent.name + "/" + path.name)}</figcaption></figure>'
 
 
-def build_html(results: dict, real: dict, checks, figures: dict[str, list[Path]]) -> str:
-    """The page: the table, the claims, and each model's figures (`figures[model]`, PNGs embedded)."""
+def build_html(results: dict, real: dict, checks, figures: dict[str, list[Path]], evaluator: dict | None = None) -> str:
+    """The page: the notes, the table, the claims, and each model's figures (`figures[model]`, PNGs embedded)."""
+    note_items = "".join(f"<li>{html.escape(line)}</li>" for line in notes(results, evaluator or {}, rank_agreement(results)))
     comparison = table(results, real, bold=lambda cell: f"<b>{cell}</b>").to_html(escape=False, table_id="comparison", border=0)
     claim_items = "".join(
         f"<li><b class='{VERDICT_CLASS[v]}'>{v}</b>: {html.escape(c)}: {html.escape(e)}.</li>"
@@ -148,6 +282,7 @@ def build_html(results: dict, real: dict, checks, figures: dict[str, list[Path]]
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{text-align:left}} td b{{color:#1b5e20}}
 .ok{{color:#1b5e20}} .no{{color:#b71c1c}} .close{{color:#8a6d00}} .figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} img{{max-width:420px;image-rendering:pixelated}} figcaption{{font-size:12px;color:#555}}</style>
 </head><body><h1>{' → '.join(m.upper() for m in results)} on MNIST</h1>
+<ul id="notes">{note_items}</ul>
 {comparison}
 <h2>What the numbers say</h2><ul id="claims">{claim_items}</ul>{sections}</body></html>
 """

@@ -4,7 +4,7 @@ The penalty is taken at y = eps * real + (1 - eps) * fake, eps ~ U[0, 1] drawn p
 two-sided lambda * (||grad D(y)|| - 1)^2 (Gulrajani et al. 2017) or one-sided
 lambda * max(0, ||grad D(y)|| - 1)^2; the gradient norm comes from autograd, or, cheaper,
 from the difference quotient |D(y1) - D(y2)| / ||y1 - y2|| of two random points on the
-same real-fake segment.
+same real-fake segment, whose critic passes run in fp32 even under bf16 autocast.
 """
 from __future__ import annotations
 
@@ -34,9 +34,13 @@ def difference_quotient(critic, real, fake, eps1=None, eps2=None) -> torch.Tenso
     """|D(y1) - D(y2)| / ||y1 - y2|| per sample for two random points on each real-fake segment."""
     eps1 = per_sample_uniform(real) if eps1 is None else eps1
     eps2 = per_sample_uniform(real) if eps2 is None else eps2
-    y1 = eps1 * real + (1 - eps1) * fake
-    y2 = eps2 * real + (1 - eps2) * fake
-    scores = critic(torch.cat([y1, y2])).float().squeeze(1)
+    real, fake = real.float(), fake.float()
+    y1 = eps1.float() * real + (1 - eps1.float()) * fake
+    y2 = eps2.float() * real + (1 - eps2.float()) * fake
+    # fp32 even under autocast: the quotient divides a small difference of two large scores by a small
+    # distance, so bf16 rounding of the scores (8 bits of mantissa: 0.5 at a score of 100) would swamp it.
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        scores = critic(torch.cat([y1, y2])).float().squeeze(1)
     d1, d2 = scores.chunk(2)
     return (d1 - d2).abs() / (y1 - y2).flatten(1).norm(dim=1).clamp_min(1e-12)
 
