@@ -10,11 +10,12 @@ from mnistgen.config import EvaluateParams, ParamsError, load_model_params, mode
 from mnistgen.models import FAMILIES
 
 # A key every other family has but this one does not, and a value of the wrong type.
-FOREIGN_KEY = {"ae": ("n_critic", 5), "vae": ("betas", [0.5, 0.9]), "gan": ("beta", 1.0), "wgan": ("dynamic_binarization", False)}
+FOREIGN_KEY = {"ae": ("n_critic", 5), "vae": ("betas", [0.5, 0.9]), "gan": ("beta", 1.0), "wgan": ("dynamic_binarization", False),
+               "cvae": ("embed_dim", 16), "cwgan": ("beta", 1.0)}
 
 
 def test_the_repo_params_validate_and_name_the_models():
-    assert model_names(ROOT / "params.yaml") == ["ae", "vae", "gan", "wgan"]
+    assert model_names(ROOT / "params.yaml") == ["ae", "vae", "gan", "wgan", "cvae", "cwgan"]
     for name in model_names(ROOT / "params.yaml"):
         params = load_model_params(name, ROOT / "params.yaml")
         assert type(params) is FAMILIES[params.family].Params
@@ -39,7 +40,7 @@ def test_a_wrong_type_or_missing_key_is_refused_naming_it(family):
 
 
 def test_an_unknown_family_lists_the_known_ones():
-    with pytest.raises(ParamsError, match=r"models.x.family: unknown or missing model family 'dcgan' \(known: ae, vae, gan, wgan\)"):
+    with pytest.raises(ParamsError, match=r"models.x.family: unknown or missing model family 'dcgan' \(known: ae, vae, cvae, gan, wgan, cwgan\)"):
         model_params({**repo_params()["models"]["gan"], "family": "dcgan"}, "models.x")
 
 

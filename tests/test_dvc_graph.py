@@ -106,7 +106,7 @@ def edited(work: Path, rel: str, old: str | None = None, new: str | None = None)
         path.write_text(before)
 
 
-MODELS = ("ae", "vae", "gan", "wgan")
+MODELS = ("ae", "vae", "gan", "wgan", "cvae", "cwgan")
 EVERY = {"prepare", "validate", "train_evaluator", "report", "promote", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}
 
 
