@@ -1,8 +1,10 @@
-"""One evaluation path for all four models (the protocols of DESIGN.md, "Metric protocols").
+"""One evaluation path for all models (the protocols of DESIGN.md, "Metric protocols").
 
 Features of the reference images (test set, a training subset) are extracted once by the
 train_evaluator stage and reused; each image set a model produces is embedded once, in
-batches on the device, and every metric reads those features.
+batches on the device, and every metric reads those features. A conditional model is also
+asked for each digit in turn (label fidelity, per-class FID_cls); its unconditional metrics
+are those of a label-balanced mix, so they sit in the same table as the other models.
 """
 from __future__ import annotations
 
@@ -140,9 +142,45 @@ class Evaluation:
 
     @torch.no_grad()
     def latent_scatter(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
+        """The codes of (up to) 5,000 test digits: a scatter coloured by digit (with the learned class means,
+        where the model has them), and how well they cluster by digit (silhouette, Euclidean, on the codes
+        themselves, the same computation for every model with an encoder)."""
         n = min(5000, len(test_x))
-        codes = torch.cat([self.model.encode(test_x[i : i + self.p.batch_size]) for i in range(0, n, self.p.batch_size)])
-        figures.latent_scatter(codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits")
+        codes = torch.cat([self.model.encode(test_x[i : min(i + self.p.batch_size, n)]) for i in range(0, n, self.p.batch_size)])
+        means = self.model.class_latent_means()
+        figures.latent_scatter(codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits",
+                               means=means)
+        silhouette = metrics.silhouette_samples(codes, test_y[:n])
+        self.metrics["latent_silhouette"] = silhouette.mean().item()
+        self.metrics["latent_silhouette_stderr"] = (silhouette.std() / math.sqrt(len(silhouette))).item()
+
+    @torch.no_grad()
+    def conditional_samples(self, test_y: torch.Tensor) -> None:
+        """Conditional models: `per_class_samples` samples asked for each digit; label fidelity (the evaluator's
+        accuracy on them) and FID_cls of each digit's samples against that digit's test images; figures."""
+        p = self.p
+        labels = torch.arange(10, device=self.device).repeat_interleave(p.per_class_samples)
+        gen = self.generator(3)
+        images = torch.cat([self.model.sample(len(chunk), gen, chunk) for chunk in labels.split(p.batch_size)])
+        feats, probs = self.embed(images)
+        # The reference features are those of the first len(test_feats) test images (train_evaluator), so these are their labels.
+        ref_y = test_y[: len(self.ref.test_feats)].to(self.ref.test_feats.device)
+        fidelity = metrics.label_fidelity(probs, labels)
+        self.metrics["label_fidelity"] = fidelity
+        self.metrics["label_fidelity_stderr"] = math.sqrt(fidelity * (1 - fidelity) / len(labels))
+        per_class = []
+        for digit in range(10):
+            mine = labels == digit
+            per_class.append(metrics.fid(feats[mine], self.ref.test_feats[ref_y == digit]))
+            self.metrics[f"fid_cls_digit_{digit}"] = per_class[-1]
+            self.metrics[f"label_fidelity_digit_{digit}"] = metrics.label_fidelity(probs[mine], labels[mine])
+        self.metrics["fid_cls_per_class_mean"] = sum(per_class) / len(per_class)
+        by_class = images.view(10, p.per_class_samples, 1, 28, 28)[:, :12]  # one row per digit
+        figures.save_grid(by_class.flatten(0, 1), self.out / "samples_by_class.png", nrow=by_class.shape[1])
+        # One row per noise vector, one column per digit: the same z (style) across a row.
+        eps = self.model.sample_latent(8, self.generator(4))
+        grid = torch.stack([self.model.decode_noise(eps, torch.full((8,), d, device=self.device)) for d in range(10)], dim=1)
+        figures.save_grid(grid.flatten(0, 1), self.out / "digit_grid.png", nrow=10)
 
     @torch.no_grad()
     def interpolation(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
@@ -155,12 +193,16 @@ class Evaluation:
         else:  # random latent pairs from the model's noise
             gen = self.generator(1)
             z_a, z_b = self.model.sample_latent(p.interp_pairs, gen), self.model.sample_latent(p.interp_pairs, gen)
+        # A conditional model holds each pair's digit fixed along its path (pair i: digit i mod 10); the CVAE's
+        # decoder ignores it, as its digit lives in the encoded codes.
+        labels = (torch.arange(len(z_a), device=self.device) % 10).repeat_interleave(p.interp_steps)
+        decode = (lambda z: self.model.decode(z, labels)) if self.model.conditional else self.model.decode
         paths = {"linear": lerp}
         if self.model.gaussian_latent:  # slerp is for Gaussian latents
             paths["slerp"] = slerp
         for name, path in paths.items():
             z = path(z_a, z_b, t)  # [pairs, steps, latent]
-            images = self.model.decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
+            images = decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
             interior = images[:, 1:-1].flatten(0, 1)
             feats, probs = self.embed(interior)
             self.metrics[f"interp_{name}_confidence"] = probs.max(1).values.mean().item()
@@ -171,20 +213,26 @@ class Evaluation:
             figures.save_grid(images[:10].flatten(0, 1), self.out / f"interpolation_{name}.png", nrow=p.interp_steps)
 
     @torch.no_grad()
-    def likelihood(self, test_x: torch.Tensor) -> None:
-        """VAE: negative ELBO on grey and on once-binarised test images, and the IWAE bound (nats per image)."""
+    def likelihood(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
+        """VAE: negative ELBO on grey and on once-binarised test images, and the IWAE bound (nats per image).
+        The CVAE's are bounds on -log p(x | y), given each image's label."""
         p = self.p
+        y = test_y if self.model.conditional else None
+
+        def labels(i, n):
+            return None if y is None else y[i : i + n]
+
         binarised = torch.bernoulli(test_x, generator=self.generator(2)) if test_x.device.type == "cpu" else \
             (torch.rand(test_x.shape, generator=self.generator(2), device=self.device) < test_x).float()
         nelbo_grey = nelbo_bin = 0.0
         for i in range(0, len(test_x), p.batch_size):
-            nelbo_grey += self.model.negative_elbo(test_x[i : i + p.batch_size])[2].sum().item()
-            nelbo_bin += self.model.negative_elbo(binarised[i : i + p.batch_size])[2].sum().item()
+            nelbo_grey += self.model.negative_elbo(test_x[i : i + p.batch_size], y=labels(i, p.batch_size))[2].sum().item()
+            nelbo_bin += self.model.negative_elbo(binarised[i : i + p.batch_size], y=labels(i, p.batch_size))[2].sum().item()
         n_iwae = len(test_x) if p.iwae_images == 0 else min(p.iwae_images, len(test_x))
         images_per_call = 100
         chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
         nll = torch.cat([
-            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk)
+            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk, y=labels(i, images_per_call))
             for i in progress_bar(range(0, n_iwae, images_per_call), f"IWAE k={p.iwae_k}")
         ])
         self.metrics.update({
@@ -198,10 +246,12 @@ class Evaluation:
 
     def run(self, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, float]:
         self.timed("samples", self.prior_samples)
+        if self.model.conditional:
+            self.timed("conditional", self.conditional_samples, test_y)
         self.timed("interpolation", self.interpolation, test_x, test_y)
         if self.model.has_encoder:
             self.timed("reconstruction", self.reconstruction, test_x)
             self.timed("latent_scatter", self.latent_scatter, test_x, test_y)
         if hasattr(self.model, "iwae_nll"):
-            self.timed("likelihood", self.likelihood, test_x)
+            self.timed("likelihood", self.likelihood, test_x, test_y)
         return self.metrics
