@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import PositiveFloat
 from torch import nn
 
 from .base import NUM_CLASSES
@@ -18,6 +19,7 @@ from .vae import VAE, VAEParams
 
 class CVAEParams(VAEParams):
     family: Literal["cvae"]
+    prior_mean_init: PositiveFloat  # the class means start as draws from N(0, s^2 I): how far apart the ten priors begin
 
 
 class CVAE(VAE):
@@ -28,8 +30,9 @@ class CVAE(VAE):
 
     def __init__(self, params):
         super().__init__(params)
-        # One mean per digit, started apart (N(0, I) draws) so the ten classes need not break a symmetry.
-        self.class_means = nn.Parameter(torch.randn(NUM_CLASSES, params.latent_dim))
+        # One mean per digit, started apart so the ten classes need not break a symmetry; the further apart they
+        # start, the less the ten Gaussians overlap after training (the decoder never sees y, so overlap costs fidelity).
+        self.class_means = nn.Parameter(params.prior_mean_init * torch.randn(NUM_CLASSES, params.latent_dim))
 
     def prior_loc(self, y, mu):
         if y is None:
