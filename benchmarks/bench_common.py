@@ -121,6 +121,9 @@ class Harness:
         self.schedule = training.Schedule(optimizers, self.per_epoch, p.epochs, p.lr_warmup, p.lr_decay)
         self.shuffle_rng = torch.Generator().manual_seed(seed)
         self.order = None
+        # A conditional family also takes each batch's digits; for throughput any digits do: 0..9 in turn.
+        self.labels = torch.arange(len(train_images), device=self.device) % 10 if model.conditional else None
+        self.y = None
         self.global_step = 0
         self.images_seen = 0
         self.sums: dict[str, torch.Tensor] = {}
@@ -130,12 +133,14 @@ class Harness:
         i = self.global_step % self.per_epoch
         if i == 0:  # a new epoch: a fresh seeded permutation, moved to the device once
             self.order = torch.randperm(len(self.images), generator=self.shuffle_rng).to(self.device)
-        return self.images[self.order[i * self.batch_size : (i + 1) * self.batch_size]]
+        index = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        self.y = None if self.labels is None else self.labels[index]
+        return self.images[index]
 
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         # A benchmark may run past the params' last step, where a decayed lr would turn negative: hold the last one.
         self.schedule.set(min(self.global_step, self.schedule.total - 1))
-        return training.step(self.model, x, self.optimizers, self.global_step, self.mixed_precision)
+        return training.step(self.model, x, self.optimizers, self.global_step, self.mixed_precision, y=self.y)
 
     def run(self, count: int) -> None:
         for _ in range(count):

@@ -73,20 +73,22 @@ class LoaderBaseline(Harness):
             num_workers=workers, generator=torch.Generator().manual_seed(seed),
         )
         self.batches = iter(self.loader)
+        self.y = None
         self.global_step = 0
         self.images_seen = 0
         self.sums, self.counts = {}, {}
 
     def next_batch(self) -> torch.Tensor:
         try:
-            x, _labels = next(self.batches)
+            x, labels = next(self.batches)
         except StopIteration:  # a new epoch
             self.batches = iter(self.loader)
-            x, _labels = next(self.batches)
+            x, labels = next(self.batches)
+        self.y = labels.to(self.device) if self.model.conditional else None  # a conditional family's digits
         return x.to(self.device)
 
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return training.step(self.model, x, self.optimizers, self.global_step, self.use_autocast)  # the same step as ours
+        return training.step(self.model, x, self.optimizers, self.global_step, self.use_autocast, y=self.y)  # the same step as ours
 
 
 # ---------------------------------------------------------------------------- main

@@ -52,10 +52,16 @@ def main() -> None:
     }) as run:
         run.log_params(flatten({"train": run_params, "model": params}))
 
-        train_images = data.to_float(data.load_split(args.data, "train").images, device)
-        val_images = data.to_float(data.load_split(args.data, "val").images, device)
+        train_split, val_split = data.load_split(args.data, "train"), data.load_split(args.data, "val")
+        train_images, val_images = data.to_float(train_split.images, device), data.to_float(val_split.images, device)
+        train_labels, val_labels = train_split.labels.to(device), val_split.labels.to(device)  # used by conditional families
         model = build_model(params).to(device)
         fixed_noise = torch.randn(64, params.latent_dim, generator=torch.Generator().manual_seed(run_params.seed)).to(device)
+        fixed_labels = torch.arange(64, device=device) % 10  # conditional families: digits 0..9 in turn
+
+        def fixed_samples(model) -> torch.Tensor:
+            return model.decode_noise(fixed_noise, fixed_labels) if model.conditional else model.decode(fixed_noise)
+
         grids = Path("checkpoints") / name / "grids"
         logged_epochs: set[int] = set()
 
@@ -65,7 +71,7 @@ def main() -> None:
             if epoch % run_params.sample_every == 0 or epoch == params.epochs:
                 model.eval()
                 with torch.no_grad():
-                    grid = figures.save_grid(model.decode(fixed_noise), grids / f"samples_epoch_{epoch:03d}.png")
+                    grid = figures.save_grid(fixed_samples(model), grids / f"samples_epoch_{epoch:03d}.png")
                 model.train()
                 run.log_artifact(grid, "samples")
 
@@ -73,7 +79,8 @@ def main() -> None:
         checkpoint = training.Checkpoint(Path("checkpoints") / name / "last.pt", {
             "params": params_hash, "data": data_hash, "images": len(train_images), "code": sha256_json(training.library_code()),
         })
-        history = training.train(model, train_images, val_images, seed=run_params.seed, checkpoint=checkpoint, on_epoch=on_epoch)
+        history = training.train(model, train_images, val_images, seed=run_params.seed, checkpoint=checkpoint, on_epoch=on_epoch,
+                                 train_labels=train_labels, val_labels=val_labels)
         for row in history:  # epochs trained before a resume, logged into this run too
             if row["epoch"] not in logged_epochs:
                 run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
@@ -88,7 +95,11 @@ def main() -> None:
                 with torch.no_grad():
                     figures.save_grid(model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png")
                 run.log_artifact(tmp / "samples.png", "figures")
-                model_uri = run.log_generator(tmp / "weights.pt", tmp / "config.json", params.latent_dim, fixed_noise[:2].cpu().numpy())
+                example = fixed_noise[:2].cpu()
+                if model.conditional:  # a conditional model's input row is the noise and then the digit
+                    example = torch.cat([example, fixed_labels[:2, None].cpu().float()], dim=1)
+                model_uri = run.log_generator(tmp / "weights.pt", tmp / "config.json", params.latent_dim, example.numpy(),
+                                              conditional=model.conditional)
                 tracking.write_run_file(tmp / "run.json", run, model_uri)
     last = history[-1]
     print(f"train {name}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "

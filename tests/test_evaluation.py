@@ -152,7 +152,7 @@ def test_binarize_seed_changes_the_binarisation_and_is_what_likelihood_uses(smal
     monkeypatch.setattr(evaluation, "binarize", lambda images, seed: seen.append(seed) or real_binarize(images, seed))
     vae, _ = small_vae
     job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(binarize_seed=17, iwae_k=2), tmp_path)
-    job.likelihood(x)
+    job.likelihood(x, torch.arange(len(x)) % 10)
     assert seen == [17]
 
 
@@ -162,10 +162,10 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     x = torch.rand(300, 1, 28, 28)
     seen = {"iwae": [], "elbo": []}
     iwae, elbo = vae.iwae_nll, vae.negative_elbo
-    monkeypatch.setattr(vae, "iwae_nll", lambda images, k, chunk=100: seen["iwae"].append(images) or iwae(images, k, chunk))
-    monkeypatch.setattr(vae, "negative_elbo", lambda images, beta=1.0: seen["elbo"].append(images) or elbo(images, beta))
+    monkeypatch.setattr(vae, "iwae_nll", lambda images, k, chunk=100, y=None: seen["iwae"].append(images) or iwae(images, k, chunk, y=y))
+    monkeypatch.setattr(vae, "negative_elbo", lambda images, beta=1.0, y=None: seen["elbo"].append(images) or elbo(images, beta, y=y))
     job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(iwae_images=150, iwae_k=2), tmp_path)
-    job.likelihood(x)
+    job.likelihood(x, torch.arange(len(x)) % 10)
     iwae_images = torch.cat(seen["iwae"])
     elbo_binarised = torch.cat(seen["elbo"][len(seen["elbo"]) // 2:])  # grey batches first, then the binarised ones
     assert len(iwae_images) == 150 and job.metrics["iwae_images"] == 150 and job.metrics["likelihood_images"] == 150

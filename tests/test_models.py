@@ -87,22 +87,24 @@ def test_eps_is_drawn_per_sample_not_per_pixel():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_few_steps_lower_the_loss(family):
-    """AE/VAE: reconstruction loss; GAN/WGAN: the discriminator's (critic's) loss on a fixed batch."""
+    """Autoencoders: reconstruction loss; GANs: the discriminator's (critic's) loss on a fixed batch.
+    A conditional family gets the batch's labels too."""
     torch.manual_seed(0)
     x = (torch.rand(32, 1, 28, 28) > 0.7).float() * torch.linspace(0, 1, 28).view(1, 1, 1, 28)
     model = build_model(tiny(family, arch="conv", width=4, lr=2e-3))
     optimizers = model.make_optimizers()
-    key = "loss" if family in ("ae", "vae") else "d_loss"
+    key = "d_loss" if hasattr(model, "critic") else "loss"
+    labels = (torch.arange(32) % 10,) if model.conditional else ()
 
     def measured():
         torch.manual_seed(1)  # the same fake batch and eps each time
-        return model.validation_losses(x)[key].item()
+        return model.validation_losses(x, *labels)[key].item()
 
     model.eval()
     before = measured()
     model.train()
     for step in range(30):
-        model.train_step(x, optimizers, step)
+        model.train_step(x, optimizers, step, *labels)
     model.eval()
     assert measured() < before
 

@@ -86,6 +86,7 @@ class ModelParams(Section):
 class EvaluateParams(Section):
     seed: int
     num_samples: PositiveInt
+    per_class_samples: PositiveInt  # conditional models: samples asked for each digit (label fidelity, per-class FID_cls)
     num_real: PositiveInt
     batch_size: PositiveInt
     kid_subsets: PositiveInt

@@ -1,4 +1,4 @@
-"""One evaluation path for all four models (the protocols of DESIGN.md, "Metric protocols").
+"""One evaluation path for all models (the protocols of DESIGN.md, "Metric protocols").
 
 Features of the reference images (test set, a training subset) are extracted once by the
 train_evaluator stage and reused; each image set a model produces is embedded once per
@@ -7,6 +7,8 @@ evaluator feature space, in batches on the device, and every metric reads those 
 Two feature spaces (two evaluators of different architecture and seed): a distance metric in
 the first is named `fid_cls`, in the second `fid_cls_e2` (SPACES gives the suffixes). Each
 distance comes with a bootstrap noise band `<name>_lo` .. `<name>_hi` (metrics.band).
+A conditional model is also asked for each digit in turn (label fidelity, per-class FID_cls);
+its unconditional metrics are those of a label-balanced mix, so they sit in the same table.
 """
 from __future__ import annotations
 
@@ -202,9 +204,46 @@ class Evaluation:
 
     @torch.no_grad()
     def latent_scatter(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
+        """The codes of (up to) 5,000 test digits: a scatter coloured by digit (with the learned class means,
+        where the model has them), and how well they cluster by digit (silhouette, Euclidean, on the codes
+        themselves, the same computation for every model with an encoder)."""
         n = min(5000, len(test_x))
-        codes = torch.cat([self.model.encode(test_x[i : i + self.p.batch_size]) for i in range(0, n, self.p.batch_size)])
-        figures.latent_scatter(codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits")
+        codes = torch.cat([self.model.encode(test_x[i : min(i + self.p.batch_size, n)]) for i in range(0, n, self.p.batch_size)])
+        means = self.model.class_latent_means()
+        figures.latent_scatter(codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits",
+                               means=means)
+        silhouette = metrics.silhouette_samples(codes, test_y[:n])
+        self.metrics["latent_silhouette"] = silhouette.mean().item()
+        self.metrics["latent_silhouette_stderr"] = (silhouette.std() / math.sqrt(len(silhouette))).item()
+
+    @torch.no_grad()
+    def conditional_samples(self, test_y: torch.Tensor) -> None:
+        """Conditional models: `per_class_samples` samples asked for each digit; label fidelity (the evaluator's
+        accuracy on them) and FID_cls of each digit's samples against that digit's test images; figures."""
+        p = self.p
+        labels = torch.arange(10, device=self.device).repeat_interleave(p.per_class_samples)
+        gen = self.generator(3)
+        images = torch.cat([self.model.sample(len(chunk), gen, chunk) for chunk in labels.split(p.batch_size)])
+        feats, probs = self.embed(images)[""]  # the first evaluator's space: label fidelity and per-class FID_cls
+        ref = self.refs[""]
+        # The reference features are those of the first len(test_feats) test images (train_evaluator), so these are their labels.
+        ref_y = test_y[: len(ref.test_feats)].to(ref.test_feats.device)
+        fidelity = metrics.label_fidelity(probs, labels)
+        self.metrics["label_fidelity"] = fidelity
+        self.metrics["label_fidelity_stderr"] = math.sqrt(fidelity * (1 - fidelity) / len(labels))
+        per_class = []
+        for digit in range(10):
+            mine = labels == digit
+            per_class.append(metrics.fid(feats[mine], ref.test_feats[ref_y == digit]))
+            self.metrics[f"fid_cls_digit_{digit}"] = per_class[-1]
+            self.metrics[f"label_fidelity_digit_{digit}"] = metrics.label_fidelity(probs[mine], labels[mine])
+        self.metrics["fid_cls_per_class_mean"] = sum(per_class) / len(per_class)
+        by_class = images.view(10, p.per_class_samples, 1, 28, 28)[:, :12]  # one row per digit
+        figures.save_grid(by_class.flatten(0, 1), self.out / "samples_by_class.png", nrow=by_class.shape[1])
+        # One row per noise vector, one column per digit: the same z (style) across a row.
+        eps = self.model.sample_latent(8, self.generator(4))
+        grid = torch.stack([self.model.decode_noise(eps, torch.full((8,), d, device=self.device)) for d in range(10)], dim=1)
+        figures.save_grid(grid.flatten(0, 1), self.out / "digit_grid.png", nrow=10)
 
     @torch.no_grad()
     def interpolation(self, val_x: torch.Tensor, val_y: torch.Tensor) -> None:
@@ -223,6 +262,10 @@ class Evaluation:
         else:  # random latent pairs from the model's noise
             gen = self.generator(1)
             z_a, z_b = self.model.sample_latent(p.interp_pairs, gen), self.model.sample_latent(p.interp_pairs, gen)
+        # A conditional model holds each pair's digit fixed along its path (pair i: digit i mod 10); the CVAE's
+        # decoder ignores it, as its digit lives in the encoded codes.
+        labels = (torch.arange(len(z_a), device=self.device) % 10).repeat_interleave(p.interp_steps)
+        decode = (lambda z: self.model.decode(z, labels)) if self.model.conditional else self.model.decode
         paths = {"linear": lerp}
         if self.model.gaussian_latent:  # slerp is for Gaussian latents
             paths["slerp"] = slerp
@@ -230,7 +273,7 @@ class Evaluation:
         counts = metrics.bootstrap_counts(len(z_a) * interior_steps, p.bootstrap, p.bootstrap_seed, groups=interior_steps)
         for name, path in paths.items():
             z = path(z_a, z_b, t)  # [pairs, steps, latent]
-            images = self.model.decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
+            images = decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
             embedded = self.embed(images[:, 1:-1].flatten(0, 1))
             for suffix, (feats, _) in embedded.items():
                 stats = self.refs[suffix].test_stats
@@ -245,20 +288,26 @@ class Evaluation:
         self.metrics["interp_points"] = float(len(z_a) * interior_steps)
 
     @torch.no_grad()
-    def likelihood(self, test_x: torch.Tensor) -> None:
+    def likelihood(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
         """VAE: negative ELBO on grey and on once-binarised test images, and the IWAE bound (nats per image),
-        all three on the same test images (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed)."""
+        all three on the same test images (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed).
+        The CVAE's are bounds on -log p(x | y), given each image's label."""
         p = self.p
         binarised_all = binarize(test_x, p.binarize_seed)  # binarise every image once, then pick: an image's draw does not depend on the subset
         idx = likelihood_subset(len(test_x), p.iwae_images, p.seed + 3).to(test_x.device)
         grey, binarised = test_x[idx], binarised_all[idx]
+        y = test_y[idx] if self.model.conditional else None
         n = len(idx)
-        nelbo_grey = torch.cat([self.model.negative_elbo(grey[i : i + p.batch_size])[2] for i in range(0, n, p.batch_size)])
-        nelbo_bin = torch.cat([self.model.negative_elbo(binarised[i : i + p.batch_size])[2] for i in range(0, n, p.batch_size)])
+
+        def labels(i, count):
+            return None if y is None else y[i : i + count]
+
+        nelbo_grey = torch.cat([self.model.negative_elbo(grey[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)])
+        nelbo_bin = torch.cat([self.model.negative_elbo(binarised[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)])
         images_per_call = 100
         chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
         nll = torch.cat([
-            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk)  # slices stop at n: no image past the subset
+            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk, y=labels(i, images_per_call))  # slices stop at n: no image past the subset
             for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")
         ])
 
@@ -278,10 +327,12 @@ class Evaluation:
     def run(self, test_x: torch.Tensor, test_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor) -> dict[str, float]:
         """Every metric; val_x/val_y (held out from training and from the FID reference) start the AE/VAE interpolations."""
         self.timed("samples", self.prior_samples)
+        if self.model.conditional:
+            self.timed("conditional", self.conditional_samples, test_y)
         self.timed("interpolation", self.interpolation, val_x, val_y)
         if self.model.has_encoder:
             self.timed("reconstruction", self.reconstruction, test_x)
             self.timed("latent_scatter", self.latent_scatter, test_x, test_y)
         if hasattr(self.model, "iwae_nll"):
-            self.timed("likelihood", self.likelihood, test_x)
+            self.timed("likelihood", self.likelihood, test_x, test_y)
         return self.metrics

@@ -44,17 +44,26 @@ def plot_curves(history: list[dict], path: str | Path, title: str) -> Path:
     return Path(path)
 
 
-def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str) -> Path:
-    """2-D scatter of latent codes coloured by digit (PCA to 2-D when the latent is larger)."""
+def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str, means: torch.Tensor | None = None) -> Path:
+    """2-D scatter of latent codes coloured by digit (PCA to 2-D when the latent is larger); `means` [10, latent]
+    (the CVAE's learned class means) are marked with their digit, in the same projection."""
     plt = _pyplot()
     codes = codes.float().cpu()
+    means = None if means is None else means.float().cpu()
     if codes.shape[1] > 2:
-        centred = codes - codes.mean(0)
-        _, _, v = torch.pca_lowrank(centred, q=2, center=False)
-        codes = centred @ v[:, :2]
+        centre = codes.mean(0)
+        _, _, v = torch.pca_lowrank(codes - centre, q=2, center=False)
+        codes = (codes - centre) @ v[:, :2]
+        means = None if means is None else (means - centre) @ v[:, :2]
         title += " (PCA)"
     fig, ax = plt.subplots(figsize=(5, 4.5))
     points = ax.scatter(codes[:, 0], codes[:, 1], c=labels.cpu(), cmap="tab10", s=2, alpha=0.6)
+    if means is not None:
+        ax.scatter(means[:, 0], means[:, 1], c=range(len(means)), cmap="tab10", vmin=0, vmax=9, s=120, marker="X",
+                   edgecolors="black", linewidths=1.0, label="learned class means")
+        for digit, (x, y) in enumerate(means.tolist()):
+            ax.annotate(str(digit), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9, weight="bold")
+        ax.legend(fontsize=7, loc="best")
     fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
     ax.set_title(title)
     fig.tight_layout()

@@ -177,9 +177,11 @@ class Run:
         if self.run_id:
             client().log_artifacts(self.run_id, str(folder), artifact_path)
 
-    def log_generator(self, weights: Path, config: Path, latent_dim: int, example) -> str | None:
+    def log_generator(self, weights: Path, config: Path, latent_dim: int, example, conditional: bool = False) -> str | None:
         """Log the trained model as a pyfunc (models-from-code: no pickled code, weights as a state_dict).
 
+        Its input is latent vectors [N, latent_dim]; a conditional model's rows end with the digit
+        ([N, latent_dim + 1]), and its params take `digit` (0-9) for count-sampled digits.
         Returns the logged model's URI (models:/<model_id>) for registration.
         """
         if not self.run_id:
@@ -191,9 +193,10 @@ class Run:
         from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))]),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim + int(conditional)))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
-            params=ParamSchema([ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]),
+            params=ParamSchema([ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]
+                               + ([ParamSpec("digit", "long", None)] if conditional else [])),
         )
         import shutil
         import tempfile

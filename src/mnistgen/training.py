@@ -1,9 +1,10 @@
-"""The one training loop shared by all four families (the objectives differ, the loop does not).
+"""The one training loop shared by all families (the objectives differ, the loop does not).
 
 The whole training set is one tensor on the device; each epoch draws a seeded permutation
 and slices batches from it, so there is no per-sample Python or DataLoader work. Losses
 stay on the device and are read once per epoch (no host sync inside the step loop). Each
-epoch ends with a checkpoint, from which an interrupted run resumes.
+epoch ends with a checkpoint, from which an interrupted run resumes. A conditional family
+(`model.conditional`) also gets each batch's labels, sliced with the same permutation.
 """
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ def batches(n: int, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def validation_losses(model: GenerativeModel, images: torch.Tensor, batch_size: int) -> dict[str, float]:
+def validation_losses(model: GenerativeModel, images: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None) -> dict[str, float]:
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
+        given = () if labels is None else (labels[start : start + batch_size],)
         with autocast(x.device):
-            for key, value in model.validation_losses(x).items():
+            for key, value in model.validation_losses(x, *given).items():
                 sums[key] = sums.get(key, 0) + value.float() * len(x)
     model.train()
     return {f"val_{k}": (v / len(images)).item() for k, v in sums.items()}
@@ -124,11 +126,14 @@ def restore(state, model, optimizers, shuffle_rng) -> None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def step(model: GenerativeModel, x: torch.Tensor, optimizers: dict, global_step: int, mixed_precision: bool = True) -> dict[str, torch.Tensor]:
-    """One optimisation step of any family on batch x, under the device's autocast unless `mixed_precision`
-    is off (the benchmarks time this, and gpu_check compares it with full precision)."""
+def step(model: GenerativeModel, x: torch.Tensor, optimizers: dict, global_step: int, mixed_precision: bool = True,
+         y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One optimisation step of any family on batch x (and its labels y, for a conditional family), under the
+    device's autocast unless `mixed_precision` is off (the benchmarks time this, and gpu_check compares it with
+    full precision)."""
+    given = () if y is None else (y,)
     with autocast(x.device) if mixed_precision else contextlib.nullcontext():
-        return model.train_step(x, optimizers, global_step)
+        return model.train_step(x, optimizers, global_step, *given)
 
 
 class Schedule:
@@ -160,11 +165,18 @@ def train(
     checkpoint: Checkpoint | None = None,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
+    train_labels: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train `model` as its params say (epochs, batch size, schedule) on device-resident images in [0, 1].
 
-    Returns one dict of metrics per epoch.
+    A conditional family needs `train_labels` and `val_labels` (device tensors of digits, one per
+    image); an unconditional one ignores them. Returns one dict of metrics per epoch.
     """
+    if not model.conditional:
+        train_labels = val_labels = None
+    elif train_labels is None or val_labels is None:
+        raise StageError(f"{model.family} is conditional: training needs the labels of the training and validation images")
     params = model.params
     epochs, batch_size = params.epochs, params.batch_size
     model.init_from_data(train_images)  # before a resume, which then overwrites the weights
@@ -191,14 +203,16 @@ def train(
         for i in bar:
             global_step = (epoch - 1) * steps + i
             schedule.set(global_step)
-            losses = step(model, train_images[order[i * batch_size : (i + 1) * batch_size]], optimizers, global_step)
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            y = None if train_labels is None else train_labels[idx]
+            losses = step(model, train_images[idx], optimizers, global_step, y=y)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
         metrics = {k: (sums[k] / counts[k]).item() for k in sums}  # the one host sync of the epoch
         check_finite(metrics, model.family, epoch)
         seconds = time.perf_counter() - started
-        metrics.update(validation_losses(model, val_images, 1000))
+        metrics.update(validation_losses(model, val_images, 1000, val_labels))
         check_finite(metrics, model.family, epoch)
         history.append({"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * batch_size / seconds})
         print(f"{model.family} epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"))

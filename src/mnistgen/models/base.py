@@ -8,6 +8,12 @@ from ..config import ModelParams
 
 Losses = dict[str, torch.Tensor]  # detached scalar tensors, read once per epoch (no per-step sync)
 FAMILIES: dict[str, type["GenerativeModel"]] = {}  # name -> class, filled as each family's file is imported
+NUM_CLASSES = 10  # the digits a conditional family can be asked for
+
+
+def balanced_labels(n: int, device=None) -> torch.Tensor:
+    """0, 1, ..., 9, 0, 1, ...: the label-balanced mix a conditional model samples when given no digit."""
+    return torch.arange(n, device=device) % NUM_CLASSES
 
 
 class GenerativeModel(nn.Module):
@@ -16,12 +22,18 @@ class GenerativeModel(nn.Module):
     Subclasses set `family` and `Params` (their own params class, whose `family` field is
     Literal[family]) and implement make_optimizers, train_step, validation_losses, decode
     and, where they have an encoder, encode. Defining the class registers the family.
+
+    A conditional family (`conditional = True`) is asked for a digit: the harness passes the
+    batch's labels as `train_step(x, optimizers, step, y)` and `validation_losses(x, y)`, its
+    `decode(z, labels)` takes the digits, and `noise_to_latent(eps, labels)` turns the noise
+    `sample_latent` draws into the latent for those digits (the CVAE adds its class mean).
     """
 
     family: str = ""
     Params: type[ModelParams] = ModelParams
     has_encoder: bool = False
     gaussian_latent: bool = True  # sample_latent draws from N(0, I): slerp paths make sense
+    conditional: bool = False  # trained on (image, label) pairs and sampled for a requested digit
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -69,9 +81,25 @@ class GenerativeModel(nn.Module):
     def fit_prior(self, images: torch.Tensor) -> None:
         """Called once after training with the whole training set; the AE fits its Gaussian here."""
 
+    def noise_to_latent(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Conditional families: the latent of digits `labels` for noise `eps` (default: the noise itself)."""
+        return eps
+
+    def decode_noise(self, eps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Conditional families: digits `labels` in the style `eps` (one noise vector and one digit per row)."""
+        return self.decode(self.noise_to_latent(eps, labels), labels)
+
+    def class_latent_means(self) -> torch.Tensor | None:
+        """The learned latent mean of each digit [10, latent] where a family has them (the CVAE), else None."""
+        return None
+
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.decode(self.sample_latent(n, generator))
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """n samples from the prior; a conditional family gives digits `labels` (default: a label-balanced mix)."""
+        if not self.conditional:
+            return self.decode(self.sample_latent(n, generator))
+        labels = balanced_labels(n, self.device) if labels is None else labels.to(self.device)
+        return self.decode_noise(self.sample_latent(n, generator), labels)
 
 
 def bce_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

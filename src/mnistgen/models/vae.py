@@ -59,18 +59,22 @@ class VAE(GenerativeModel):
     def decode(self, z):
         return torch.sigmoid(self.decoder(z).float())
 
-    def negative_elbo(self, x, beta: float = 1.0):
-        """Per-image reconstruction (BCE) and KL terms and their sum, in nats."""
+    def prior_loc(self, y, mu: torch.Tensor) -> torch.Tensor:
+        """The mean of the prior p(z) (the CVAE: p(z | y)) for each row of mu; N(0, I) here."""
+        return torch.zeros_like(mu)
+
+    def negative_elbo(self, x, beta: float = 1.0, y=None):
+        """Per-image reconstruction (BCE) and KL terms and their sum, in nats (given labels y for the CVAE)."""
         mu, logvar = self.posterior(x)
         logits = self.decoder(reparameterize(mu, logvar))
         recon = bce_per_image(logits, x)
-        kl = kl_divergence(mu, logvar)
+        kl = kl_divergence(mu - self.prior_loc(y, mu), logvar)  # KL(N(mu, s) || N(m, I)) = KL(N(mu - m, s) || N(0, I))
         return recon, kl, recon + beta * kl
 
-    def train_step(self, x, optimizers, step):
+    def train_step(self, x, optimizers, step, y=None):
         if self.params.dynamic_binarization:
             x = torch.bernoulli(x)
-        recon, kl, loss = self.negative_elbo(x, self.params.beta)
+        recon, kl, loss = self.negative_elbo(x, self.params.beta, y)
         loss = loss.mean()
         optimizers["model"].zero_grad(set_to_none=True)
         loss.backward()
@@ -78,25 +82,26 @@ class VAE(GenerativeModel):
         return {"loss": loss.detach(), "recon": recon.mean().detach(), "kl": kl.mean().detach()}
 
     @torch.no_grad()
-    def validation_losses(self, x):
-        recon, kl, nelbo = self.negative_elbo(x)
+    def validation_losses(self, x, y=None):
+        recon, kl, nelbo = self.negative_elbo(x, y=y)
         return {"loss": nelbo.mean(), "recon": recon.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
-    def iwae_nll(self, x: torch.Tensor, k: int, chunk: int = 100) -> torch.Tensor:
+    def iwae_nll(self, x: torch.Tensor, k: int, chunk: int = 100, y=None) -> torch.Tensor:
         """Importance-weighted bound on -log p(x) per image (Burda et al. 2015), k samples.
 
         -log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x); k = 1 is the ELBO.
         Samples are drawn in chunks so memory stays bounded for k = 5,000.
         """
         mu, logvar = self.posterior(x)
+        prior_mu = self.prior_loc(y, mu)
         log_w = []
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
             z = mu + torch.randn(m, *mu.shape, device=mu.device) * (0.5 * logvar).exp()  # [m, N, d]
             logits = self.decoder(z.flatten(0, 1)).float()
             log_px_z = -bce_per_image(logits, x.repeat(m, 1, 1, 1)).view(m, -1)
-            log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+            log_pz = log_normal(z, prior_mu.expand_as(z), torch.zeros_like(z))
             log_qz = log_normal(z, mu, logvar)
             log_w.append(log_px_z + log_pz - log_qz)
         log_w = torch.cat(log_w)  # [k, N]

@@ -1,0 +1,49 @@
+"""Class-conditional VAE, the prior-mean form: each digit y has its own prior N(mu_y, I).
+
+The encoder's posterior q(z|x) is pulled towards its class's Gaussian (KL(q(z|x) || N(mu_y, I)),
+one learned mean mu_y per digit) instead of one N(0, I), so the latent space falls into ten
+clusters; the decoder sees only z, so sampling a 7 is z ~ N(mu_7, I), then decode. Its -ELBO
+and IWAE bound are bounds on -log p(x | y): conditional on the label.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import PositiveFloat
+from torch import nn
+
+from .base import NUM_CLASSES
+from .vae import VAE, VAEParams
+
+
+class CVAEParams(VAEParams):
+    family: Literal["cvae"]
+    prior_mean_init: PositiveFloat  # the class means start as draws from N(0, s^2 I): how far apart the ten priors begin
+
+
+class CVAE(VAE):
+    family = "cvae"
+    Params = CVAEParams
+    conditional = True
+    gaussian_latent = False  # the prior is ten Gaussians around the class means, not one N(0, I) at the origin
+
+    def __init__(self, params):
+        super().__init__(params)
+        # One mean per digit, started apart so the ten classes need not break a symmetry; the further apart they
+        # start, the less the ten Gaussians overlap after training (the decoder never sees y, so overlap costs fidelity).
+        self.class_means = nn.Parameter(params.prior_mean_init * torch.randn(NUM_CLASSES, params.latent_dim))
+
+    def prior_loc(self, y, mu):
+        if y is None:
+            raise ValueError("cvae: the prior N(mu_y, I) needs the labels y")
+        return self.class_means[y.to(self.class_means.device)].to(mu.dtype)
+
+    def decode(self, z, labels=None):
+        return super().decode(z)  # the decoder sees only z: the digit lives in where z sits
+
+    def noise_to_latent(self, eps, labels):
+        return self.class_means[labels] + eps  # z ~ N(mu_y, I)
+
+    def class_latent_means(self):
+        return self.class_means.detach()

@@ -1,0 +1,117 @@
+"""Conditional WGAN-GP: the generator takes the digit, the critic scores (image, digit) pairs.
+
+Generator: G(z, y) = decoder([z, embed(y)]), the label's embedding concatenated to the noise.
+Critic: the projection discriminator of Miyato & Koyama (2018),
+D(x, y) = psi(phi(x)) + <embed(y), phi(x)>. Real and fake images of a batch carry the same
+labels, so every point on a real-fake segment has one label too: the gradient penalty is the
+WGAN's own (models/wgan.py: two-/one-sided, autograd or finite difference), taken with respect
+to the image only, on the critic as a function of the image with the label held fixed.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import PositiveInt
+from torch import nn
+
+from . import nets
+from .base import NUM_CLASSES, balanced_labels
+from .wgan import WGAN, WGANParams, autograd_norm, difference_quotient, penalty
+
+
+class CWGANParams(WGANParams):
+    family: Literal["cwgan"]
+    embed_dim: PositiveInt  # size of the label embedding concatenated to the generator's noise
+    projection_dim: PositiveInt  # size of the critic's features phi(x), and of its label projection
+
+
+class LabelledGenerator(nn.Module):
+    def __init__(self, params):
+        super().__init__()
+        self.embed = nn.Embedding(NUM_CLASSES, params.embed_dim)
+        # The backbone named by params.arch, with the embedding's width added to its input.
+        self.net = nets.decoder(params.model_copy(update={"latent_dim": params.latent_dim + params.embed_dim}), norm=True)
+
+    def forward(self, z, y):
+        return self.net(torch.cat([z, self.embed(y).to(z.dtype)], dim=1))
+
+
+class ProjectionCritic(nn.Module):
+    """D(x, y) = psi(phi(x)) + <embed(y), phi(x)>, shape [N, 1]; no batch norm (the penalty is per sample)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.phi = nn.Sequential(nets.encoder(params, params.projection_dim, norm=False, slope=0.2), nn.LeakyReLU(0.2))
+        self.psi = nn.Linear(params.projection_dim, 1)
+        self.embed = nn.Embedding(NUM_CLASSES, params.projection_dim)
+
+    def forward(self, x, y):
+        h = self.phi(x)
+        return self.psi(h) + (self.embed(y).to(h.dtype) * h).sum(1, keepdim=True)
+
+
+def with_label(critic: nn.Module, y: torch.Tensor):
+    """The critic as a function of the image alone, the labels fixed. The finite-difference quotient
+    scores two batches of segment points at once, so the labels are tiled to the batch it is given."""
+    return lambda images: critic(images, y.repeat(len(images) // len(y)))
+
+
+class CWGAN(WGAN):
+    family = "cwgan"
+    Params = CWGANParams
+    conditional = True
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.generator = LabelledGenerator(params)
+
+    @staticmethod
+    def make_critic(params):
+        return ProjectionCritic(params)
+
+    def decode(self, z, labels=None):
+        labels = balanced_labels(len(z), z.device) if labels is None else labels
+        return torch.sigmoid(self.generator(z, labels).float())
+
+    def score(self, x, y):
+        return self.critic(x, y).float().squeeze(1)
+
+    def gradient_norm(self, real, fake, y):
+        critic = with_label(self.critic, y)
+        if self.params.gradient == "finite_difference":
+            return difference_quotient(critic, real, fake)
+        return autograd_norm(critic, real, fake)
+
+    def critic_loss(self, real, fake, y):
+        real_score, fake_score = self.score(real, y), self.score(fake, y)
+        wasserstein = real_score.mean() - fake_score.mean()
+        with torch.enable_grad():
+            norm = self.gradient_norm(real, fake, y)
+        gp = penalty(norm, self.params.gp_weight, self.params.penalty == "one_sided")
+        return -wasserstein + gp, {"wasserstein": wasserstein, "gp": gp, "grad_norm": norm.mean()}
+
+    def generator_loss(self, fake, y):
+        return -self.score(fake, y).mean()
+
+    def train_step(self, x, optimizers, step, y=None):
+        with torch.no_grad():
+            fake = self.decode(self.sample_latent(len(x)), y)  # fakes of the same digits as the real batch
+        d_loss, stats = self.critic_loss(x, fake, y)
+        optimizers["critic"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers["critic"].step()
+        out = {"d_loss": d_loss.detach(), **{k: v.detach() for k, v in stats.items()}}
+        if (step + 1) % self.n_critic == 0:
+            g_loss = self.generator_loss(self.decode(self.sample_latent(len(x)), y), y)
+            optimizers["generator"].zero_grad(set_to_none=True)
+            g_loss.backward()
+            optimizers["generator"].step()
+            out["g_loss"] = g_loss.detach()
+        return out
+
+    @torch.no_grad()
+    def validation_losses(self, x, y=None):
+        d_loss, stats = self.critic_loss(x, self.decode(self.sample_latent(len(x)), y), y)
+        g_loss = self.generator_loss(self.decode(self.sample_latent(len(x)), y), y)
+        return {"d_loss": d_loss, "g_loss": g_loss, **stats}
