@@ -391,7 +391,9 @@ def mlflow_env(s: Settings) -> dict[str, str]:
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = {s.pg_uri('mlflow_auth')}\n"
                    f"admin_username = admin\nadmin_password = {s['TEAM_ADMIN_PASSWORD']}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # PBKDF2 on every request otherwise (a pyfunc log_model makes dozens); 60 s of staleness per worker
+                   "auth_cache_ttl_seconds = 60\n")
     os.chmod(ini, 0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "TEAM_"))}
     env.update(s.s3_env())
