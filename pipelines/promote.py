@@ -65,6 +65,9 @@ def promote(metrics_dir: Path, models_dir: Path, registry_factory=Registry) -> t
 
 def summary(d: gate.Decision) -> str:
     """One unambiguous line per model for a CI log, e.g. 'vae: keep champion v1 (candidate v2 declined)'."""
+    if d.decision != gate.REJECT and d.candidate_version is None:  # decided, but the promotion stopped before registering it
+        was = f"champion v{d.champion_version}" if d.champion_version else "no champion"
+        return f"{d.model}: candidate not registered (the gate would {'promote it' if d.decision == gate.PROMOTE else 'keep the champion'}; {was} unchanged)"
     if d.decision == gate.PROMOTE:
         return f"{d.model}: promote v{d.candidate_version} to champion" + (f" (was v{d.champion_version})" if d.champion_version else "")
     if d.decision == gate.KEEP:

@@ -73,7 +73,8 @@ def train(folder: Path, model: str, env: dict, **kwargs) -> subprocess.Popen:
 
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip() and "warn" not in line.lower() and not line.startswith(" ")]
-    return lines[-1] if lines else ""
+    summaries = [line for line in lines if line.startswith(("train ", "error:", "promote:"))]  # a stage's own one-line summary
+    return (summaries or lines or [""])[-1]
 
 
 def mlflow_client(s: stack.Settings):
@@ -173,7 +174,7 @@ def drill_store_down(s: stack.Settings) -> dict:
         if proc.returncode != 0:
             return {"pass": False, "why": f"train {model} failed: {last_line(err)}"}
         (folder / "metrics").mkdir(exist_ok=True)
-        metrics = {"recon_mse": 0.001, "iwae_nll": 50.0, "fid_cls": 1.0, "evaluator_hash": "drill"}
+        metrics = {"recon_mse": 0.001, "iwae_nll": 50.0, "fid_cls": 1.0, "classes_present": 10, "evaluator_hash": "drill"}
         (folder / "metrics" / f"{model}.json").write_text(json.dumps(metrics))
     before = registry_snapshot(s)
     stack.stop_swift(s)
