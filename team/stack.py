@@ -36,7 +36,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENV_FILE = Path(__file__).with_name(".env")
-PG_BIN = Path(os.environ.get("TEAM_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _pg_bin() -> Path:
+    """TEAM_PG_BIN, else the newest Debian/Ubuntu PostgreSQL (15 on this machine's Debian, 16 on GitHub's Ubuntu)."""
+    if os.environ.get("TEAM_PG_BIN"):
+        return Path(os.environ["TEAM_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_SECRET", "TEAM_ADMIN_PASSWORD", "TEAM_CI_PASSWORD", "TEAM_READER_PASSWORD", "TEAM_FLASK_SECRET")
 DEFAULTS = {
     "TEAM_HOST": "127.0.0.1",
