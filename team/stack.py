@@ -441,7 +441,11 @@ def stop_mlflow(s: Settings, sig: int = signal.SIGTERM) -> None:
 
 
 def auth_client(s: Settings):
-    from mlflow.server.auth.client import AuthServiceClient
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette's deprecation notice from mlflow's server modules
+        from mlflow.server.auth.client import AuthServiceClient
 
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", s["TEAM_ADMIN_PASSWORD"]
     return AuthServiceClient(s.tracking_uri)
