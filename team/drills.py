@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -26,6 +27,7 @@ from . import stack
 
 ROOT = stack.ROOT
 EXPERIMENT = "drills"
+SCRATCH: list[Path] = []  # the drills' folders, removed after each drill
 
 
 def tiny_params(families: dict[str, int]) -> dict:
@@ -44,6 +46,7 @@ def workspace(families: dict[str, int], n_train: int = 2048) -> Path:
     from mnistgen import data
 
     folder = Path(tempfile.mkdtemp(prefix="mnistgen-drill-"))
+    SCRATCH.append(folder)
     (folder / "params.yaml").write_text(yaml.safe_dump(tiny_params(families), sort_keys=False))
     prepared = folder / "data" / "prepared"
     prepared.mkdir(parents=True)
@@ -264,6 +267,9 @@ def main(argv=None) -> int:
             result = DRILLS[name](s, args.clients, args.steps) if name == "load" else DRILLS[name](s)
         except Exception as err:  # noqa: BLE001 - a drill that crashes is a failed drill
             result = {"pass": False, "crash": f"{type(err).__name__}: {err}"}
+        finally:
+            while SCRATCH:
+                shutil.rmtree(SCRATCH.pop(), ignore_errors=True)
         result["drill_seconds"] = round(time.perf_counter() - started, 1)
         records[name] = result
         record_file.write_text(json.dumps(records, indent=1))
