@@ -9,13 +9,14 @@ Usage: python pipelines/promote.py --metrics metrics --models models --out repor
 """
 import argparse
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
 
 from mnistgen import gate, tracking
 from mnistgen.config import GateParams, ParamsError, load_section, model_names
-from mnistgen.registry import Registry, registered_name
+from mnistgen.registry import ArtifactsUnavailable, Registry, registered_name
 from mnistgen.utils import StageError, atomic_write_text, write_json
 
 
@@ -64,6 +65,9 @@ def promote(metrics_dir: Path, models_dir: Path, registry_factory=Registry) -> t
 
 def summary(d: gate.Decision) -> str:
     """One unambiguous line per model for a CI log, e.g. 'vae: keep champion v1 (candidate v2 declined)'."""
+    if d.decision != gate.REJECT and d.candidate_version is None:  # decided, but the promotion stopped before registering it
+        was = f"champion v{d.champion_version}" if d.champion_version else "no champion"
+        return f"{d.model}: candidate not registered (the gate would {'promote it' if d.decision == gate.PROMOTE else 'keep the champion'}; {was} unchanged)"
     if d.decision == gate.PROMOTE:
         return f"{d.model}: promote v{d.candidate_version} to champion" + (f" (was v{d.champion_version})" if d.champion_version else "")
     if d.decision == gate.KEEP:
@@ -83,8 +87,16 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except Exception as err:  # noqa: BLE001 - the registry or store failed: exit 2, registry rolled back
-        traceback.print_exc()
-        print(f"error: promotion failed, registry left as it was: {err}", file=sys.stderr)
+        if tracking.permission_denied(err):  # a read-only account: one line, no traceback
+            endpoint = re.search(r"endpoint (\S+)", str(err))
+            print(f"error: promotion refused: MLflow user '{tracking.current_user()}' may not register versions or move aliases "
+                  f"(403 on {endpoint.group(1) if endpoint else 'the registry'}; promotion needs the ci account); "
+                  "registry left as it was", file=sys.stderr)
+        elif isinstance(err, ArtifactsUnavailable):
+            print(f"error: promotion failed, registry left as it was: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"error: promotion failed, registry left as it was: {err}", file=sys.stderr)
         code = 2
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "promotion.md", gate.to_markdown(decisions, code))

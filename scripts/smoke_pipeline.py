@@ -4,7 +4,10 @@ CI's smoke run and the end-to-end test both use this. The copy gets its own git 
 MLflow store (sqlite:///mlflow.db inside the copy) and params.yaml with params-smoke.yaml
 applied (comments kept). A gate regression (promote exits 1) fails `dvc repro`, and so this script.
 
-Usage: [MNIST_MIRROR=../shared/mnist] python scripts/smoke_pipeline.py [--workdir DIR] [--overrides FILE]
+Usage: [MNIST_MIRROR=../shared/mnist] python scripts/smoke_pipeline.py [--workdir DIR] [--overrides FILE] [--keep-tracking-uri]
+
+With --keep-tracking-uri the stages track and register on MLFLOW_TRACKING_URI (the team server;
+credentials from MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the copy's embedded store.
 """
 from __future__ import annotations
 
@@ -48,10 +51,11 @@ def make_workspace(workdir: Path, overrides: Path | None) -> Path:
     return workdir
 
 
-def dvc(*args: str, cwd: Path, capture: bool = False) -> subprocess.CompletedProcess:
+def dvc(*args: str, cwd: Path, capture: bool = False, keep_tracking_uri: bool = False) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("dvc")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the embedded default store inside the workspace
+    if not keep_tracking_uri:
+        env.pop("MLFLOW_TRACKING_URI", None)  # the embedded default store inside the workspace
     return subprocess.run([str(exe), *args], cwd=cwd, env=env, text=True, capture_output=capture)
 
 
@@ -59,11 +63,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--overrides", type=Path, default=ROOT / "params-smoke.yaml")
+    parser.add_argument("--keep-tracking-uri", action="store_true",
+                        help="track and register on MLFLOW_TRACKING_URI (a team server; with MLFLOW_TRACKING_USERNAME/PASSWORD) "
+                             "instead of the workspace's own embedded store")
     args = parser.parse_args()
+    if args.keep_tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        parser.error("--keep-tracking-uri needs MLFLOW_TRACKING_URI")
     workdir = make_workspace(args.workdir or Path(tempfile.mkdtemp(prefix="mnistgen-smoke-")), args.overrides)
-    print(f"smoke: workspace {workdir}")
+    store = os.environ["MLFLOW_TRACKING_URI"] if args.keep_tracking_uri else "its own sqlite:///mlflow.db"
+    print(f"smoke: workspace {workdir}, MLflow store {store}")
     started = time.perf_counter()
-    first = dvc("repro", cwd=workdir)
+    first = dvc("repro", cwd=workdir, keep_tracking_uri=args.keep_tracking_uri)
     elapsed = time.perf_counter() - started
     promotion = workdir / "reports" / "promotion.md"
     if promotion.exists():
@@ -74,7 +84,7 @@ def main() -> int:
         print(f"smoke: dvc repro failed (exit {first.returncode}) after {elapsed:.0f} s", file=sys.stderr)
         return 1
     started = time.perf_counter()
-    second = dvc("repro", cwd=workdir, capture=True)
+    second = dvc("repro", cwd=workdir, capture=True, keep_tracking_uri=args.keep_tracking_uri)
     if second.returncode != 0 or "up to date" not in second.stdout:
         print(f"smoke: a second dvc repro was not a no-op:\n{second.stdout}{second.stderr}", file=sys.stderr)
         return 1

@@ -25,3 +25,88 @@ def empty_store(tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
     return db
+
+
+def team_missing() -> str | None:
+    """Why the team stack cannot start here (None when it can)."""
+    import importlib.util
+
+    from team import stack
+
+    if not (stack.PG_BIN / "initdb").exists():
+        return f"team stack: PostgreSQL is not installed ({stack.PG_BIN}/initdb; apt-get install postgresql)"
+    for module, package in (("swift", "swift"), ("psycopg", "psycopg[binary]"), ("boto3", "boto3"), ("flask_wtf", "flask-wtf")):
+        if importlib.util.find_spec(module) is None:
+            return f"team stack: {package} is not installed (pip install -r requirements-team.lock)"
+    return None
+
+
+def free_port_block(count: int) -> int:
+    """A first port p with p .. p+count-1 all free on loopback."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        try:
+            socks = []
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free block of ports")
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """The team stack (PostgreSQL, Swift s3api, mlflow server + basic-auth), started once for the session on free
+    loopback ports in a private state folder, and stopped at the end. Yields team.stack.Settings."""
+    reason = team_missing()
+    if reason:
+        pytest.skip(reason)
+    import shutil
+    import tempfile
+
+    from team import stack
+
+    state = Path(tempfile.mkdtemp(prefix="mnistgen-team-test-", dir="/var/tmp"))
+    os.chmod(state, 0o755)  # PostgreSQL runs as an unprivileged user when the tests run as root
+    base = free_port_block(6)
+    overrides = {"TEAM_HOST": "127.0.0.1", "TEAM_STATE_DIR": str(state), "TEAM_PG_PORT": str(base), "TEAM_MLFLOW_PORT": str(base + 1),
+                 "TEAM_S3_PORT": str(base + 2)}
+    settings = stack.Settings.load(env_file=state / ".env", create=True, overrides=overrides)
+    try:
+        stack.up(settings, log=lambda *_: None)
+        yield settings
+    finally:
+        stack.down(settings, log=lambda *_: None)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def clear_registry(settings) -> None:
+    """Delete every registered model on the team server (as admin), so a test starts from an empty registry."""
+    from mlflow import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": settings["TEAM_ADMIN_PASSWORD"]})
+    try:
+        client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+        for model in client.search_registered_models():
+            client.delete_registered_model(model.name)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def use_team_account(monkeypatch, settings, user: str = "ci") -> None:
+    for key, value in settings.client_env(user).items():
+        monkeypatch.setenv(key, value)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import clear_registry, use_team_account
 from helpers import ROOT, free_port, load_script, tiny, tiny_model_params, write_params
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -42,12 +43,19 @@ PROMOTE_ARGS = ["--metrics", "metrics", "--models", "models", "--out", "reports"
 promote_stage = load_script("pipelines/promote.py")
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch, empty_store) -> Path:
-    """This test's own folder (the working directory) with its own empty store."""
+@pytest.fixture(params=["sqlite", pytest.param("team", marks=[pytest.mark.team, pytest.mark.slow])])
+def workspace(request, tmp_path, monkeypatch) -> Path:
+    """This test's own folder (the working directory) with its own empty store: an embedded SQLite file, or
+    the team server (PostgreSQL + Swift + mlflow server, started once per session) with its registry emptied
+    and the `ci` account."""
     monkeypatch.chdir(tmp_path)
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    if request.param == "sqlite":
+        shutil.copy(request.getfixturevalue("empty_store"), tmp_path / "mlflow.db")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    else:
+        settings = request.getfixturevalue("team_stack")
+        clear_registry(settings)
+        use_team_account(monkeypatch, settings, "ci")
     return tmp_path
 
 
@@ -209,10 +217,11 @@ def test_candidate_under_a_floor_exits_1_and_moves_nothing(workspace):
 def test_unreachable_registry_exits_2_and_changes_nothing(workspace, monkeypatch):
     before = champion_of("vae")
     candidate("vae", fid_cls=5.0)  # would be promoted
+    store = os.environ["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/registry.db")
     code, report = promote_now()
     assert code == 2 and report["exit_code"] == 2
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert snapshot() == before
 
 

@@ -176,3 +176,29 @@ def test_an_existing_experiment_without_the_kind_tag_gets_it(store):
     assert store.get_experiment(created).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     fresh = tracking.experiment_id("new-exp")
     assert store.get_experiment(fresh).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_store_lost_mid_stage_ends_it_in_one_line_and_the_next_start_marks_the_run_failed(tmp_path, monkeypatch):
+    """A tracking server that dies mid-stage cannot hear the run end: the stage stops with one line, the run id is
+    remembered, and the next stage that reaches the store marks it FAILED (no run stays RUNNING forever)."""
+    from mlflow.exceptions import MlflowException
+
+    from mnistgen.utils import StageError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    real_end = MlflowClient.set_terminated
+
+    def store_down(self, *args, **kwargs):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/update failed: Connection refused")
+
+    with pytest.raises(StageError, match="failed during the stage .*will be marked FAILED by the next stage"):
+        with tracking.Run.start("lost", "ae", {}) as run:
+            monkeypatch.setattr(MlflowClient, "set_terminated", store_down)
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed: Connection refused")
+    monkeypatch.setattr(MlflowClient, "set_terminated", real_end)
+    assert tracking.client().get_run(run.run_id).info.status == "RUNNING"
+    with tracking.Run.start("lost", "vae", {}):
+        pass
+    assert tracking.client().get_run(run.run_id).info.status == "FAILED"
+    assert not tracking.UNFINISHED.exists()

@@ -6,9 +6,15 @@ recorded so that `rollback` can put the registry back as it was when a later ste
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import tracking
 
 METRIC_TAG = "metric."
+
+
+class ArtifactsUnavailable(RuntimeError):
+    """The logged model's files cannot be read back from the artifact store."""
 
 
 def registered_name(model: str) -> str:
@@ -30,6 +36,9 @@ class Registry:
             return self.client.get_model_version_by_alias(name, alias)
         except MlflowException as err:
             if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower() or "does not exist" in str(err).lower():
+                return None
+            # A server with basic-auth answers 403, not 404, about a model that does not exist (no existence oracle).
+            if tracking.permission_denied(err) and not self.client.search_registered_models(f"name = '{name}'"):
                 return None
             raise
 
@@ -56,10 +65,30 @@ class Registry:
         except MlflowException:
             self.client.create_registered_model(name, description=f"MNIST {name.split('-')[-1].upper()} generator: latent vectors -> 28x28 digits")
             self.undo.append(("delete_model", name))
+        self.check_artifacts(model_uri)
         all_tags = {**tags, **{f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))}}
-        version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags)
+        # A logged model (models:/<model_id>) is named by its id too: a tracking server requires it, SQLite accepts it.
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        version = self.client.create_model_version(name, model_uri, run_id=run_id, tags=all_tags, model_id=model_id)
         self.undo.append(("delete_version", name, version.version))
         return str(version.version)
+
+    @staticmethod
+    def check_artifacts(model_uri: str) -> None:
+        """Read the logged model's files back before registering it, so that no version points at artifacts
+        the store cannot serve (a team object store that is down fails here, before any change)."""
+        import tempfile
+
+        from mlflow.artifacts import download_artifacts
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+                if not (Path(tmp) / "MLmodel").exists():
+                    raise FileNotFoundError("no MLmodel file among them")
+            except Exception as err:  # noqa: BLE001 - whatever the store says, the version would be unusable
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise ArtifactsUnavailable(f"the artifacts of {model_uri} cannot be read ({first}); not registering it") from err
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         previous = self.version_by_alias(name, alias)

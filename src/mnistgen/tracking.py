@@ -62,8 +62,23 @@ def check_reachable() -> None:
     try:
         client().search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
+        status = getattr(err, "get_http_status_code", lambda: None)()
+        if status == 401 or " 401 " in str(err):  # a team server with basic-auth refused the credentials
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+            who = f"user '{user}'" if user else "a request without credentials"
+            raise StageError(f"MLflow tracking server {uri} refused {who} (401): set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD to a valid account") from err
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StageError(f"MLflow tracking store {uri} cannot be reached: {first_line[:300]}") from err
+
+
+def permission_denied(err: BaseException) -> bool:
+    """True for a 403 from a team server with basic-auth (the account may not do this)."""
+    return getattr(err, "error_code", None) == "PERMISSION_DENIED" or "403 != 200" in str(err)
+
+
+def current_user() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_USERNAME")
 
 
 def experiment_id(name: str) -> str:
@@ -125,6 +140,7 @@ class Run:
         if not enabled():
             return cls(None)
         check_reachable()
+        _fail_unfinished()
         run = client().create_run(experiment_id(experiment), run_name=run_name, tags=tags)
         return cls(run.info.run_id)
 
@@ -145,7 +161,12 @@ class Run:
         try:
             self.end("FAILED")
         except Exception as err:  # noqa: BLE001 - the store may be what failed: keep the original error
-            print(f"warning: could not mark MLflow run {self.run_id} FAILED: {err}")
+            # The server is gone: remember the run, so the next Run.start marks it FAILED instead of leaving it RUNNING forever.
+            _remember_unfinished(self.run_id)
+            if _store_error(exc):
+                raise StageError(f"MLflow tracking store {tracking_uri()} failed during the stage ({_first_line(exc)}); "
+                                 f"run {self.run_id} will be marked FAILED by the next stage that reaches the store") from exc
+            print(f"warning: could not mark MLflow run {self.run_id} FAILED: {_first_line(err)}")
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id:
@@ -225,6 +246,59 @@ class Run:
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             client().set_terminated(self.run_id, status)
+
+
+UNFINISHED = Path("checkpoints") / "unfinished_mlflow_runs.json"  # runs whose end the store did not hear (git-ignored)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def _store_error(err: BaseException | None) -> bool:
+    """An error talking to the tracking store (not a bug in the stage)."""
+    if err is None:
+        return False
+    names = {c.__module__.split(".")[0] for c in type(err).__mro__}
+    return bool(names & {"mlflow", "requests", "urllib3"}) or isinstance(err, ConnectionError)
+
+
+def _remember_unfinished(run_id: str | None) -> None:
+    if not run_id:
+        return
+    try:
+        known = json.loads(UNFINISHED.read_text()) if UNFINISHED.exists() else []
+        UNFINISHED.parent.mkdir(parents=True, exist_ok=True)
+        UNFINISHED.write_text(json.dumps(sorted({*known, f"{tracking_uri()} {run_id}"})))
+    except (OSError, json.JSONDecodeError):
+        pass
+
+
+def _fail_unfinished() -> None:
+    """Mark FAILED the runs a crashed store never heard end (only those of this tracking URI)."""
+    if not UNFINISHED.exists():
+        return
+    try:
+        entries = json.loads(UNFINISHED.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    left = []
+    for entry in entries:
+        uri, _, run_id = entry.rpartition(" ")
+        if uri != tracking_uri():
+            left.append(entry)
+            continue
+        try:
+            if client().get_run(run_id).info.status == "RUNNING":
+                client().set_terminated(run_id, "FAILED")
+                print(f"note: marked MLflow run {run_id} FAILED (its stage ended while the store was down)")
+        except Exception:  # noqa: BLE001 - a run that is gone needs nothing
+            pass
+    if left:
+        UNFINISHED.write_text(json.dumps(left))
+    else:
+        UNFINISHED.unlink(missing_ok=True)
 
 
 def write_run_file(path: Path, run: Run, model_uri: str | None) -> None:
