@@ -70,6 +70,8 @@ def summary(d: gate.Decision) -> str:
         return f"{d.model}: candidate not registered (the gate would {'promote it' if d.decision == gate.PROMOTE else 'keep the champion'}; {was} unchanged)"
     if d.decision == gate.PROMOTE:
         return f"{d.model}: promote v{d.candidate_version} to champion" + (f" (was v{d.champion_version})" if d.champion_version else "")
+    if d.decision == gate.KEEP and d.candidate_version == d.champion_version:
+        return f"{d.model}: keep champion v{d.champion_version} (the candidate is that same run)"
     if d.decision == gate.KEEP:
         return f"{d.model}: keep champion v{d.champion_version} (candidate v{d.candidate_version} declined)"
     return f"{d.model}: reject (breaks a floor; not registered)"

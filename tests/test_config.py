@@ -31,6 +31,21 @@ def test_the_repo_params_validate_and_every_family_is_used():
     assert used == set(FAMILIES)  # a family with no section in params.yaml is untested and untrained
 
 
+@pytest.mark.parametrize("profile", [None, "params-smoke.yaml", "params-paper.yaml"])
+def test_every_model_has_a_valid_gate_section_in_every_profile(profile, tmp_path):
+    """promote reads gate.<model> for every model: a missing or incomplete gate section would only show at the last stage."""
+    from mnistgen.config import GateParams, load_section
+    from mnistgen.profiles import apply_profile
+
+    params = ROOT / "params.yaml"
+    if profile:
+        params = tmp_path / "params.yaml"
+        apply_profile(ROOT / profile, ROOT / "params.yaml", params)
+    for name in model_names(params):
+        load_model_params(name, params)
+        load_section(GateParams, f"gate.{name}", params)
+
+
 @pytest.mark.parametrize("family", MODELS)
 def test_a_key_of_another_family_is_refused_naming_it(family):
     key, value = foreign_key(family)
