@@ -16,6 +16,7 @@ tracked files or on a process's command line.
 | TEAM_OS_USER | mnistgen-team | the unprivileged user PostgreSQL runs as when `up` runs as root (it refuses root) |
 | TEAM_MLFLOW_WORKERS | 2 | uvicorn workers of mlflow server |
 | TEAM_PG_PASSWORD, TEAM_S3_SECRET, TEAM_ADMIN_PASSWORD, TEAM_CI_PASSWORD, TEAM_READER_PASSWORD, TEAM_FLASK_SECRET | generated | secrets |
+| TEAM_OPTUNA_PASSWORD | generated | PostgreSQL role `optuna`, owner of database `optuna` alone: the shared sweeps' studies |
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _pg_bin() -> Path:
 
 
 PG_BIN = _pg_bin()
-SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_SECRET", "TEAM_ADMIN_PASSWORD", "TEAM_CI_PASSWORD", "TEAM_READER_PASSWORD", "TEAM_FLASK_SECRET")
+SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_SECRET", "TEAM_ADMIN_PASSWORD", "TEAM_CI_PASSWORD", "TEAM_READER_PASSWORD", "TEAM_FLASK_SECRET",
+               "TEAM_OPTUNA_PASSWORD")
 DEFAULTS = {
     "TEAM_HOST": "127.0.0.1",
     "TEAM_PG_PORT": "55432",
@@ -127,6 +129,11 @@ class Settings:
 
     def pg_uri(self, database: str) -> str:
         return f"postgresql://mlflow:{self['TEAM_PG_PASSWORD']}@{self.host}:{self.port('PG')}/{database}"
+
+    @property
+    def optuna_storage(self) -> str:
+        """The sweeps' Optuna storage (python -m mnistgen.sweep): its own role and database, not MLflow's."""
+        return f"postgresql+psycopg://optuna:{self['TEAM_OPTUNA_PASSWORD']}@{self.host}:{self.port('PG')}/optuna"
 
     def client_env(self, user: str = "ci") -> dict[str, str]:
         """What a teammate (or CI) sets: the server's address and one MLflow account."""
@@ -293,13 +300,15 @@ def start_postgres(s: Settings) -> None:
     pid = int((data / "postmaster.pid").read_text().split()[0])
     write_pid(s, "postgres", pid)
     psql = [str(PG_BIN / "psql"), "-h", str(sock), "-p", str(s.port("PG")), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-qtA"]
-    exists = run_as(user, [*psql, "-c", "select 1 from pg_roles where rolname='mlflow'"], capture_output=True, text=True, check=True)
-    if exists.stdout.strip() != "1":
-        password = s["TEAM_PG_PASSWORD"].replace("'", "''")
-        sql = f"CREATE ROLE mlflow LOGIN PASSWORD '{password}'"
-        run_as(user, psql, input=sql, text=True, capture_output=True, check=True)  # the password goes on stdin, not argv
-        for db in ("mlflow", "mlflow_auth"):
-            run_as(user, [*psql, "-c", f"CREATE DATABASE {db} OWNER mlflow"], capture_output=True, check=True)
+    # MLflow's stores, and the sweeps' Optuna studies (a stack made before sweeps existed gets that role on its next `up`)
+    for role, key, databases in (("mlflow", "TEAM_PG_PASSWORD", ("mlflow", "mlflow_auth")), ("optuna", "TEAM_OPTUNA_PASSWORD", ("optuna",))):
+        exists = run_as(user, [*psql, "-c", f"select 1 from pg_roles where rolname='{role}'"], capture_output=True, text=True, check=True)
+        if exists.stdout.strip() != "1":
+            password = s[key].replace("'", "''")
+            sql = f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"
+            run_as(user, psql, input=sql, text=True, capture_output=True, check=True)  # the password goes on stdin, not argv
+            for db in databases:
+                run_as(user, [*psql, "-c", f"CREATE DATABASE {db} OWNER {role}"], capture_output=True, check=True)
 
 
 def stop_postgres(s: Settings, mode: str = "fast") -> None:
@@ -562,7 +571,9 @@ def status(s: Settings) -> dict[str, bool]:
 
 
 def exports(s: Settings, user: str = "ci") -> str:
-    return "\n".join(f"export {k}={v}" for k, v in s.client_env(user).items())
+    """The client's variables; the writing accounts also get the sweeps' Optuna storage (MNISTGEN_OPTUNA_STORAGE)."""
+    env = {**s.client_env(user), **({"MNISTGEN_OPTUNA_STORAGE": s.optuna_storage} if user != "reader" else {})}
+    return "\n".join(f"export {k}={v}" for k, v in env.items())
 
 
 def dvc_remote_env(s: Settings) -> dict[str, str]:

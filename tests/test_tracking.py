@@ -202,3 +202,25 @@ def test_store_lost_mid_stage_ends_it_in_one_line_and_the_next_start_marks_the_r
         pass
     assert tracking.client().get_run(run.run_id).info.status == "FAILED"
     assert not tracking.UNFINISHED.exists()
+
+
+def test_a_dvc_experiment_tracks_into_its_parent_repo_and_tags_its_runs(tmp_path, monkeypatch, empty_store):
+    """A queued experiment runs in .dvc/tmp/exps/…: DVC_ROOT (the repo it was queued from) picks the store, and
+    DVC_EXP_NAME / DVC_EXP_BASELINE_REV become the run's tags; plain `dvc repro` adds no such tags."""
+    parent, temp_copy = tmp_path / "repo", tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc"
+    temp_copy.mkdir(parents=True)
+    shutil.copy(empty_store, parent / "mlflow.db")
+    monkeypatch.chdir(temp_copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MNISTGEN_TRACKING", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(parent))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{parent}/mlflow.db" and tracking.dvc_experiment_tags() == {}
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-puma")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    with tracking.Run.start("queued", run_name="ae", tags={"stage": "train"}) as run:
+        pass
+    client = MlflowClient(tracking_uri=f"sqlite:///{parent}/mlflow.db")
+    tags = client.get_run(run.run_id).data.tags
+    assert (tags["dvc_exp_name"], tags["dvc_exp_baseline_rev"], tags["stage"]) == ("lucid-puma", "a" * 40, "train")
+    assert client.get_experiment_by_name("queued").artifact_location == (parent / "mlartifacts").as_uri()  # not in the temp copy

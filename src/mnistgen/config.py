@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -127,6 +127,48 @@ class GateParams(Section):
     tolerance: float | Literal["band"]
     agree_in_both_spaces: bool  # also require the gain in the second evaluator's space (<primary>_e2) where both have it
     floors: tuple[Floor, ...] = Field(strict=False)  # YAML gives a list
+
+
+class FloatRange(Section):
+    """A float drawn from [low, high] (log: on a log scale)."""
+
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"needs low < high (and low > 0 with log), got {self.low}..{self.high}")
+        return self
+
+
+class IntRange(FloatRange):
+    """An integer drawn from low..high inclusive."""
+
+    type: Literal["int"]
+    low: int
+    high: int
+
+
+class Choice(Section):
+    type: Literal["choice"]
+    choices: tuple[int | float | str | bool, ...] = Field(strict=False, min_length=1)  # YAML gives a list
+
+
+Dimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator="type")]
+
+
+class SweepParams(Section):
+    """Section `sweep`: the Optuna search (python -m mnistgen.sweep), objective on the validation split."""
+
+    experiment: str  # MLflow experiment of the sweep runs (one parent run per study, one nested run per trial)
+    sampler_seed: int  # TPE sampler; each worker adds its --worker number, so workers do not draw the same start points
+    pruner_startup_trials: NonNegativeInt  # MedianPruner: trials that finish before any is pruned
+    pruner_warmup_epochs: NonNegativeInt  # epochs every trial trains: the earliest pruning is after epoch warmup + 1
+    fid_samples: PositiveInt  # GAN families: samples scored each epoch against the validation images (FID_cls)
+    space: dict[str, dict[str, Dimension]]  # model name -> its params key -> the range searched
 
 
 def _describe(err: ValidationError, where: str, tag: str | None = None) -> ParamsError:

@@ -2,6 +2,9 @@
 
 Embedded default: tracking store sqlite:///mlflow.db and artifacts in mlartifacts/, both at
 the repo root; MLFLOW_TRACKING_URI overrides the store (a team server scales it out).
+Under DVC the repo root is DVC_ROOT, which a queued experiment (`dvc exp run --queue`, run in a
+temporary copy under .dvc/tmp/exps) gets pointing at the parent repo: every experiment logs into
+the one store of the repo it was queued from.
 Set MNISTGEN_TRACKING=off to train and evaluate without MLflow.
 """
 from __future__ import annotations
@@ -31,7 +34,20 @@ def enabled() -> bool:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = os.environ.get("DVC_ROOT")  # set by DVC for every stage: the repo root, the parent repo's for a queued experiment
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}" if root else DEFAULT_URI
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment a stage runs in (`dvc exp run`, queued or not): its name and baseline commit.
+
+    Together they name the experiment's git ref, refs/exps/<baseline[:2]>/<baseline[2:]>/<name>, so an
+    MLflow run and the row of `dvc exp show` can be matched both ways. Empty under plain `dvc repro`.
+    """
+    names = {"DVC_EXP_NAME": "dvc_exp_name", "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
 def _mlflow():
@@ -93,7 +109,10 @@ def experiment_id(name: str) -> str:
             mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = None
-    if tracking_uri().startswith(("sqlite:", "file:")) or "://" not in tracking_uri():
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):  # artifacts beside the database, wherever the stage runs
+        location = (Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent / ARTIFACT_ROOT).as_uri()
+    elif uri.startswith("file:") or "://" not in uri:
         location = (Path.cwd() / ARTIFACT_ROOT).resolve().as_uri()
     return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
@@ -137,11 +156,12 @@ class Run:
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str]) -> Run:
+        """A new run tagged with `tags` and, inside a DVC experiment, its name and baseline (dvc_experiment_tags)."""
         if not enabled():
             return cls(None)
         check_reachable()
         _fail_unfinished()
-        run = client().create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+        run = client().create_run(experiment_id(experiment), run_name=run_name, tags={**dvc_experiment_tags(), **tags})
         return cls(run.info.run_id)
 
     @classmethod
@@ -264,13 +284,20 @@ def _store_error(err: BaseException | None) -> bool:
     return bool(names & {"mlflow", "requests", "urllib3"}) or isinstance(err, ConnectionError)
 
 
+def _store_key(uri: str) -> str:
+    """The store a URI names: sqlite:///mlflow.db run from the repo root and DVC's absolute form are one store."""
+    if uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).expanduser().resolve())
+    return uri
+
+
 def _remember_unfinished(run_id: str | None) -> None:
     if not run_id:
         return
     try:
         known = json.loads(UNFINISHED.read_text()) if UNFINISHED.exists() else []
         UNFINISHED.parent.mkdir(parents=True, exist_ok=True)
-        UNFINISHED.write_text(json.dumps(sorted({*known, f"{tracking_uri()} {run_id}"})))
+        UNFINISHED.write_text(json.dumps(sorted({*known, f"{_store_key(tracking_uri())} {run_id}"})))
     except (OSError, json.JSONDecodeError):
         pass
 
@@ -286,7 +313,7 @@ def _fail_unfinished() -> None:
     left = []
     for entry in entries:
         uri, _, run_id = entry.rpartition(" ")
-        if uri != tracking_uri():
+        if _store_key(uri) != _store_key(tracking_uri()):
             left.append(entry)
             continue
         try:
