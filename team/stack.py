@@ -307,8 +307,9 @@ def start_postgres(s: Settings) -> None:
             password = s[key].replace("'", "''")
             sql = f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"
             run_as(user, psql, input=sql, text=True, capture_output=True, check=True)  # the password goes on stdin, not argv
-            for db in databases:
+            for db in databases:  # the owner's alone: no other role may even connect
                 run_as(user, [*psql, "-c", f"CREATE DATABASE {db} OWNER {role}"], capture_output=True, check=True)
+                run_as(user, [*psql, "-c", f"REVOKE CONNECT ON DATABASE {db} FROM PUBLIC"], capture_output=True, check=True)
 
 
 def stop_postgres(s: Settings, mode: str = "fast") -> None:
