@@ -48,6 +48,9 @@ def _pg_bin() -> Path:
 PG_BIN = _pg_bin()
 SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_SECRET", "TEAM_ADMIN_PASSWORD", "TEAM_CI_PASSWORD", "TEAM_READER_PASSWORD", "TEAM_FLASK_SECRET",
                "TEAM_OPTUNA_PASSWORD")
+# Secrets added after stacks were in use: `up` generates them, but loading does not require them, so `down`, `env`
+# and `status` keep working on an env file written before them (the next `up` adds them and what they guard).
+LATER_SECRET_KEYS = ("TEAM_OPTUNA_PASSWORD",)
 DEFAULTS = {
     "TEAM_HOST": "127.0.0.1",
     "TEAM_PG_PORT": "55432",
@@ -96,7 +99,7 @@ class Settings:
                 out.writelines(f"{k}={v}\n" for k, v in missing.items())
             from_file.update(missing)
         values = {**DEFAULTS, **from_file, **{k: v for k, v in os.environ.items() if k.startswith("TEAM_")}, **(overrides or {})}
-        missing = [k for k in SECRET_KEYS if not values.get(k)]
+        missing = [k for k in SECRET_KEYS if not values.get(k) and k not in LATER_SECRET_KEYS]
         if missing:
             raise StackError(f"missing settings {', '.join(missing)}: run `python -m team up` once, or set them (env file {env_file})")
         return cls(values, env_file)
@@ -131,8 +134,11 @@ class Settings:
         return f"postgresql://mlflow:{self['TEAM_PG_PASSWORD']}@{self.host}:{self.port('PG')}/{database}"
 
     @property
-    def optuna_storage(self) -> str:
-        """The sweeps' Optuna storage (python -m mnistgen.sweep): its own role and database, not MLflow's."""
+    def optuna_storage(self) -> str | None:
+        """The sweeps' Optuna storage (python -m mnistgen.sweep): its own role and database, not MLflow's.
+        None for a stack made before sweeps existed, until its next `up`."""
+        if not self.values.get("TEAM_OPTUNA_PASSWORD"):
+            return None
         return f"postgresql+psycopg://optuna:{self['TEAM_OPTUNA_PASSWORD']}@{self.host}:{self.port('PG')}/optuna"
 
     def client_env(self, user: str = "ci") -> dict[str, str]:
@@ -302,6 +308,8 @@ def start_postgres(s: Settings) -> None:
     psql = [str(PG_BIN / "psql"), "-h", str(sock), "-p", str(s.port("PG")), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-qtA"]
     # MLflow's stores, and the sweeps' Optuna studies (a stack made before sweeps existed gets that role on its next `up`)
     for role, key, databases in (("mlflow", "TEAM_PG_PASSWORD", ("mlflow", "mlflow_auth")), ("optuna", "TEAM_OPTUNA_PASSWORD", ("optuna",))):
+        if not s.values.get(key):  # `up` generates every secret; settings loaded otherwise may lack a later one
+            continue
         exists = run_as(user, [*psql, "-c", f"select 1 from pg_roles where rolname='{role}'"], capture_output=True, text=True, check=True)
         if exists.stdout.strip() != "1":
             password = s[key].replace("'", "''")
@@ -573,7 +581,7 @@ def status(s: Settings) -> dict[str, bool]:
 
 def exports(s: Settings, user: str = "ci") -> str:
     """The client's variables; the writing accounts also get the sweeps' Optuna storage (MNISTGEN_OPTUNA_STORAGE)."""
-    env = {**s.client_env(user), **({"MNISTGEN_OPTUNA_STORAGE": s.optuna_storage} if user != "reader" else {})}
+    env = {**s.client_env(user), **({"MNISTGEN_OPTUNA_STORAGE": s.optuna_storage} if user != "reader" and s.optuna_storage else {})}
     return "\n".join(f"export {k}={v}" for k, v in env.items())
 
 

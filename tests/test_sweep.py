@@ -195,3 +195,21 @@ def test_two_workers_share_one_study_on_the_team_postgresql(tmp_path, team_stack
     study = f"team-{tmp_path.name}"
     run_workers(work, team_stack.optuna_storage, study, 2, env)
     check_shared_study(work, team_stack.optuna_storage, study, 2, team_stack.tracking_uri)
+
+
+def test_team_settings_give_the_sweeps_storage_and_an_older_env_file_still_loads(tmp_path):
+    """`python -m team up` generates the optuna role's password; `env`, `down` and `status` still load an env file
+    written before sweeps existed (no storage exported until the next `up`); the read-only account gets none."""
+    from team import stack
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}=secret{i}\n" for i, k in enumerate(stack.SECRET_KEYS) if k != "TEAM_OPTUNA_PASSWORD"))
+    older = stack.Settings.load(env_file=env_file, overrides={"TEAM_PG_PORT": "55432", "TEAM_HOST": "127.0.0.1"})
+    assert older.optuna_storage is None and "MNISTGEN_OPTUNA_STORAGE" not in stack.exports(older, "ci")
+    with pytest.raises(stack.StackError, match="TEAM_CI_PASSWORD"):  # the other secrets stay required
+        stack.Settings.load(env_file=env_file, overrides={"TEAM_CI_PASSWORD": ""})
+    upped = stack.Settings.load(env_file=env_file, create=True, overrides={"TEAM_PG_PORT": "55432", "TEAM_HOST": "127.0.0.1"})
+    assert upped.optuna_storage == f"postgresql+psycopg://optuna:{upped['TEAM_OPTUNA_PASSWORD']}@127.0.0.1:55432/optuna"
+    assert env_file.read_text().count("TEAM_PG_PASSWORD=") == 1  # only the missing secret was added
+    assert f"export MNISTGEN_OPTUNA_STORAGE={upped.optuna_storage}" in stack.exports(upped, "ci")
+    assert "MNISTGEN_OPTUNA_STORAGE" not in stack.exports(upped, "reader")
