@@ -6,11 +6,12 @@ together form one global batch of the configured size. A step on N ranks equals 
 process fed that global batch, to float rounding:
 
 - gradients: each optimizer averages its gradients over the ranks just before it steps (one
-  all-reduce of all its gradients, an optimizer step pre-hook). DistributedDataParallel's
-  reducer expects one forward per backward per module; our families call the critic 2-3
-  times a step, backpropagate the generator's loss through the critic and take the WGAN-GP
-  penalty by a double backward, which it rejects or gets wrong (the README's data-parallel
-  section gives the evidence), while an all-reduce of .grad before the step is exact for all.
+  all-reduce of all its gradients, an optimizer step pre-hook), not DistributedDataParallel:
+  DDP would wrap each family's networks (changing their state_dict keys), misses parameters
+  no module's forward uses (the CVAE's class means), all-reduces the critic's gradients in the
+  generator's step for nothing, and in its static_graph mode trains the WGAN-GP (critic called
+  three times a step, penalty by double backward) silently wrong (benchmarks/ddp_probe.py;
+  its default mode is right). The pre-hook is exact for every family with no model change.
 - noise: every per-sample random draw inside a training step goes through `rows`, which
   draws the rows of the whole global batch from the (identically seeded) generator and keeps
   this rank's, so the ranks' noise is the single process's noise, split.

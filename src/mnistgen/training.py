@@ -117,7 +117,8 @@ class Checkpoint:
                 f"{self.path}: corrupt checkpoint ({type(err).__name__}: {err}); delete it to train from scratch"
             ) from err
         if state.get("fingerprint") != self.fingerprint:
-            print(f"{self.path}: made with other params or data; training from scratch")
+            if distributed.is_main():
+                print(f"{self.path}: made with other params or data; training from scratch")
             return None
         return state
 
