@@ -315,7 +315,7 @@ def test_the_logged_conditional_model_takes_a_digit_through_mlflow(tmp_path):
     from mlflow.exceptions import MlflowException
 
     write_prepared(tmp_path / "data" / "prepared")
-    write_params(tmp_path, train={"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1},
+    write_params(tmp_path, train={"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "dist_timeout_s": 60},
                  models={"cwgan": tiny_model_params("cwgan")})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "cwgan", "--data", "data/prepared", "--out", "models/cwgan",

@@ -66,6 +66,7 @@ class RunParams(Section):
     deterministic: bool
     experiment: str
     sample_every: PositiveInt  # log a fixed-noise sample grid every N epochs
+    dist_timeout_s: PositiveInt  # under torchrun: a collective waiting longer than this fails the run (a hung rank)
 
 
 class ModelParams(Section):

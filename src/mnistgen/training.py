@@ -5,6 +5,11 @@ and slices batches from it, so there is no per-sample Python or DataLoader work.
 stay on the device and are read once per epoch (no host sync inside the step loop). Each
 epoch ends with a checkpoint, from which an interrupted run resumes. A conditional family
 (`model.conditional`) also gets each batch's labels, sliced with the same permutation.
+
+Under torchrun each rank trains on its shard of the training set with its share of the batch
+(distributed.py says how the ranks together make the one-process step); all ranks validate on
+the whole validation set (which keeps their random generators in step), and only rank 0
+prints, checkpoints and calls `on_epoch`.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from . import distributed
 from .models.base import GenerativeModel
 from .utils import StageError, atomic_torch_save, autocast, memory_format, progress_bar, sha256_json
 
@@ -111,7 +117,8 @@ class Checkpoint:
                 f"{self.path}: corrupt checkpoint ({type(err).__name__}: {err}); delete it to train from scratch"
             ) from err
         if state.get("fingerprint") != self.fingerprint:
-            print(f"{self.path}: made with other params or data; training from scratch")
+            if distributed.is_main():
+                print(f"{self.path}: made with other params or data; training from scratch")
             return None
         return state
 
@@ -132,7 +139,7 @@ def step(model: GenerativeModel, x: torch.Tensor, optimizers: dict, global_step:
     device's autocast unless `mixed_precision` is off (the benchmarks time this, and gpu_check compares it with
     full precision)."""
     given = () if y is None else (y,)
-    with autocast(x.device) if mixed_precision else contextlib.nullcontext():
+    with autocast(x.device) if mixed_precision else contextlib.nullcontext(), distributed.training_step():
         return model.train_step(x, optimizers, global_step, *given)
 
 
@@ -171,18 +178,23 @@ def train(
     """Train `model` as its params say (epochs, batch size, schedule) on device-resident images in [0, 1].
 
     A conditional family needs `train_labels` and `val_labels` (device tensors of digits, one per
-    image); an unconditional one ignores them. Returns one dict of metrics per epoch.
+    image); an unconditional one ignores them. Returns one dict of metrics per epoch. In a
+    data-parallel run `train_images` and `train_labels` are this rank's shard (distributed.shard)
+    and the params' batch size is the global batch.
     """
     if not model.conditional:
         train_labels = val_labels = None
     elif train_labels is None or val_labels is None:
         raise StageError(f"{model.family} is conditional: training needs the labels of the training and validation images")
     params = model.params
-    epochs, batch_size = params.epochs, params.batch_size
+    epochs, batch_size = params.epochs, distributed.local_batch(params.batch_size)
+    main = distributed.is_main()
     model.init_from_data(train_images)  # before a resume, which then overwrites the weights
     # Conv weights in the device's faster layout; [N, 1, 28, 28] batches are the same in either.
     model.to(memory_format=memory_format(train_images.device))
+    distributed.prepare_model(model)
     optimizers = model.make_optimizers()
+    distributed.prepare_optimizers(optimizers)
     steps = batches(len(train_images), batch_size)
     schedule = Schedule(optimizers, steps, epochs, params.lr_warmup, params.lr_decay)
     shuffle_rng = torch.Generator().manual_seed(seed)
@@ -192,14 +204,15 @@ def train(
     if state is not None:
         restore(state, model, optimizers, shuffle_rng)
         history, start_epoch = state["history"], state["epoch"]
-        print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
+        if main:
+            print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
         started = time.perf_counter()
         order = torch.randperm(len(train_images), generator=shuffle_rng).to(train_images.device)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        bar = progress_bar(range(steps), f"{model.family} {epoch}/{epochs}", progress)
+        bar = progress_bar(range(steps), f"{model.family} {epoch}/{epochs}", progress and main)
         for i in bar:
             global_step = (epoch - 1) * steps + i
             schedule.set(global_step)
@@ -209,17 +222,19 @@ def train(
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
-        metrics = {k: (sums[k] / counts[k]).item() for k in sums}  # the one host sync of the epoch
+        means = distributed.mean_over_ranks(torch.stack([sums[k] / counts[k] for k in sums]))  # each rank's batches are as many
+        metrics = dict(zip(sums, means.tolist()))  # the one host sync of the epoch
         check_finite(metrics, model.family, epoch)
         seconds = time.perf_counter() - started
         metrics.update(validation_losses(model, val_images, 1000, val_labels))
         check_finite(metrics, model.family, epoch)
-        history.append({"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * batch_size / seconds})
-        print(f"{model.family} epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"))
-        if checkpoint:
-            checkpoint.save(model, optimizers, epoch, history, shuffle_rng)
-        if on_epoch:
-            on_epoch(epoch, history[-1], model)
+        history.append({"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * params.batch_size / seconds})
+        if main:  # the other ranks go on and wait in the next epoch's first all-reduce
+            print(f"{model.family} epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"))
+            if checkpoint:
+                checkpoint.save(model, optimizers, epoch, history, shuffle_rng)
+            if on_epoch:
+                on_epoch(epoch, history[-1], model)
     model.eval()
     model.fit_prior(train_images)
     return history
