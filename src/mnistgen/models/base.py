@@ -80,6 +80,11 @@ class GenerativeModel(nn.Module):
         """
         return distributed.rows(n, lambda m: torch.randn(m, self.latent_dim, generator=generator, device=self.device))
 
+    def averaged(self) -> nn.Module:
+        """The weights that make samples, which `ema_decay` averages over steps: the whole model (AE, VAE);
+        a GAN overrides it with its generator (averaging the critic would change nothing that samples)."""
+        return self
+
     def fit_prior(self, images: torch.Tensor) -> None:
         """Called once after training with the whole training set; the AE fits its Gaussian here."""
 
