@@ -2,7 +2,7 @@
 import torch
 from helpers import tiny
 
-# name -> (family, param changes): every family, the VAE's Bernoulli draw, the WGAN's two penalty gradients.
+# name -> (family, param changes): every family, the VAE's Bernoulli draw, the WGAN's two penalty gradients, the EMA.
 CASES = {
     "ae": ("ae", {}),
     "vae": ("vae", {"dynamic_binarization": True}),
@@ -11,6 +11,7 @@ CASES = {
     "wgan_fd": ("wgan", {"gradient": "finite_difference"}),
     "cvae": ("cvae", {}),
     "cwgan": ("cwgan", {"gradient": "autograd"}),
+    "gan_ema": ("gan", {"ema_decay": 0.9}),  # the moving average of the generator, kept alike on every rank
 }
 GLOBAL_BATCH = 16
 EPOCHS = 2  # 16 steps each: the ranks' random streams must stay in step across the validation between epochs

@@ -111,6 +111,7 @@ def one_process_reference(family: str, changes: dict, world: int) -> tuple[nn.Mo
     steps = training.batches(len(shards[0][0]), local)
     schedule = training.Schedule(optimizers, steps, EPOCHS, model.params.lr_warmup, model.params.lr_decay)
     shuffle_rng = torch.Generator().manual_seed(0)
+    ema = training.moving_average(model)  # None unless the case sets ema_decay
     model.train()
     for epoch in range(EPOCHS):
         order = torch.randperm(len(shards[0][0]), generator=shuffle_rng)
@@ -119,7 +120,11 @@ def one_process_reference(family: str, changes: dict, world: int) -> tuple[nn.Mo
             idx = order[i * local : (i + 1) * local]
             x, y = torch.cat([s[0][idx] for s in shards]), torch.cat([s[1][idx] for s in shards])
             training.step(model, x, optimizers, epoch * steps + i, y=y if model.conditional else None)
+            if ema is not None:
+                ema.update_parameters(model.averaged())
         training.validation_losses(model, val_images, 1000, val_labels if model.conditional else None)  # draws, as train's
+    if ema is not None:
+        model.averaged().load_state_dict(ema.module.state_dict())
     model.eval()
     model.fit_prior(images)
     return model, largest
