@@ -178,7 +178,7 @@ def vae_params(batch_size: int, lr: float, epochs: int, warmup: float):
         "width": 16,  # conv channels: unused by an mlp
         "beta": 1.0, "dynamic_binarization": False,
         "epochs": epochs or 1000, "batch_size": batch_size, "lr": lr,
-        "lr_warmup": warmup if epochs else 0.0, "lr_decay": bool(epochs),
+        "lr_warmup": warmup if epochs else 0.0, "lr_decay": bool(epochs), "ema_decay": 0.0,
     }, "vae_time_to_elbo")
 
 

@@ -4,15 +4,20 @@ Usage: python pipelines/train.py <model> --data data/prepared --out models/<mode
 (paths come from dvc.yaml). Reads params sections `train` (shared run settings) and `models.<model>`.
 Writes weights.pt, config.json, run.json and samples.png to --out, and one CSV per training curve
 (epoch, train, val) plus curves.png to --curves, which `dvc plots show` draws.
+
+Data-parallel: `torchrun --standalone --nproc_per_node N pipelines/train.py <model> ...` trains on N
+processes (gloo on CPU, NCCL on CUDA), each on its shard of the training set with 1/N of the
+batch; rank 0 alone logs to MLflow and writes the outputs and checkpoints (mnistgen.distributed).
 """
 import argparse
+import contextlib
 import csv
 import time
 from pathlib import Path
 
 import torch
 
-from mnistgen import data, figures, tracking, training
+from mnistgen import data, distributed, figures, tracking, training
 from mnistgen.config import RunParams, flatten, load_model_params, load_section
 from mnistgen.models import build_model
 from mnistgen.utils import atomic_dir, pick_device, run_stage, seed_everything, sha256_json
@@ -41,20 +46,30 @@ def main() -> None:
     started = time.perf_counter()
     run_params = load_section(RunParams, "train")
     params = load_model_params(name)
-    device = pick_device(run_params.device)
+    with distributed.session(pick_device(run_params.device), run_params.dist_timeout_s) as device:
+        train_stage(args, run_params, params, device, started)
+
+
+def train_stage(args, run_params, params, device, started) -> None:
+    name = args.model
     seed_everything(run_params.seed, run_params.deterministic)
     data_hash = tracking.data_hash(args.data)
     params_hash = sha256_json({"train": run_params.model_dump(), "model": params.model_dump()})
     # One MLflow run for the whole stage: it ends FAILED if anything below raises (training, a figure, the logged model).
+    # Under torchrun only rank 0 has a run: the others train and stop before the outputs.
+    main_rank = distributed.is_main()
     with tracking.Run.start(run_params.experiment, run_name=name, tags={  # fails here if MLflow is unreachable
         "model": name, "family": params.family, "stage": "train", "git_commit": tracking.git_commit(), "data_hash": data_hash,
         "params_hash": params_hash, "device": str(device), "torch_version": torch.__version__,
-    }) as run:
-        run.log_params(flatten({"train": run_params, "model": params}))
+        **({"world_size": str(distributed.world_size())} if distributed.world_size() > 1 else {}),
+    }) if main_rank else contextlib.nullcontext() as run:
+        if main_rank:
+            run.log_params(flatten({"train": run_params, "model": params}))
 
         train_split, val_split = data.load_split(args.data, "train"), data.load_split(args.data, "val")
-        train_images, val_images = data.to_float(train_split.images, device), data.to_float(val_split.images, device)
-        train_labels, val_labels = train_split.labels.to(device), val_split.labels.to(device)  # used by conditional families
+        # Each rank holds its own shard of the training set on the device (all of it with one process).
+        train_images, val_images = data.to_float(distributed.shard(train_split.images), device), data.to_float(val_split.images, device)
+        train_labels, val_labels = distributed.shard(train_split.labels).to(device), val_split.labels.to(device)  # conditional families
         model = build_model(params).to(device)
         fixed_noise = torch.randn(64, params.latent_dim, generator=torch.Generator().manual_seed(run_params.seed)).to(device)
         fixed_labels = torch.arange(64, device=device) % 10  # conditional families: digits 0..9 in turn
@@ -78,9 +93,12 @@ def main() -> None:
         # "The code" in the fingerprint is every mnistgen module this stage imported: what dvc.yaml lists as its deps.
         checkpoint = training.Checkpoint(Path("checkpoints") / name / "last.pt", {
             "params": params_hash, "data": data_hash, "images": len(train_images), "code": sha256_json(training.library_code()),
+            **({"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}),  # the batches differ with it
         })
         history = training.train(model, train_images, val_images, seed=run_params.seed, checkpoint=checkpoint, on_epoch=on_epoch,
                                  train_labels=train_labels, val_labels=val_labels)
+        if not main_rank:
+            return
         for row in history:  # epochs trained before a resume, logged into this run too
             if row["epoch"] not in logged_epochs:
                 run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])

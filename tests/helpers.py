@@ -1,5 +1,13 @@
 """Small builders shared by the tests: tiny prepared data, tiny params, workspaces, scripts by path."""
+import contextlib
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -95,3 +103,39 @@ def headless_chromium(target: str, profile: Path, budget_ms: int, window: tuple[
     result = subprocess.run([*cmd, "--dump-dom", target], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"chromium failed ({result.returncode}):\n{result.stderr[-3000:]}"
     return result.stdout
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, env: dict | None = None, startup_s: float = 90):
+    """`mlflow models serve` (the CLI a user runs, --env-manager local) on a free loopback port; yields the port."""
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)  # mlflow and the uvicorn it starts live beside this python
+    env = {**os.environ, **(env or {}), "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
+    server = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + startup_s
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.time() < deadline, f"mlflow models serve not up after {startup_s} s"
+                time.sleep(0.5)
+        yield port
+        assert server.poll() is None, "the server died while serving"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def post_invocation(port: int, body: bytes | dict) -> tuple[int, bytes]:
+    """POST to a served model's /invocations; (HTTP status, body), errors included."""
+    body = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ROOT, repo_params, tiny, tiny_model_params, write_params, write_prepared
+from helpers import ROOT, post_invocation, repo_params, served_model, tiny, tiny_model_params, write_params, write_prepared
 from mnistgen import evaluation, figures, metrics, report, training
 from mnistgen.config import EvaluateParams
 from mnistgen.models import build_model
@@ -251,8 +251,8 @@ def test_report_claims_on_conditional_models():
     checks = {c: (v, e) for c, v, e in report.claims(results, {})}
     cluster = next(c for c in checks if "cluster" in c)
     keep = next(c for c in checks if "requested digit" in c)
-    assert checks[cluster][0] == report.HOLDS and "0.3000" in checks[cluster][1]
-    assert checks[keep][0] == report.HOLDS and "CWGAN 0.9300" in checks[keep][1] and "VAE 0.0500" in checks[keep][1]
+    assert checks[cluster][0] == report.HOLDS and "0.300" in checks[cluster][1]
+    assert checks[keep][0] == report.HOLDS and "CWGAN 0.930" in checks[keep][1] and "VAE 0.0500" in checks[keep][1]
     results["cwgan"]["label_fidelity"] = 0.5
     assert dict((c, v) for c, v, _ in report.claims(results, {}))[keep] == report.FAILS
     results["cwgan"]["label_fidelity"] = 0.902  # within two standard errors of the 0.9 bar
@@ -309,21 +309,37 @@ def test_an_unconditional_pyfunc_refuses_a_digit():
 
 @pytest.mark.slow
 def test_the_logged_conditional_model_takes_a_digit_through_mlflow(tmp_path):
-    """The train stage logs a tiny cwgan; loaded through mlflow.pyfunc, its schema takes `digit`, and digit 10 is refused."""
+    """The train stage logs a tiny cwgan; loaded through mlflow.pyfunc and served by `mlflow models serve`, it takes a
+    `digit`, and a digit outside 0-9 is refused (a 4xx over HTTP, naming the problem)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     write_prepared(tmp_path / "data" / "prepared")
-    write_params(tmp_path, train={"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1},
+    write_params(tmp_path, train={"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "dist_timeout_s": 60},
                  models={"cwgan": tiny_model_params("cwgan")})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "cwgan", "--data", "data/prepared", "--out", "models/cwgan",
                              "--curves", "curves/cwgan"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    model = mlflow.pyfunc.load_model(json.loads((tmp_path / "models" / "cwgan" / "run.json").read_text())["model_uri"])
+    model_uri = json.loads((tmp_path / "models" / "cwgan" / "run.json").read_text())["model_uri"]
+    model = mlflow.pyfunc.load_model(model_uri)
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 5], (-1, 5))
     assert "digit" in [p.name for p in model.metadata.signature.params.params]
     assert model.predict(np.zeros((1, 5), np.float32), params={"digit": 7, "count": 16}).shape == (16, 28, 28)
     with pytest.raises(MlflowException, match="digit must be an integer 0-9, got 10"):
         model.predict(np.zeros((1, 5), np.float32), params={"digit": 10, "count": 16})
+
+    # The same model behind `mlflow models serve`: a digit over HTTP, and a bad one refused with a 4xx that names it.
+    with served_model(model_uri, env) as port:
+        status, body = post_invocation(port, {"inputs": [[0.0] * 5], "params": {"digit": 7, "count": 16}})
+        assert status == 200, body
+        assert np.asarray(json.loads(body)["predictions"]).shape == (16, 28, 28)
+        status, body = post_invocation(port, {"inputs": [[0.0] * 4 + [3.0]]})  # explicit noise, then the digit
+        assert status == 200 and np.asarray(json.loads(body)["predictions"]).shape == (1, 28, 28)
+        for bad, names in (({"params": {"digit": 10, "count": 4}}, "digit must be an integer 0-9, got 10"),
+                           ({"params": {"digit": -1, "count": 4}}, "digit must be an integer 0-9, got -1"),
+                           ({}, "digit column (the last) must hold integers 0-9, got 12")):
+            inputs = [[0.0] * 4 + [12.0]] if not bad else [[0.0] * 5]
+            status, body = post_invocation(port, {"inputs": inputs, **bad})
+            assert 400 <= status < 500 and names in json.loads(body)["message"], (bad, status, body)

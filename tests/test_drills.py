@@ -19,7 +19,7 @@ def workspace(path):
     write_prepared(path / "data" / "prepared", n_train=2048, n_val=128)
     (path / "data" / "validation").mkdir(parents=True)
     (path / "data" / "validation" / "result.json").write_text("{}")
-    run = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "drill", "sample_every": 10}
+    run = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "drill", "sample_every": 10, "dist_timeout_s": 60}
     write_params(path, train=run, models={**{m: tiny_model_params(m) for m in ("ae", "gan", "wgan")},
                                           "vae": tiny_model_params("vae", arch="conv", width=8, epochs=4, batch_size=16)})
     return path

@@ -75,9 +75,16 @@ def test_report_claims_follow_the_numbers():
     checks = report.claims(results, curves)
     assert [v for _, v, _ in checks] == [report.HOLDS] * 6
     assert "holds in both feature spaces" in checks[0][2]
-    results["ae"].update(_both(5.0, 4.0))  # now the AE samples look better than the VAE's in both spaces: the claim must fail
+    results["ae"].update(_both(4.5, 3.5))  # now the AE samples look better than the VAE's in both spaces: the claim must fail
     assert report.claims(results, curves)[0][1] == report.FAILS
     assert report.winners(results)["fid_cls"] == "ae"
+
+
+def test_a_tie_has_no_winner_and_numbers_keep_one_format():
+    results = {"ae": {"classes_present": 10.0, "fid_cls": 13.754}, "vae": {"classes_present": 10.0, "fid_cls": 1.7436}}
+    assert report.winners(results) == {"fid_cls": "vae"}  # classes_present: both 10, no winner
+    assert [report.fmt(v) for v in (13.754, 1.7436, 103.163, 0.4917, 0.01544, 4.2e-4, 0.0)] == \
+        ["13.75", "1.74", "103.16", "0.492", "0.0154", "4.20e-04", "0.00"]
 
 
 def test_a_claim_holds_only_if_it_holds_in_both_feature_spaces():
@@ -125,14 +132,14 @@ def test_rank_agreement_between_the_spaces():
 def test_the_table_shows_bands():
     results = {"gan": _both(5.0, 4.0), "vae": _both(10.0, 9.0)}
     page = report.build_markdown(results, {"fid_cls": 0.3, "fid_cls_lo": 0.25, "fid_cls_hi": 0.35}, {}, [])
-    assert "5.0000 [4.5000, 5.5000]" in page and "0.3000 [0.2500, 0.3500]" in page and "FID_cls, evaluator 2" in page
+    assert "5.00 [4.50, 5.50]" in page and "0.300 [0.250, 0.350]" in page and "FID_cls, evaluator 2" in page
 
 
 def test_a_gap_within_two_standard_errors_is_too_close_to_call():
     key = "interp_linear_midpoint_confidence"
     results = {"ae": {key: 0.838, f"{key}_stderr": 0.006}, "vae": {key: 0.839, f"{key}_stderr": 0.006}}
     (claim, outcome, evidence), = report.claims(results, {})
-    assert outcome == report.TOO_CLOSE and "AE 0.8380 ± 0.0060 vs VAE 0.8390 ± 0.0060" in evidence
+    assert outcome == report.TOO_CLOSE and "AE 0.838 ± 0.00600 vs VAE 0.839 ± 0.00600" in evidence
     assert report.TOO_CLOSE in report.build_markdown(results, {}, {}, report.claims(results, {}))
     results["ae"][key] = 0.80  # 0.039 apart, more than 2 * 0.0085: the VAE's midpoints are clearly better
     assert report.claims(results, {})[0][1] == report.HOLDS

@@ -43,7 +43,7 @@ TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "shift_pixels": 0, "min_test_ac
 def _run_stages(work: Path, db_uri: str) -> None:
     """The project's own stages, as dvc.yaml runs them, on 256 synthetic training images."""
     write_prepared(work / "data" / "prepared")
-    write_params(work, train={"seed": 0, "device": "cpu", "deterministic": False, "experiment": EXPERIMENT, "sample_every": 1},
+    write_params(work, train={"seed": 0, "device": "cpu", "deterministic": False, "experiment": EXPERIMENT, "sample_every": 1, "dist_timeout_s": 60},
                  models={m: tiny_model_params(m) for m in TRAINED}, evaluator={**repo_params()["evaluator"], **TINY_EVALUATOR},
                  evaluator2={**repo_params()["evaluator2"], **TINY_EVALUATOR}, evaluate=TINY_EVALUATE)
     stages = [["pipelines/train.py", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED]

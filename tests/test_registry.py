@@ -9,16 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import clear_registry, use_team_account
-from helpers import ROOT, free_port, load_script, tiny, tiny_model_params, write_params
+from helpers import ROOT, load_script, post_invocation, served_model, tiny, tiny_model_params, write_params
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -280,44 +277,18 @@ def test_pyfunc_by_alias_returns_images(workspace):
     assert model.predict(np.zeros((1, 4), np.float32), params={"count": 3}).shape == (3, 28, 28)
 
 
-def post(port: int, body: bytes) -> tuple[int, bytes]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_with_digits_and_survives_garbage(workspace):
     champion_of("wgan")
-    port = free_port()
-    bin_dir = os.path.dirname(sys.executable)  # mlflow and the uvicorn it starts live beside this python
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-    mlflow_cli = os.path.join(bin_dir, "mlflow")
-    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", "models:/mnist-wgan@champion", "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                time.sleep(0.5)
-        status, body = post(port, json.dumps({"inputs": np.zeros((2, 4)).tolist()}).encode())
+    with served_model("models:/mnist-wgan@champion") as port:
+        status, body = post_invocation(port, {"inputs": np.zeros((2, 4)).tolist()})
         assert status == 200, body
         images = np.asarray(json.loads(body)["predictions"])
         assert images.shape == (2, 28, 28) and 0 <= images.min() and images.max() <= 1
-        status, body = post(port, json.dumps({"inputs": [[0.0] * 4], "params": {"count": 3}}).encode())
+        status, body = post_invocation(port, {"inputs": [[0.0] * 4], "params": {"count": 3}})
         assert status == 200 and np.asarray(json.loads(body)["predictions"]).shape == (3, 28, 28)
         for garbage in (b"\x00\xffnot json", b'{"inputs": [[1, 2, 3]]}', b'{"inputs": "hello"}', b'{"nothing": 1}'):
-            status, _ = post(port, garbage)
+            status, _ = post_invocation(port, garbage)
             assert 400 <= status < 500, (garbage, status)
-        status, _ = post(port, json.dumps({"inputs": [[0.5] * 4]}).encode())
-        assert status == 200 and server.poll() is None  # still up after the garbage
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        status, _ = post_invocation(port, {"inputs": [[0.5] * 4]})
+        assert status == 200  # still up after the garbage

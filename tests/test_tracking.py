@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from mnistgen import tracking
 
-RUN_SECTION = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1}
+RUN_SECTION = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "dist_timeout_s": 60}
 
 
 def train_args(model: str) -> list[str]:

@@ -40,7 +40,8 @@ def test_nan_loss_stops_with_the_documented_message(tmp_path, monkeypatch):
     assert not ckpt.path.exists()  # the diverged epoch was not checkpointed
 
 
-@pytest.mark.parametrize("family, schedule", [("vae", {}), ("wgan", {}), ("ae", {"lr_warmup": 1.5, "lr_decay": True})])
+@pytest.mark.parametrize("family, schedule", [("vae", {}), ("wgan", {}), ("ae", {"lr_warmup": 1.5, "lr_decay": True}),
+                                              ("gan", {"ema_decay": 0.9}), ("vae", {"ema_decay": 0.9})])
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, family, schedule):
     reference, ref_history = run(family, tmp_path / "a", **schedule)
 
@@ -97,3 +98,36 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
     run("ae", tmp_path, epochs=1)
     assert training.Checkpoint(tmp_path / "last.pt", {"family": "other"}).load() is None
     assert "made with other params" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["gan", "cwgan", "vae"])
+def test_the_moving_average_follows_every_step_and_replaces_the_sampling_weights(family, monkeypatch):
+    """ema_decay d: after training, the sampling weights are e_1 = w_1, e_t = d_t e_(t-1) + (1 - d_t) w_t over the raw
+    weights w_t after each step (batch-norm statistics included), d_t = min(d, t / (9 + t)) warming up; the critic
+    keeps its raw weights."""
+    decay = 0.4  # the warm-up reaches it after 5 of the 12 steps: both regimes are exercised
+    model = build_model(params(family, epochs=2, ema_decay=decay))
+    labels = (torch.arange(96) % 10, torch.arange(32) % 10) if model.conditional else (None, None)
+    raw_after_step, critic_after_step, original = [], [], training.step
+
+    def record(model, *args, **kwargs):
+        losses = original(model, *args, **kwargs)
+        raw_after_step.append({k: v.clone() for k, v in model.averaged().state_dict().items()})
+        if hasattr(model, "critic"):
+            critic_after_step.append({k: v.clone() for k, v in model.critic.state_dict().items()})
+        return losses
+
+    monkeypatch.setattr(training, "step", record)
+    training.train(model, images(), images(32, 1), seed=0, progress=False, train_labels=labels[0], val_labels=labels[1])
+    assert len(raw_after_step) == 2 * (96 // 16)
+    expected = dict(raw_after_step[0])
+    for t, weights in enumerate(raw_after_step[1:], start=1):  # t updates averaged so far
+        d = min(decay, (1 + t) / (10 + t))
+        expected = {k: v if not v.is_floating_point() else d * v + (1 - d) * weights[k] for k, v in expected.items()}
+    final = model.averaged().state_dict()
+    for key, value in expected.items():
+        if value.is_floating_point():
+            assert torch.allclose(final[key], value, atol=1e-6), key
+    assert any(not torch.allclose(final[k], raw_after_step[-1][k]) for k in expected if expected[k].is_floating_point())
+    if critic_after_step:  # the critic is not averaged
+        assert all(torch.equal(v, critic_after_step[-1][k]) for k, v in model.critic.state_dict().items())

@@ -66,6 +66,7 @@ class RunParams(Section):
     deterministic: bool
     experiment: str
     sample_every: PositiveInt  # log a fixed-noise sample grid every N epochs
+    dist_timeout_s: PositiveInt  # under torchrun: a collective waiting longer than this fails the run (a hung rank)
 
 
 class ModelParams(Section):
@@ -81,6 +82,7 @@ class ModelParams(Section):
     lr: PositiveFloat
     lr_warmup: NonNegativeFloat  # epochs of linear learning-rate warm-up at the start
     lr_decay: bool  # linear learning-rate decay to 0 at the last step (after the warm-up)
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]  # moving average of the sampling weights per step; 0 = off
 
 
 class EvaluateParams(Section):

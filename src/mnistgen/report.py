@@ -53,12 +53,13 @@ FIDELITY_BAR = 0.9  # "keeps the requested digit": at least 9 samples in 10 are 
 
 
 def fmt(value) -> str:
+    """Two decimals from 1 up (FID 13.75, -ELBO 103.16), three significant digits below (KID 0.0154, precision 0.492)."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        if value != 0 and abs(value) < 0.01:
-            return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4f}"
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.2e}"
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:#.3g}"
     return str(value)
 
 
@@ -74,12 +75,15 @@ def cell(r: dict, key: str) -> str:
 
 
 def winners(results: dict[str, dict]) -> dict[str, str]:
-    """For each metric with a better direction, the model with the best value (real data excluded)."""
+    """For each metric with a better direction, the one model with the best value (real data excluded; none on a tie)."""
     out = {}
     for key, _, higher in COLUMNS:
         scored = {m: r[key] for m, r in results.items() if key in r}
         if len(scored) > 1 and higher is not None:
-            out[key] = (max if higher else min)(scored, key=scored.get)
+            best = (max if higher else min)(scored.values())
+            leaders = [m for m, v in scored.items() if v == best]
+            if len(leaders) == 1:  # a tie (ten digits present in every model's samples) has no winner
+                out[key] = leaders[0]
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from ..config import ModelParams
 
 Losses = dict[str, torch.Tensor]  # detached scalar tensors, read once per epoch (no per-step sync)
@@ -74,9 +75,15 @@ class GenerativeModel(nn.Module):
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw n latent vectors from the model's prior (N(0, I) unless a family says otherwise).
 
-        A `generator` must live on the model's device.
+        A `generator` must live on the model's device. In a training step of a data-parallel run the
+        n rows are this rank's share of the global batch's draw (distributed.rows).
         """
-        return torch.randn(n, self.latent_dim, generator=generator, device=self.device)
+        return distributed.rows(n, lambda m: torch.randn(m, self.latent_dim, generator=generator, device=self.device))
+
+    def averaged(self) -> nn.Module:
+        """The weights that make samples, which `ema_decay` averages over steps: the whole model (AE, VAE);
+        a GAN overrides it with its generator (averaging the critic would change nothing that samples)."""
+        return self
 
     def fit_prior(self, images: torch.Tensor) -> None:
         """Called once after training with the whole training set; the AE fits its Gaussian here."""
@@ -124,4 +131,5 @@ def init_output_bias(decoder: nn.Module, images: torch.Tensor) -> None:
     last = [m for m in decoder.modules() if getattr(m, "bias", None) is not None][-1]
     per_pixel = last.bias.numel() == images[0].numel()
     mean = images.float().mean(0).flatten() if per_pixel else images.float().mean().reshape(1)
+    mean = distributed.mean_over_ranks(mean)  # a data-parallel rank holds a shard: the mean of the whole set
     last.bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)).to(last.bias))

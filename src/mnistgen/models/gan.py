@@ -34,6 +34,9 @@ class GAN(GenerativeModel):
     def decode(self, z):
         return torch.sigmoid(self.generator(z).float())
 
+    def averaged(self):
+        return self.generator
+
     def make_optimizers(self):
         p = self.params
         return {

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import PositiveFloat
 
+from .. import distributed
 from ..config import ModelParams
 from . import nets
 from .base import GenerativeModel, adam, bce_per_image, init_output_bias
@@ -19,7 +20,8 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """z = mu + eps * sigma: the sample stays differentiable in mu and logvar."""
-    return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    eps = distributed.rows(len(mu), lambda m: torch.randn(m, *mu.shape[1:], dtype=mu.dtype, device=mu.device))
+    return mu + eps * (0.5 * logvar).exp()
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -73,7 +75,8 @@ class VAE(GenerativeModel):
 
     def train_step(self, x, optimizers, step, y=None):
         if self.params.dynamic_binarization:
-            x = torch.bernoulli(x)
+            u = distributed.rows(len(x), lambda m: torch.rand(m, *x.shape[1:], dtype=x.dtype, device=x.device))
+            x = (u < x).to(x.dtype)  # a Bernoulli sample with p = x
         recon, kl, loss = self.negative_elbo(x, self.params.beta, y)
         loss = loss.mean()
         optimizers["model"].zero_grad(set_to_none=True)

@@ -13,13 +13,14 @@ from typing import Literal
 import torch
 from pydantic import PositiveFloat, PositiveInt
 
+from .. import distributed
 from . import nets
 from .gan import GAN, GANParams
 
 
 def per_sample_uniform(x: torch.Tensor) -> torch.Tensor:
     """One eps ~ U[0, 1] per sample, broadcast over its pixels."""
-    return torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+    return distributed.rows(len(x), lambda m: torch.rand(m, *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype))
 
 
 def autograd_norm(critic, real, fake, eps=None) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""Quality per CPU second: train each model for a fixed number of seconds, then score it with the evaluation
+the pipeline runs (both feature spaces, bootstrap bands), so settings are compared at equal training time.
+
+    python benchmarks/quality_at_fixed_clock.py --models wgan gan --seconds 86 \
+        --set models.wgan.ema_decay=0.999 --label ema --out artifacts/bench.json
+
+Each model's epochs are chosen to fill `--seconds` of training on this machine: 30 steps are timed first
+(not counted), then epochs = round(seconds / (seconds per step x steps per epoch)), at least 1; the seconds
+the training really took are printed beside the metrics. With `--seconds 0` the params' own epochs are used.
+`--raw-too` also scores the raw weights of a run with `ema_decay` > 0 (the same run, the weights before the
+moving average replaces them), so the two are compared on the same training. Needs the DVC outputs
+data/prepared and models/evaluator (`dvc repro train_evaluator`). Time only on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from bench_common import ROOT, Harness, add_profile_option, add_run_options, device_from, family_params, load_params, prepare_model, timed
+
+from mnistgen import data, evaluation, training
+from mnistgen.classifier import load_classifier
+from mnistgen.config import EvaluateParams, section
+from mnistgen.models import build_model
+from mnistgen.utils import seed_everything
+
+SHOWN = [("fid_cls", "FID e1"), ("fid_cls_e2", "FID e2"), ("precision", "prec e1"), ("precision_e2", "prec e2"),
+         ("recall", "rec e1"), ("recall_e2", "rec e2")]
+
+
+def apply_sets(params: dict, sets: list[str]) -> dict:
+    """`a.b.c=value` overrides (YAML values), as `dvc exp run -S` writes them into params.yaml."""
+    params = copy.deepcopy(params)
+    for item in sets:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            node = node[part]
+        if last not in node:
+            raise SystemExit(f"--set {item}: {key} is not a key of params.yaml")
+        node[last] = yaml.safe_load(value)
+    return params
+
+
+def epochs_for(params, train_x, train_y, device, seed: int, seconds: float) -> int:
+    """Epochs of this model that fill `seconds` on this machine, from 30 timed steps (after 5 warm-up steps)."""
+    model, optimizers, _ = prepare_model(params, device, seed, compile_=False, channels_last=False)
+    runner = Harness(model, optimizers, train_x, seed)
+    runner.run(5)
+    elapsed, _ = timed(runner, 30)
+    steps_per_epoch = training.batches(len(train_x), params.batch_size)
+    return max(1, round(seconds / (elapsed / 30 * steps_per_epoch)))
+
+
+def score(model, spaces, refs, p: EvaluateParams, test, val) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as figures:
+        return evaluation.Evaluation(model, spaces, refs, p, Path(figures)).run(*test, *val)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True, help="keys of params.yaml's models")
+    parser.add_argument("--seconds", type=float, default=0.0, help="training seconds per model (0 = the params' epochs)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="a params override, e.g. models.gan.lr=0.0003")
+    parser.add_argument("--label", default="defaults", help="the name of this configuration in the output")
+    parser.add_argument("--raw-too", action="store_true", help="also score the raw weights of a run with ema_decay > 0")
+    parser.add_argument("--data", type=Path, default=ROOT / "data/prepared")
+    parser.add_argument("--evaluator", type=Path, default=ROOT / "models/evaluator")
+    parser.add_argument("--out", type=Path, help="append the results (JSON lines) to this file")
+    add_run_options(parser)
+    add_profile_option(parser)
+    args = parser.parse_args()
+    device = device_from(args)
+    all_params = apply_sets(load_params(args.profile), args.sets)
+    p = EvaluateParams(**section(all_params, "evaluate"))
+
+    train, test, val = (data.load_split(args.data, s) for s in ("train", "test", "val"))
+    train_x, train_y = data.to_float(train.images, device), train.labels.to(device)
+    test_xy = (data.to_float(test.images, device), test.labels.to(device))
+    val_xy = (data.to_float(val.images, device), val.labels.to(device))
+    spaces = {s["suffix"]: load_classifier(args.evaluator / s["classifier"], s["arch"], s["width"], device)
+              for s in evaluation.read_spaces(args.evaluator)}
+    refs = evaluation.load_references(args.evaluator, device)
+
+    for name in args.models:
+        params = family_params(all_params, name)
+        if args.seconds:
+            params = params.model_copy(update={"epochs": epochs_for(params, train_x, train_y, device, args.seed, args.seconds)})
+        seed_everything(args.seed)
+        model = build_model(params).to(device)
+        raw = {}
+
+        def keep_raw(epoch, metrics, model):  # the last epoch's raw weights, before the average replaces them
+            if epoch == params.epochs:
+                raw.update({k: v.clone() for k, v in model.averaged().state_dict().items()})
+
+        started = time.perf_counter()
+        training.train(model, train_x, val_xy[0], seed=args.seed, on_epoch=keep_raw, progress=True,
+                       train_labels=train_y, val_labels=val_xy[1])
+        seconds = time.perf_counter() - started
+        rows = [(args.label, score(model, spaces, refs, p, test_xy, val_xy))]
+        if args.raw_too and params.ema_decay > 0:
+            model.averaged().load_state_dict(raw)
+            model.fit_prior(train_x)
+            rows.append((f"{args.label} (raw weights)", score(model, spaces, refs, p, test_xy, val_xy)))
+        for label, metrics in rows:
+            shown = "  ".join(f"{title} {metrics[k]:.3f} [{metrics.get(k + '_lo', float('nan')):.3f}, {metrics.get(k + '_hi', float('nan')):.3f}]"
+                              for k, title in SHOWN)
+            extra = f"  IWAE NLL {metrics['iwae_nll']:.2f}" if "iwae_nll" in metrics else ""
+            print(f"{name:6s} {label:28s} epochs {params.epochs:3d}  train {seconds:6.1f} s  {shown}{extra}", flush=True)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({"model": name, "label": label, "epochs": params.epochs, "train_seconds": seconds,
+                                        "sets": args.sets, "threads": torch.get_num_threads(), **metrics}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

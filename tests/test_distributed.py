@@ -1,0 +1,247 @@
+"""Data-parallel training (mnistgen.distributed): N gloo processes on this CPU equal one process fed the
+same global batches, for every family; a rank that dies fails the torchrun stage at once, and the
+run resumes from its checkpoint."""
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_cases import CASES, EPOCHS, GLOBAL_BATCH, data, params
+from helpers import ROOT, free_port, tiny_model_params, write_params, write_prepared
+from mlflow import MlflowClient
+from torch import nn
+
+from mnistgen import distributed, training
+from mnistgen.models import build_model
+from mnistgen.utils import StageError, memory_format, seed_everything
+
+WORLD = 2
+TOLERANCE = 5e-5  # max |weight difference| after 32 steps (5.7e-6 at most seen): float rounding differs, nothing else may
+RUN_SECTION = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "dist_timeout_s": 60}
+
+
+# ------------------------------------------------------------------ one process
+
+
+def test_shards_split_the_training_set_into_equal_disjoint_parts():
+    rows = torch.arange(11)
+    shards = [distributed.shard(rows, r, 3) for r in range(3)]
+    assert [s.tolist() for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # 9 and 10 dropped: equal lengths
+
+
+def test_without_a_process_group_draws_and_batches_are_unchanged():
+    torch.manual_seed(0)
+    expected = torch.randn(5, 3)
+    torch.manual_seed(0)
+    with distributed.training_step():
+        assert torch.equal(distributed.rows(5, lambda m: torch.randn(m, 3)), expected)
+    assert distributed.local_batch(64) == 64 and distributed.shard(torch.arange(5)).tolist() == list(range(5))
+
+
+def test_a_batch_size_the_processes_cannot_share_is_an_error(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(StageError, match="batch_size 64 is not divisible by the 3 processes"):
+        distributed.local_batch(64)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of one process: the collectives run, and sum over one rank."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (8, 6, 5, 5)])
+def test_global_batch_norm_is_batch_norm(one_rank_group, shape):
+    """Forward, input and parameter gradients, running statistics and eval mode as torch's own layer's."""
+    torch.manual_seed(0)
+    theirs = nn.BatchNorm1d(6) if len(shape) == 2 else nn.BatchNorm2d(6)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5), theirs.bias.uniform_(-1, 1)
+    ours = nn.Sequential(copy.deepcopy(theirs))
+    distributed.global_batch_norm(ours, torch.device("cpu"))
+    assert isinstance(ours[0], distributed.GlobalBatchNorm)
+    x = torch.randn(shape) * 3 + 1
+    weights = torch.randn(shape)  # a loss whose gradient differs per element
+    for _ in range(2):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = ours(a), theirs(b)
+        torch.testing.assert_close(out_a, out_b)
+        (out_a * weights).sum().backward()
+        (out_b * weights).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours[0].state_dict()[key], value)
+    torch.testing.assert_close(ours[0].weight.grad, theirs.weight.grad)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+# ------------------------------------------------------------------ N processes against one
+
+
+def one_process_reference(family: str, changes: dict, world: int) -> tuple[nn.Module, dict[str, float]]:
+    """training.train's loop in one process, fed each step the concatenation of the ranks' batches (rank order).
+
+    Also returns each parameter's largest |gradient| over the run.
+    """
+    images, labels, val_images, val_labels = data()
+    seed_everything(0, deterministic=True)
+    model = build_model(params(family, **changes))
+    model.init_from_data(images)
+    model.to(memory_format=memory_format(images.device))
+    optimizers = model.make_optimizers()
+    names = {p: name for name, p in model.named_parameters()}
+    largest = dict.fromkeys(names.values(), 0.0)
+
+    def record(optimizer, args, kwargs):
+        for p in (p for group in optimizer.param_groups for p in group["params"] if p.grad is not None):
+            largest[names[p]] = max(largest[names[p]], p.grad.abs().max().item())
+
+    for optimizer in optimizers.values():
+        optimizer.register_step_pre_hook(record)
+    shards = [(distributed.shard(images, r, world), distributed.shard(labels, r, world)) for r in range(world)]
+    local = GLOBAL_BATCH // world
+    steps = training.batches(len(shards[0][0]), local)
+    schedule = training.Schedule(optimizers, steps, EPOCHS, model.params.lr_warmup, model.params.lr_decay)
+    shuffle_rng = torch.Generator().manual_seed(0)
+    ema = training.moving_average(model)  # None unless the case sets ema_decay
+    model.train()
+    for epoch in range(EPOCHS):
+        order = torch.randperm(len(shards[0][0]), generator=shuffle_rng)
+        for i in range(steps):
+            schedule.set(epoch * steps + i)
+            idx = order[i * local : (i + 1) * local]
+            x, y = torch.cat([s[0][idx] for s in shards]), torch.cat([s[1][idx] for s in shards])
+            training.step(model, x, optimizers, epoch * steps + i, y=y if model.conditional else None)
+            if ema is not None:
+                ema.update_parameters(model.averaged())
+        training.validation_losses(model, val_images, 1000, val_labels if model.conditional else None)  # draws, as train's
+    if ema is not None:
+        model.averaged().load_state_dict(ema.module.state_dict())
+    model.eval()
+    model.fit_prior(images)
+    return model, largest
+
+
+def null_gradient_keys(largest: dict[str, float]) -> set[str]:
+    """Parameters whose gradient is zero in exact arithmetic, so only rounding noise, which Adam scales up to
+    steps of about lr in either direction: a bias just before a batch norm (which subtracts it again) and the
+    WGAN critic's output bias (the Wasserstein loss subtracts it again); with them, the running mean of that
+    batch norm, which tracks the drifting bias. Their values are arbitrary and change nothing the model computes."""
+    scale = max(largest.values())
+    null = {k for k, v in largest.items() if v < 1e-5 * scale}
+    following_norms = {f"{k.rsplit('.', 2)[0]}.{int(k.rsplit('.', 2)[1]) + 1}.running_mean" for k in null
+                       if k.endswith(".bias") and k.rsplit(".", 2)[1].isdigit()}
+    return null | following_norms
+
+
+@pytest.fixture(scope="module")
+def parallel_weights(tmp_path_factory) -> Path:
+    """Every case trained by two gloo processes (tests/ddp_worker.py); rank 0's weights, one file per case."""
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out)], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_reach_the_weights_of_one(parallel_weights, case):
+    family, changes = CASES[case]
+    parallel = torch.load(parallel_weights / f"{case}.pt", weights_only=True)
+    model, largest = one_process_reference(family, changes, WORLD)
+    reference = model.state_dict()
+    seed_everything(0, deterministic=True)
+    initial = build_model(params(family, **changes)).state_dict()
+    assert parallel.keys() == reference.keys()
+    null = null_gradient_keys(largest) & reference.keys()
+    floats = [k for k, v in reference.items() if v.is_floating_point() and k not in null]
+    diffs = {k: (parallel[k] - reference[k]).abs().max().item() for k in reference if reference[k].is_floating_point()}
+    diff, worst = max((diffs[k], k) for k in floats)
+    moved = max((reference[k] - initial[k]).abs().max().item() for k in floats)
+    print(f"\n{case}: max |2-process - 1-process weight| = {diff:.3g} ({worst}; weights moved up to {moved:.3g}); "
+          f"null-gradient: " + ", ".join(f"{k} {diffs[k]:.2g}" for k in sorted(null)))
+    assert moved > 100 * TOLERANCE  # the comparison means something: training changed the weights
+    assert diff < TOLERANCE, f"{case}: 2-process weights differ from 1-process ones by up to {diff:.3g} ({worst})"
+    assert len(null) <= 6  # a few biases and running means, not half the model
+    for k in reference.keys() - diffs.keys():  # batch norm's step counters
+        assert torch.equal(parallel[k], reference[k]), k
+
+
+# ------------------------------------------------------------------ the stage under torchrun
+
+
+def workspace(folder: Path, empty_store: Path, **train) -> Path:
+    """A tiny GAN (batch norm, two networks) to train for 2 epochs of 8 steps on 2 processes."""
+    folder.mkdir()
+    shutil.copy(empty_store, folder / "mlflow.db")
+    write_prepared(folder / "data" / "prepared", n_train=256)
+    write_params(folder, train={**RUN_SECTION, **train}, models={"gan": tiny_model_params("gan", epochs=2, batch_size=32)})
+    return folder
+
+
+def torchrun(work: Path, script: str, model: str, timeout: float, **env) -> tuple[subprocess.CompletedProcess, float]:
+    args = [model, "--data", "data/prepared", "--out", f"models/{model}", "--curves", f"curves/{model}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", script, *args]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), **env}
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_torchrun_stage_fails_at_once_when_a_rank_dies_and_then_resumes(tmp_path, empty_store):
+    """Reference: an uninterrupted 2-process run. Then rank 1 dies in epoch 2: the command exits non-zero
+    within seconds, naming the rank; run again, it resumes after epoch 1 and ends at the reference's weights."""
+    train_py = str(ROOT / "pipelines" / "train.py")
+    result, _ = torchrun(workspace(tmp_path / "reference", empty_store), train_py, "gan", timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "gan epoch 2/2" in result.stdout and result.stdout.count("gan epoch 1/2") == 1  # rank 0 alone prints
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'reference'}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("test-exp").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["world_size"] == "2"  # rank 0 alone logs
+
+    work = workspace(tmp_path / "interrupted", empty_store)
+    result, seconds = torchrun(work, str(ROOT / "tests" / "ddp_die.py"), "gan", timeout=300, DIE_RANK="1", DIE_STEP="10")
+    print(f"died after {seconds:.1f} s:", result.stderr[-3000:])
+    assert result.returncode != 0 and seconds < 120
+    assert "RuntimeError" not in result.stderr  # rank 0, if it sees the loss before torchrun stops it, says so in one line
+    assert "gan epoch 1/2" in result.stdout and "gan epoch 2/2" not in result.stdout  # 8 steps an epoch: died in epoch 2
+    assert "rank: 1" in result.stderr and "exitcode: 3" in result.stderr  # torchrun's summary names the dead rank
+    assert not (work / "models" / "gan").exists()
+
+    result, _ = torchrun(work, train_py, "gan", timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from checkpoints/gan/last.pt after epoch 1" in result.stdout
+    reference = torch.load(tmp_path / "reference" / "models" / "gan" / "weights.pt", weights_only=True)
+    resumed = torch.load(work / "models" / "gan" / "weights.pt", weights_only=True)
+    for key, value in reference.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_run_after_the_timeout(tmp_path, empty_store):
+    """Rank 1 stops in epoch 2 without exiting: rank 0's next all-reduce gives up after dist_timeout_s."""
+    work = workspace(tmp_path / "hung", empty_store, dist_timeout_s=10)
+    result, seconds = torchrun(work, str(ROOT / "tests" / "ddp_die.py"), "gan", timeout=300, DIE_RANK="1", DIE_STEP="10", HANG="1")
+    print(f"failed after {seconds:.1f} s:", result.stderr[-3000:])
+    assert result.returncode != 0 and seconds < 120
+    assert "error: rank 0 of 2: lost the other processes of the run" in result.stderr
+    assert "exitcode: 1" in result.stderr and "rank: 0" in result.stderr  # rank 0 is the root cause torchrun names
