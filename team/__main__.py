@@ -32,7 +32,8 @@ def main(argv=None) -> int:
             for key, value in (("url", f"s3://{settings['TEAM_BUCKET']}/dvc"), ("endpointurl", settings.s3_endpoint), ("access_key_id", settings.s3_access_key),
                                ("secret_access_key", settings["TEAM_S3_SECRET"])):
                 subprocess.run(["dvc", "remote", "modify", "--local", "team", key, value], check=True)
-            print(f"team: .dvc/config.local points remote 'team' at {settings.s3_endpoint} with its credentials")
+            subprocess.run(["dvc", "remote", "default", "--local", "team"], check=True)
+            print(f"team: .dvc/config.local points remote 'team' at {settings.s3_endpoint} with its credentials (the default remote)")
     except (stack.StackError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -136,3 +136,16 @@ def test_an_edit_reruns_exactly_the_stages_that_read_it(committed_workspace, rel
     if old:
         assert old in (committed_workspace / rel).read_text(), f"{old!r} not in {rel}"
     assert edited(committed_workspace, rel, old, new) == expected
+
+
+def test_the_repo_names_no_default_remote():
+    """DVC builds the default remote's filesystem for `dvc plots show` and queued experiments: the team's S3 remote
+    as the repo's default would make both fail in a checkout without the team extra (no dvc-s3). `python -m team
+    dvc-remote` makes it the default in .dvc/config.local instead (CI's team smoke pushes through it)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".dvc" / "config")
+    assert "remote" not in config["core"], dict(config["core"])
+    team = next(name for name in config.sections() if 'remote "team"' in name)  # DVC writes ['remote "team"']
+    assert config[team]["url"].startswith("s3://")

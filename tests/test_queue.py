@@ -45,9 +45,6 @@ def exp_rows(shown: list) -> dict:
 def test_three_queued_experiments_are_three_tagged_mlflow_runs(tmp_path, mnist_mirror):
     work = smoke_pipeline.make_workspace(tmp_path / "repo", ROOT / "params-smoke.yaml")
     (work / "params.yaml").write_text(yaml.safe_dump(shrink(yaml.safe_load((work / "params.yaml").read_text())), sort_keys=False))
-    # DVC builds the default remote's filesystem for every experiment (never contacting it); the repo's is team mode's S3
-    # one, which needs dvc-s3 (the team extra): this copy has no default remote, so the test runs with either install.
-    dvc("remote", "default", "--unset", cwd=work)
     dvc("repro", "evaluate@ae", cwd=work)  # the baseline: the experiments then rerun only train@ae and evaluate@ae
     smoke_pipeline.git("add", "-A", cwd=work)
     smoke_pipeline.git("-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "baseline", cwd=work)
