@@ -224,3 +224,26 @@ def test_a_dvc_experiment_tracks_into_its_parent_repo_and_tags_its_runs(tmp_path
     tags = client.get_run(run.run_id).data.tags
     assert (tags["dvc_exp_name"], tags["dvc_exp_baseline_rev"], tags["stage"]) == ("lucid-puma", "a" * 40, "train")
     assert client.get_experiment_by_name("queued").artifact_location == (parent / "mlartifacts").as_uri()  # not in the temp copy
+
+
+def test_the_code_shipped_with_a_logged_model_imports_on_its_own(tmp_path):
+    """The registered model carries a copy of tracking.MODEL_CODE (MLflow puts it first on sys.path when it loads):
+    that copy alone must build every family, or `mlflow models serve` fails on a module left behind."""
+    from mnistgen import tracking
+
+    package = tmp_path / "code" / "mnistgen"
+    package.mkdir(parents=True)
+    for name in tracking.MODEL_CODE:
+        source = tracking.PACKAGE_DIR / name
+        if source.is_dir():
+            shutil.copytree(source, package / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, package / name)
+    script = ("import mnistgen, mnistgen.models as m, yaml, pathlib\n"
+              f"assert pathlib.Path(mnistgen.__file__).parent == pathlib.Path({str(package)!r})\n"
+              f"params = yaml.safe_load(open({str(ROOT / 'params.yaml')!r}))['models']\n"
+              "from mnistgen.config import model_params\n"
+              "for name, section in params.items(): m.build_model(model_params(section, name))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(package.parent)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

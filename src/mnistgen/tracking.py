@@ -21,7 +21,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_ROOT = "mlartifacts"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).parent
-MODEL_CODE = ("__init__.py", "config.py", "models")  # what pyfunc_model.py imports: shipped with the logged model
+MODEL_CODE = ("__init__.py", "config.py", "distributed.py", "utils.py", "models")  # what pyfunc_model.py imports (tests/test_tracking.py checks it): shipped with the logged model
 # Marks the experiment as model training ("Machine learning") rather than GenAI, for the MLflow UIs
 # that read the tag. The open-source 3.17 UI ignores it and follows its own GenAI / Model training
 # switch instead: open http://<server>/#/experiments/<id>?workflowType=machine_learning.
