@@ -48,6 +48,12 @@ def _pg_bin() -> Path:
 PG_BIN = _pg_bin()
 SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_SECRET", "TEAM_ADMIN_PASSWORD", "TEAM_CI_PASSWORD", "TEAM_READER_PASSWORD", "TEAM_FLASK_SECRET",
                "TEAM_OPTUNA_PASSWORD")
+
+
+def new_secret() -> str:
+    """A random secret that never starts with '-': command lines such as `dvc remote modify --local team
+    secret_access_key VALUE` would read one that does as an option (1 token in 64 did, failing CI)."""
+    return "k" + secrets.token_urlsafe(18)
 # Secrets added after stacks were in use: `up` generates them, but loading does not require them, so `down`, `env`
 # and `status` keep working on an env file written before them (the next `up` adds them and what they guard).
 LATER_SECRET_KEYS = ("TEAM_OPTUNA_PASSWORD",)
@@ -90,7 +96,7 @@ class Settings:
         env_file = Path(env_file or os.environ.get("TEAM_ENV_FILE") or DEFAULT_ENV_FILE)
         from_file = read_env_file(env_file)
         if create and not all(k in from_file or k in os.environ for k in SECRET_KEYS):
-            missing = {k: secrets.token_urlsafe(18) for k in SECRET_KEYS if k not in from_file and k not in os.environ}
+            missing = {k: new_secret() for k in SECRET_KEYS if k not in from_file and k not in os.environ}
             env_file.parent.mkdir(parents=True, exist_ok=True)
             with open(env_file, "a") as out:
                 os.chmod(env_file, 0o600)
