@@ -49,7 +49,7 @@ def apply_sets(params: dict, sets: list[str]) -> dict:
     return params
 
 
-def epochs_for(params, train_x, train_y, device, seed: int, seconds: float) -> int:
+def epochs_for(params, train_x, device, seed: int, seconds: float) -> int:
     """Epochs of this model that fill `seconds` on this machine, from 30 timed steps (after 5 warm-up steps)."""
     model, optimizers, _ = prepare_model(params, device, seed, compile_=False, channels_last=False)
     runner = Harness(model, optimizers, train_x, seed)
@@ -92,7 +92,7 @@ def main() -> None:
     for name in args.models:
         params = family_params(all_params, name)
         if args.seconds:
-            params = params.model_copy(update={"epochs": epochs_for(params, train_x, train_y, device, args.seed, args.seconds)})
+            params = params.model_copy(update={"epochs": epochs_for(params, train_x, device, args.seed, args.seconds)})
         seed_everything(args.seed)
         model = build_model(params).to(device)
         raw = {}
