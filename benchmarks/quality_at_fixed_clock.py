@@ -22,7 +22,17 @@ from pathlib import Path
 
 import torch
 import yaml
-from bench_common import ROOT, Harness, add_profile_option, add_run_options, device_from, family_params, load_params, prepare_model, timed
+from bench_common import (
+    ROOT,
+    Harness,
+    add_profile_option,
+    add_run_options,
+    device_from,
+    family_params,
+    load_params,
+    prepare_model,
+    timed,
+)
 
 from mnistgen import data, evaluation, training
 from mnistgen.classifier import load_classifier
@@ -97,8 +107,8 @@ def main() -> None:
         model = build_model(params).to(device)
         raw = {}
 
-        def keep_raw(epoch, metrics, model):  # the last epoch's raw weights, before the average replaces them
-            if epoch == params.epochs:
+        def keep_raw(epoch, metrics, model, last=params.epochs, raw=raw):  # the last epoch's raw weights, before the average replaces them
+            if epoch == last:
                 raw.update({k: v.clone() for k, v in model.averaged().state_dict().items()})
 
         started = time.perf_counter()
