@@ -30,7 +30,7 @@ MODES = {"DDP": {}, "DDP static_graph": {"static_graph": True}, "DDP find_unused
 def wgan(gradient: str = "autograd"):
     torch.manual_seed(0)
     return build_model(model_params({"family": "wgan", "arch": "conv", "width": 4, "hidden": 16, "latent_dim": 4, "epochs": 1,
-                                     "batch_size": BATCH, "lr": 1e-3, "lr_warmup": 0.0, "lr_decay": False, "betas": [0.5, 0.9],
+                                     "batch_size": BATCH, "lr": 1e-3, "critic_lr": 1e-3, "critic_width": 4, "lr_warmup": 0.0, "lr_decay": False, "betas": [0.5, 0.9],
                                      "n_critic": 2, "gp_weight": 10.0, "penalty": "two_sided", "gradient": gradient}, "models.wgan"))
 
 

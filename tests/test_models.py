@@ -169,3 +169,16 @@ def test_finite_difference_penalty_is_fp32_under_bf16_autocast():
     d1, d2 = naive.chunk(2)
     naive_norm = (d1 - d2).abs() / ((eps1 - eps2).abs().flatten() * (real - fake).flatten(1).norm(dim=1))
     assert penalty(naive_norm, 10.0, one_sided=False).item() > 0.5  # what the bf16 scores gave: the test has teeth
+
+
+@pytest.mark.parametrize("family", ["gan", "wgan", "cwgan"])
+def test_the_critic_has_its_own_width_and_learning_rate(family):
+    """critic_width sizes the critic's convs and critic_lr its optimiser (TTUR); width and lr stay the generator's."""
+    model = build_model(tiny(family, arch="conv", width=6, critic_width=5, lr=0.001, critic_lr=0.003))
+    critic_convs = [m for m in model.critic.modules() if isinstance(m, nn.Conv2d)]
+    generator_convs = [m for m in model.generator.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert [c.out_channels for c in critic_convs] == [5, 10]
+    assert [c.out_channels for c in generator_convs] == [6, 1]
+    optimizers = model.make_optimizers()
+    assert optimizers["critic"].param_groups[0]["lr"] == 0.003
+    assert optimizers["generator"].param_groups[0]["lr"] == 0.001

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import nets
 from .base import NUM_CLASSES, balanced_labels
+from .gan import critic_sized
 from .wgan import WGAN, WGANParams, autograd_norm, difference_quotient, penalty
 
 
@@ -42,7 +43,7 @@ class ProjectionCritic(nn.Module):
 
     def __init__(self, params):
         super().__init__()
-        self.phi = nn.Sequential(nets.encoder(params, params.projection_dim, norm=False, slope=0.2), nn.LeakyReLU(0.2))
+        self.phi = nn.Sequential(nets.encoder(critic_sized(params), params.projection_dim, norm=False, slope=0.2), nn.LeakyReLU(0.2))
         self.psi = nn.Linear(params.projection_dim, 1)
         self.embed = nn.Embedding(NUM_CLASSES, params.projection_dim)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch.nn import functional as F
 
 from ..config import ModelParams
@@ -15,6 +15,13 @@ from .base import GenerativeModel, adam
 class GANParams(ModelParams):
     family: Literal["gan"]
     betas: tuple[float, float] = Field(strict=False)  # Adam's (beta1, beta2); YAML gives a list
+    critic_width: PositiveInt  # channels of the critic's first conv layer (arch conv); `width` is the generator's
+    critic_lr: PositiveFloat  # the critic's (discriminator's) learning rate; `lr` is the generator's (TTUR when they differ)
+
+
+def critic_sized(params: GANParams) -> GANParams:
+    """The params with `width` set to the critic's, for the backbone builders (nets.encoder) that read `width`."""
+    return params.model_copy(update={"width": params.critic_width})
 
 
 class GAN(GenerativeModel):
@@ -29,7 +36,7 @@ class GAN(GenerativeModel):
 
     @staticmethod
     def make_critic(params):
-        return nets.encoder(params, 1, norm=True, slope=0.2)
+        return nets.encoder(critic_sized(params), 1, norm=True, slope=0.2)
 
     def decode(self, z):
         return torch.sigmoid(self.generator(z).float())
@@ -40,7 +47,7 @@ class GAN(GenerativeModel):
     def make_optimizers(self):
         p = self.params
         return {
-            "critic": adam(self.critic.parameters(), p.lr, p.betas),
+            "critic": adam(self.critic.parameters(), p.critic_lr, p.betas),
             "generator": adam(self.generator.parameters(), p.lr, p.betas),
         }
 

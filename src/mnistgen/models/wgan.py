@@ -15,7 +15,7 @@ from pydantic import PositiveFloat, PositiveInt
 
 from .. import distributed
 from . import nets
-from .gan import GAN, GANParams
+from .gan import GAN, GANParams, critic_sized
 
 
 def per_sample_uniform(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class WGAN(GAN):
 
     @staticmethod
     def make_critic(params):
-        return nets.encoder(params, 1, norm=False, slope=0.2)  # no batch norm: the penalty is per sample
+        return nets.encoder(critic_sized(params), 1, norm=False, slope=0.2)  # no batch norm: the penalty is per sample
 
     def gradient_norm(self, real, fake):
         if self.params.gradient == "finite_difference":
