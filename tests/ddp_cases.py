@@ -1,6 +1,6 @@
 """The cases of the data-parallel equivalence test, shared by the test and its worker processes."""
 import torch
-from helpers import tiny, tiny_model_params
+from helpers import tiny
 
 # name -> (family, param changes): every family, the VAE's Bernoulli draw, the WGAN's two penalty gradients, the EMA.
 CASES = {
@@ -21,8 +21,7 @@ EPOCHS = 2  # 16 steps each: the ranks' random streams must stay in step across 
 
 def params(family: str, **changes):
     """A tiny conv model (batch norm 2d in the GAN's critic, 1d and 2d in the generators), warm-up and decay."""
-    widths = {"width": 4, **({"critic_width": 4} if "critic_width" in tiny_model_params(family) else {})}  # the GANs' critics too
-    return tiny(family, arch="conv", **widths, epochs=EPOCHS, batch_size=GLOBAL_BATCH, lr_warmup=0.5, lr_decay=True, **changes)
+    return tiny(family, arch="conv", width=4, epochs=EPOCHS, batch_size=GLOBAL_BATCH, lr_warmup=0.5, lr_decay=True, **changes)
 
 
 def data(n: int = 256, n_val: int = 40):

@@ -39,8 +39,10 @@ def repo_params() -> dict:
 def tiny_model_params(family: str, **changes) -> dict:
     """The repo's own section for `family`, shrunk to a tiny MLP that trains in a second."""
     section = repo_params()["models"][family]
-    critic_lr = {"critic_lr": 0.001} if "critic_lr" in section else {}  # the GAN families: the critic's rate too
-    return {**section, "arch": "mlp", "hidden": 16, "latent_dim": 4, "epochs": 1, "batch_size": 32, "lr": 0.001, **critic_lr, **changes}
+    shrunk = {"arch": "mlp", "hidden": 16, "latent_dim": 4, "epochs": 1, "batch_size": 32, "lr": 0.001, **changes}
+    if "critic_lr" in section:  # a GAN family: its critic as wide and as fast as the generator unless `changes` says otherwise
+        shrunk = {"critic_width": shrunk.get("width", section["width"]), "critic_lr": shrunk["lr"], **shrunk}
+    return {**section, **shrunk}
 
 
 def tiny(family: str, **changes):
