@@ -36,6 +36,20 @@ def repo_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
+# The repo's evaluate and evaluator sections, shrunk for tiny synthetic data (every key params.yaml has stays).
+TINY_EVALUATE = {"num_samples": 256, "per_class_samples": 10, "num_real": 128, "batch_size": 128, "kid_subsets": 2,
+                 "kid_subset_size": 64, "is_splits": 2, "interp_pairs": 4, "interp_steps": 3, "iwae_k": 4,
+                 "iwae_images": 16, "bootstrap": 10}
+TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "shift_pixels": 0, "min_test_accuracy": 0.0}
+
+
+def tiny_evaluation_sections() -> dict:
+    """Sections evaluate, evaluator and evaluator2 of params.yaml with the TINY_* changes, for write_params."""
+    params = repo_params()
+    return {"evaluate": {**params["evaluate"], **TINY_EVALUATE}, "evaluator": {**params["evaluator"], **TINY_EVALUATOR},
+            "evaluator2": {**params["evaluator2"], **TINY_EVALUATOR}}
+
+
 def tiny_model_params(family: str, **changes) -> dict:
     """The repo's own section for `family`, shrunk to a tiny MLP that trains in a second."""
     section = repo_params()["models"][family]

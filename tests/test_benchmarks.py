@@ -1,4 +1,6 @@
 """The benchmark scripts still run and report what they claim to (on tiny synthetic splits; no timing asserted)."""
+import json
+import math
 import re
 import subprocess
 import sys
@@ -6,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from helpers import tiny_evaluation_sections, tiny_model_params, write_params, write_prepared
 
 from mnistgen import data
 
@@ -69,3 +73,47 @@ def test_gpu_check_dry_run_on_cpu(prepared):
             assert re.search(rf"^{model} +{precision} +(128|64) \|.*\| yes$", out, re.M), out
     assert "training.train ae:" in out and "val_loss" in out
     assert re.search(r"^OK: total", out, re.M), out
+
+
+@pytest.fixture(scope="module")
+def evaluated_world(tmp_path_factory):
+    """Synthetic digits and the evaluator folder the real train_evaluator stage makes of them (tiny classifiers)."""
+    work = tmp_path_factory.mktemp("clock")
+    write_prepared(work / "data/prepared")
+    write_params(work, **tiny_evaluation_sections())
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines/train_evaluator.py"), "--data", "data/prepared",
+                             "--out", "models/evaluator", "--metrics", "metrics/evaluator.json"],
+                            cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
+def test_quality_at_fixed_clock_fills_the_seconds_and_scores_both_spaces(evaluated_world, tmp_path):
+    work = evaluated_world
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(yaml.safe_dump({"models": {m: tiny_model_params(m) for m in ("gan", "vae")},
+                                       "evaluate": tiny_evaluation_sections()["evaluate"]}))
+    rows_file = tmp_path / "rows.jsonl"
+    out = run("quality_at_fixed_clock.py", "--models", "gan", "vae", "--seconds", 2, "--profile", profile,
+              "--set", "models.gan.ema_decay=0.9", "--raw-too", "--label", "tiny",
+              "--data", work / "data/prepared", "--evaluator", work / "models/evaluator", "--out", rows_file)
+    rows = {(r["model"], r["label"]): r for r in map(json.loads, rows_file.read_text().splitlines())}
+    assert set(rows) == {("gan", "tiny"), ("gan", "tiny (raw weights)"), ("vae", "tiny")}, rows.keys()
+    for (model, label), row in rows.items():
+        assert re.search(rf"^{model}: [0-9.]+ s per epoch \(from 300 timed steps\)$", out, re.M), out
+        # 2 s of a tiny MLP is many epochs: the clock, not the profile's `epochs: 1`, chose them
+        assert row["epochs"] > 1 and row["sets"] == ["models.gan.ema_decay=0.9"], row
+        for key in ("fid_cls", "fid_cls_e2", "precision", "precision_e2", "recall", "recall_e2"):
+            assert math.isfinite(row[key]) and row[key + "_lo"] <= row[key] <= row[key + "_hi"], (key, row)
+        assert re.search(rf"^{model} +{re.escape(label)} +epochs +{row['epochs']} +train +[0-9.]+ s +FID e1 "
+                         rf"{row['fid_cls']:.3f} \[", out, re.M), out
+    assert math.isfinite(rows["vae", "tiny"]["iwae_nll"]) and "IWAE NLL" in out
+    # the raw weights are the same run's before the average replaced them: other weights, other scores
+    assert rows["gan", "tiny (raw weights)"]["fid_cls"] != rows["gan", "tiny"]["fid_cls"]
+    assert rows["gan", "tiny (raw weights)"]["epochs"] == rows["gan", "tiny"]["epochs"]
+
+
+def test_quality_at_fixed_clock_names_a_bad_override():
+    result = subprocess.run([sys.executable, "benchmarks/quality_at_fixed_clock.py", "--models", "gan",
+                             "--set", "models.gan.no_such_key=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "models.gan.no_such_key is not a key of params.yaml" in result.stderr, result.stderr

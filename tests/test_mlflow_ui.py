@@ -22,7 +22,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, chromium_binary, free_port, headless_chromium, repo_params, tiny_model_params, write_params, write_prepared
+from helpers import ROOT, chromium_binary, free_port, headless_chromium, tiny_evaluation_sections, tiny_model_params, write_params, write_prepared
 from mlflow import MlflowClient
 
 EXPERIMENT = "mnist-generative"
@@ -33,19 +33,14 @@ ARTIFACTS = ROOT / "artifacts"
 WINDOW = (1400, 900)
 RUN_WINDOW = (1400, 1400)
 ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's GenAI / Model training switch, as a URL parameter
-# The repo's own sections, shrunk: every key params.yaml has stays (there are no defaults in code).
-TINY_EVALUATE = {**repo_params()["evaluate"], "num_samples": 256, "per_class_samples": 10, "num_real": 128, "batch_size": 128,
-                 "kid_subsets": 2, "kid_subset_size": 64, "is_splits": 2, "interp_pairs": 4, "interp_steps": 3, "iwae_k": 4,
-                 "iwae_images": 16, "bootstrap": 10}
-TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "shift_pixels": 0, "min_test_accuracy": 0.0}
+
 
 
 def _run_stages(work: Path, db_uri: str) -> None:
     """The project's own stages, as dvc.yaml runs them, on 256 synthetic training images."""
     write_prepared(work / "data" / "prepared")
     write_params(work, train={"seed": 0, "device": "cpu", "deterministic": False, "experiment": EXPERIMENT, "sample_every": 1, "dist_timeout_s": 60},
-                 models={m: tiny_model_params(m) for m in TRAINED}, evaluator={**repo_params()["evaluator"], **TINY_EVALUATOR},
-                 evaluator2={**repo_params()["evaluator2"], **TINY_EVALUATOR}, evaluate=TINY_EVALUATE)
+                 models={m: tiny_model_params(m) for m in TRAINED}, **tiny_evaluation_sections())
     stages = [["pipelines/train.py", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED]
     stages.append(["pipelines/train_evaluator.py", "--data", "data/prepared", "--out", "models/evaluator", "--metrics", "metrics/evaluator.json"])
     stages.append(["pipelines/evaluate.py", EVALUATED, "--data", "data/prepared", "--evaluator", "models/evaluator",
