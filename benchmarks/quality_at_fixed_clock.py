@@ -35,7 +35,6 @@ from bench_common import (
 )
 
 from mnistgen import data, evaluation, training
-from mnistgen.classifier import load_classifier
 from mnistgen.config import EvaluateParams, section
 from mnistgen.models import build_model
 from mnistgen.utils import memory_format, seed_everything
@@ -99,8 +98,7 @@ def main() -> None:
     train_x, train_y = data.to_float(train.images, device), train.labels.to(device)
     test_xy = (data.to_float(test.images, device), test.labels.to(device))
     val_xy = (data.to_float(val.images, device), val.labels.to(device))
-    spaces = {s["suffix"]: load_classifier(args.evaluator / s["classifier"], s["arch"], s["width"], device)
-              for s in evaluation.read_spaces(args.evaluator)}
+    spaces = evaluation.load_classifiers(args.evaluator, device)
     refs = evaluation.load_references(args.evaluator, device)
 
     for name in args.models:
@@ -128,6 +126,7 @@ def main() -> None:
             shown = "  ".join(f"{title} {metrics[k]:.3f} [{metrics.get(k + '_lo', float('nan')):.3f}, {metrics.get(k + '_hi', float('nan')):.3f}]"
                               for k, title in SHOWN)
             extra = f"  IWAE NLL {metrics['iwae_nll']:.2f}" if "iwae_nll" in metrics else ""
+            extra += f"  label fidelity {metrics['label_fidelity']:.3f}" if "label_fidelity" in metrics else ""
             print(f"{name:6s} {label:28s} epochs {params.epochs:3d}  train {seconds:6.1f} s  {shown}{extra}", flush=True)
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)

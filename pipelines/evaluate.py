@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from mnistgen import data, evaluation, tracking
-from mnistgen.classifier import load_classifier
 from mnistgen.config import EvaluateParams, load_section, model_params
 from mnistgen.models import build_model
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
@@ -41,8 +40,7 @@ def main() -> None:
     torch.manual_seed(params.seed)
 
     try:
-        spaces = evaluation.read_spaces(args.evaluator)
-        classifiers = {s["suffix"]: load_classifier(args.evaluator / s["classifier"], s["arch"], s["width"], device) for s in spaces}
+        classifiers = evaluation.load_classifiers(args.evaluator, device)
     except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as err:
         raise StageError(f"{args.evaluator}: cannot load the evaluators ({err}); run `dvc repro train_evaluator`") from err
     refs = evaluation.load_references(args.evaluator, device)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import figures, metrics
+from .classifier import load_classifier
 from .config import EvaluateParams
 from .utils import progress_bar
 
@@ -53,6 +54,12 @@ SPACES_FILE = "spaces.json"  # in the evaluator folder: one entry per space (suf
 
 def read_spaces(folder: Path) -> list[dict]:
     return json.loads((Path(folder) / SPACES_FILE).read_text())
+
+
+def load_classifiers(folder: Path, device="cpu") -> dict[str, Classifier]:
+    """{suffix: Classifier} for every feature space the train_evaluator stage wrote."""
+    return {s["suffix"]: load_classifier(Path(folder) / s["classifier"], s["arch"], s["width"], device)
+            for s in read_spaces(folder)}
 
 
 def load_references(folder: Path, device="cpu") -> dict[str, Reference]:

@@ -93,13 +93,11 @@ class ValidationFID:
     """FID_cls of a model's samples against the validation images, in the first evaluator's feature space."""
 
     def __init__(self, evaluator: Path, val_images: torch.Tensor, samples: int, seed: int):
-        from .classifier import load_classifier
-        from .evaluation import read_spaces
+        from .evaluation import load_classifiers
 
         try:
-            space = next(s for s in read_spaces(evaluator) if s["suffix"] == "")
-            self.classifier = load_classifier(evaluator / space["classifier"], space["arch"], space["width"], val_images.device)
-        except (OSError, StopIteration, KeyError, RuntimeError, json.JSONDecodeError) as err:
+            self.classifier = load_classifiers(evaluator, val_images.device)[""]
+        except (OSError, KeyError, RuntimeError, json.JSONDecodeError) as err:
             raise StageError(f"{evaluator}: cannot load the evaluator ({err}); run `dvc repro train_evaluator`") from err
         self.val_feats = self.classifier.features_and_probs(val_images)[0]
         self.samples, self.seed = samples, seed
