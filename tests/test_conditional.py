@@ -16,7 +16,7 @@ from mnistgen.models import build_model
 from mnistgen.models.base import GenerativeModel
 from mnistgen.models.vae import kl_divergence
 from mnistgen.models.wgan import autograd_norm, difference_quotient
-from mnistgen.models.cwgan import with_label
+from mnistgen.models.wgan import with_label
 from mnistgen.utils import StageError, seed_everything
 
 

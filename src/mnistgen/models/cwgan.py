@@ -18,7 +18,7 @@ from torch import nn
 from . import nets
 from .base import NUM_CLASSES, balanced_labels
 from .gan import critic_sized
-from .wgan import WGAN, WGANParams, autograd_norm, difference_quotient, penalty
+from .wgan import WGAN, WGANParams
 
 
 class CWGANParams(WGANParams):
@@ -52,13 +52,10 @@ class ProjectionCritic(nn.Module):
         return self.psi(h) + (self.embed(y).to(h.dtype) * h).sum(1, keepdim=True)
 
 
-def with_label(critic: nn.Module, y: torch.Tensor):
-    """The critic as a function of the image alone, the labels fixed. The finite-difference quotient
-    scores two batches of segment points at once, so the labels are tiled to the batch it is given."""
-    return lambda images: critic(images, y.repeat(len(images) // len(y)))
-
-
 class CWGAN(WGAN):
+    """The WGAN-GP's training step and losses, unchanged: the batch labels they pass on reach this
+    generator (fakes of the real batch's digits) and the projection critic (scores and penalty)."""
+
     family = "cwgan"
     Params = CWGANParams
     conditional = True
@@ -74,45 +71,3 @@ class CWGAN(WGAN):
     def decode(self, z, labels=None):
         labels = balanced_labels(len(z), z.device) if labels is None else labels
         return torch.sigmoid(self.generator(z, labels).float())
-
-    def score(self, x, y):
-        return self.critic(x, y).float().squeeze(1)
-
-    def gradient_norm(self, real, fake, y):
-        critic = with_label(self.critic, y)
-        if self.params.gradient == "finite_difference":
-            return difference_quotient(critic, real, fake)
-        return autograd_norm(critic, real, fake)
-
-    def critic_loss(self, real, fake, y):
-        real_score, fake_score = self.score(real, y), self.score(fake, y)
-        wasserstein = real_score.mean() - fake_score.mean()
-        with torch.enable_grad():
-            norm = self.gradient_norm(real, fake, y)
-        gp = penalty(norm, self.params.gp_weight, self.params.penalty == "one_sided")
-        return -wasserstein + gp, {"wasserstein": wasserstein, "gp": gp, "grad_norm": norm.mean()}
-
-    def generator_loss(self, fake, y):
-        return -self.score(fake, y).mean()
-
-    def train_step(self, x, optimizers, step, y=None):
-        with torch.no_grad():
-            fake = self.decode(self.sample_latent(len(x)), y)  # fakes of the same digits as the real batch
-        d_loss, stats = self.critic_loss(x, fake, y)
-        optimizers["critic"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        optimizers["critic"].step()
-        out = {"d_loss": d_loss.detach(), **{k: v.detach() for k, v in stats.items()}}
-        if (step + 1) % self.n_critic == 0:
-            g_loss = self.generator_loss(self.decode(self.sample_latent(len(x)), y), y)
-            optimizers["generator"].zero_grad(set_to_none=True)
-            g_loss.backward()
-            optimizers["generator"].step()
-            out["g_loss"] = g_loss.detach()
-        return out
-
-    @torch.no_grad()
-    def validation_losses(self, x, y=None):
-        d_loss, stats = self.critic_loss(x, self.decode(self.sample_latent(len(x)), y), y)
-        g_loss = self.generator_loss(self.decode(self.sample_latent(len(x)), y), y)
-        return {"d_loss": d_loss, "g_loss": g_loss, **stats}

@@ -51,30 +51,36 @@ class GAN(GenerativeModel):
             "generator": adam(self.generator.parameters(), p.lr, p.betas),
         }
 
-    def score(self, x):
-        return self.critic(x).float().squeeze(1)
+    def score(self, x, *labels):
+        """The critic's score per image (of the given digits, for a conditional critic)."""
+        return self.critic(x, *labels).float().squeeze(1)
 
-    def critic_loss(self, real, fake):
-        real_score, fake_score = self.score(real), self.score(fake)
+    def fakes(self, n: int, *labels):
+        """n generated images (of the given digits, for a conditional generator)."""
+        return self.decode(self.sample_latent(n), *labels)
+
+    def critic_loss(self, real, fake, *labels):
+        real_score, fake_score = self.score(real, *labels), self.score(fake, *labels)
         loss = F.binary_cross_entropy_with_logits(real_score, torch.ones_like(real_score)) + \
             F.binary_cross_entropy_with_logits(fake_score, torch.zeros_like(fake_score))
         return loss, {"d_real": torch.sigmoid(real_score).mean(), "d_fake": torch.sigmoid(fake_score).mean()}
 
-    def generator_loss(self, fake):
-        score = self.score(fake)
+    def generator_loss(self, fake, *labels):
+        score = self.score(fake, *labels)
         return F.binary_cross_entropy_with_logits(score, torch.ones_like(score))  # non-saturating
 
-    def train_step(self, x, optimizers, step):
-        z = self.sample_latent(len(x))
+    def train_step(self, x, optimizers, step, *labels):
+        """One critic step, and a generator step every n_critic-th; `labels` are a conditional model's batch
+        labels, and its fakes are made of the same digits."""
         with torch.no_grad():
-            fake = self.decode(z)
-        d_loss, stats = self.critic_loss(x, fake)
+            fake = self.fakes(len(x), *labels)
+        d_loss, stats = self.critic_loss(x, fake, *labels)
         optimizers["critic"].zero_grad(set_to_none=True)
         d_loss.backward()
         optimizers["critic"].step()
         out = {"d_loss": d_loss.detach(), **{k: v.detach() for k, v in stats.items()}}
         if (step + 1) % self.n_critic == 0:
-            g_loss = self.generator_loss(self.decode(self.sample_latent(len(x))))
+            g_loss = self.generator_loss(self.fakes(len(x), *labels), *labels)
             optimizers["generator"].zero_grad(set_to_none=True)
             g_loss.backward()
             optimizers["generator"].step()
@@ -82,7 +88,7 @@ class GAN(GenerativeModel):
         return out
 
     @torch.no_grad()
-    def validation_losses(self, x):
-        d_loss, stats = self.critic_loss(x, self.decode(self.sample_latent(len(x))))
-        g_loss = self.generator_loss(self.decode(self.sample_latent(len(x))))
+    def validation_losses(self, x, *labels):
+        d_loss, stats = self.critic_loss(x, self.fakes(len(x), *labels), *labels)
+        g_loss = self.generator_loss(self.fakes(len(x), *labels), *labels)
         return {"d_loss": d_loss, "g_loss": g_loss, **stats}

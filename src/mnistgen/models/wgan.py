@@ -46,6 +46,12 @@ def difference_quotient(critic, real, fake, eps1=None, eps2=None) -> torch.Tenso
     return (d1 - d2).abs() / (y1 - y2).flatten(1).norm(dim=1).clamp_min(1e-12)
 
 
+def with_label(critic, y: torch.Tensor):
+    """A conditional critic as a function of the image alone, the labels fixed. The finite-difference quotient
+    scores two batches of segment points at once, so the labels are tiled to the batch it is given."""
+    return lambda images: critic(images, y.repeat(len(images) // len(y)))
+
+
 def penalty(norm: torch.Tensor, weight: float, one_sided: bool) -> torch.Tensor:
     excess = norm - 1
     if one_sided:
@@ -73,18 +79,19 @@ class WGAN(GAN):
     def make_critic(params):
         return nets.encoder(critic_sized(params), 1, norm=False, slope=0.2)  # no batch norm: the penalty is per sample
 
-    def gradient_norm(self, real, fake):
+    def gradient_norm(self, real, fake, *labels):
+        critic = with_label(self.critic, *labels) if labels else self.critic
         if self.params.gradient == "finite_difference":
-            return difference_quotient(self.critic, real, fake)
-        return autograd_norm(self.critic, real, fake)
+            return difference_quotient(critic, real, fake)
+        return autograd_norm(critic, real, fake)
 
-    def critic_loss(self, real, fake):
-        real_score, fake_score = self.score(real), self.score(fake)
+    def critic_loss(self, real, fake, *labels):
+        real_score, fake_score = self.score(real, *labels), self.score(fake, *labels)
         wasserstein = real_score.mean() - fake_score.mean()  # the critic's estimate of W(real, fake)
         with torch.enable_grad():
-            norm = self.gradient_norm(real, fake)
+            norm = self.gradient_norm(real, fake, *labels)
         gp = penalty(norm, self.params.gp_weight, self.params.penalty == "one_sided")
         return -wasserstein + gp, {"wasserstein": wasserstein, "gp": gp, "grad_norm": norm.mean()}
 
-    def generator_loss(self, fake):
-        return -self.score(fake).mean()
+    def generator_loss(self, fake, *labels):
+        return -self.score(fake, *labels).mean()
