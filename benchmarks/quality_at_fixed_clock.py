@@ -34,8 +34,8 @@ from bench_common import (
     timed,
 )
 
-from mnistgen import data, evaluation, training
-from mnistgen.config import EvaluateParams, section
+from mnistgen import data, evaluation, profiles, training
+from mnistgen.config import EvaluateParams, ParamsError, section
 from mnistgen.models import build_model
 from mnistgen.utils import memory_format, seed_everything
 
@@ -44,17 +44,18 @@ SHOWN = [("fid_cls", "FID e1"), ("fid_cls_e2", "FID e2"), ("precision", "prec e1
 
 
 def apply_sets(params: dict, sets: list[str]) -> dict:
-    """`a.b.c=value` overrides (YAML values), as `dvc exp run -S` writes them into params.yaml."""
+    """`a.b.c=value` overrides (YAML values), as `dvc exp run -S` writes them into params.yaml; merged as a
+    profile is (mnistgen.profiles.merge), so a key params.yaml lacks is refused."""
     params = copy.deepcopy(params)
     for item in sets:
         key, _, value = item.partition("=")
-        *path, last = key.split(".")
-        node = params
-        for part in path:
-            node = node[part]
-        if last not in node:
-            raise SystemExit(f"--set {item}: {key} is not a key of params.yaml")
-        node[last] = yaml.safe_load(value)
+        override = yaml.safe_load(value)
+        for part in reversed(key.split(".")):
+            override = {part: override}
+        try:
+            profiles.merge(params, override)
+        except ParamsError as err:
+            raise SystemExit(f"--set {item}: {str(err).removeprefix('profile: ')}") from err
     return params
 
 

@@ -41,24 +41,29 @@ def tiny_params(families: dict[str, int]) -> dict:
 
 
 def workspace(families: dict[str, int], n_train: int = 2048) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="mnistgen-drill-"))
+    SCRATCH.append(folder)
+    (folder / "params.yaml").write_text(yaml.safe_dump(tiny_params(families), sort_keys=False))
+    write_synthetic_digits(folder / "data" / "prepared", {"train": n_train, "val": 256, "test": 256})
+    return folder
+
+
+def write_synthetic_digits(prepared: Path, sizes: dict[str, int], seed: int = 0) -> None:
+    """Prepared splits of synthetic 'digits' (no MNIST needed): a bright bar on faint noise, its position
+    the label. The drills train on them, and so do the tests (tests/helpers.write_prepared)."""
     import torch
 
     from mnistgen import data
 
-    folder = Path(tempfile.mkdtemp(prefix="mnistgen-drill-"))
-    SCRATCH.append(folder)
-    (folder / "params.yaml").write_text(yaml.safe_dump(tiny_params(families), sort_keys=False))
-    prepared = folder / "data" / "prepared"
-    prepared.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", n_train), ("val", 256), ("test", 256)):
+    prepared.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for split, n in sizes.items():
         labels = torch.arange(n) % 10
         images = torch.randint(0, 30, (n, 28, 28), generator=g, dtype=torch.uint8)
         for i, y in enumerate(labels.tolist()):
             r, c = 2 + (y // 5) * 12, 2 + (y % 5) * 5
             images[i, r: r + 10, c: c + 5] = 255
         data.save_split(data.Split(images, labels), prepared / f"{split}.pt")
-    return folder
 
 
 def client_env(s: stack.Settings, **changes) -> dict[str, str]:

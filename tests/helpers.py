@@ -10,26 +10,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
 import yaml
 
-from mnistgen import data
 from mnistgen.config import model_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_prepared(folder: Path, n_train=256, n_val=64, n_test=128, seed=0) -> None:
-    """Synthetic 'digits': a bright square whose position encodes the label."""
-    g = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        labels = torch.arange(n) % 10
-        images = torch.randint(0, 30, (n, 28, 28), generator=g, dtype=torch.uint8)
-        for i, y in enumerate(labels.tolist()):
-            r, c = 2 + (y // 5) * 12, 2 + (y % 5) * 5
-            images[i, r : r + 10, c : c + 5] = 255
-        data.save_split(data.Split(images, labels), folder / f"{name}.pt")
+    """Synthetic 'digits': a bright bar whose position encodes the label (the team drills' own)."""
+    # imported here: the DDP worker script imports this module without the repo root on its path
+    from team.drills import write_synthetic_digits
+
+    write_synthetic_digits(folder, {"train": n_train, "val": n_val, "test": n_test}, seed)
 
 
 def repo_params() -> dict:
