@@ -15,8 +15,7 @@ from mnistgen.config import EvaluateParams
 from mnistgen.models import build_model
 from mnistgen.models.base import GenerativeModel
 from mnistgen.models.vae import kl_divergence
-from mnistgen.models.wgan import autograd_norm, difference_quotient
-from mnistgen.models.wgan import with_label
+from mnistgen.models.wgan import autograd_norm, difference_quotient, with_label
 from mnistgen.utils import StageError, seed_everything
 
 

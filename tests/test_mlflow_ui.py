@@ -35,7 +35,6 @@ RUN_WINDOW = (1400, 1400)
 ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's GenAI / Model training switch, as a URL parameter
 
 
-
 def _run_stages(work: Path, db_uri: str) -> None:
     """The project's own stages, as dvc.yaml runs them, on 256 synthetic training images."""
     write_prepared(work / "data" / "prepared")
