@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,22 @@ def fill(command: str, values: dict[str, str]) -> str:
         return str(values[match.group(1)])
 
     return re.sub(r"\$\{\s*([\w.]+)\s*\}", value, " ".join(command.split()))
+
+
+def plan(commands: list[tuple[str, str]], models: list[str]) -> list[list[list[tuple[str, str]]]]:
+    """The run in dvc.yaml's order as steps, each a list of chains to run side by side. A stage alone is one
+    chain of one stage; the foreach stages (train@m, evaluate@m) become one chain per model, where the first
+    of them stands. promote is left out: the gate's floors stand in for it (check_floors)."""
+    steps, chained = [], False
+    for name, command in commands:
+        if name == "promote":
+            continue
+        if "@" not in name:
+            steps.append([[(name, command)]])
+        elif not chained:
+            steps.append([[(n, c) for n, c in commands if n.endswith(f"@{model}")] for model in models])
+            chained = True
+    return steps
 
 
 def write_params(profile: Path | None, work: Path) -> None:
@@ -166,7 +183,7 @@ def pack(work: Path, out: Path) -> None:
                 tar.add(work / name, arcname=name)
     for name in ("paper_run.json", "reports/comparison.md", "reports/gate_floors.md"):
         if (work / name).exists():
-            (out / Path(name).name).write_bytes((work / name).read_bytes())
+            shutil.copy(work / name, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     write_params(args.profile, args.work)
     models = model_names(args.work / "params.yaml")
     commands = stage_commands(ROOT / "dvc.yaml", models)
-    per_model = [name for name, _ in commands if "@" in name]  # the foreach stages, chained per model
+    steps = plan(commands, models)
     if args.jobs <= 0:
         import torch
 
@@ -192,20 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     code = 2
     try:
         ok = True
-        for name, command in commands:
-            if name == "promote":  # needs the registry: the floors stand in for it, below
-                continue
-            if "@" in name and name != per_model[0]:
-                continue  # run in its model's chain, started at the first foreach stage
+        for chains in steps:
             if not ok:
-                for skipped in per_model if "@" in name else [name]:
-                    runner.skip(skipped, "an earlier stage did not succeed")
-            elif "@" not in name:
-                ok = runner.run(name, command)
-            else:  # the first foreach stage: every model's chain, --jobs at a time
-                chains = [[(n, c) for n, c in commands if n.endswith(f"@{model}")] for model in models]
-                with ThreadPoolExecutor(args.jobs) as pool:
-                    ok = all(list(pool.map(runner.chain, chains)))  # list: every chain runs, even after one fails
+                for name, _ in (step for chain in chains for step in chain):
+                    runner.skip(name, "an earlier stage did not succeed")
+                continue
+            with ThreadPoolExecutor(min(args.jobs, len(chains))) as pool:
+                ok = all(list(pool.map(runner.chain, chains)))  # list: every chain runs, even after one fails
         if ok:
             code = check_floors(args.work)
     finally:
