@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mnistgen import config, profiles, training
+from mnistgen import config, models, profiles, training
 from mnistgen.models import build_model
 from mnistgen.utils import pick_device, seed_everything
 
@@ -64,7 +64,7 @@ def load_params(profile: str | None) -> dict:
 def family_params(all_params: dict, name: str, **changes) -> config.ModelParams:
     """Section models.<name> as its family's params class, with `changes` (e.g. batch_size=64) applied."""
     where = f"models.{name}"
-    return config.model_params({**config.section(all_params, where), **changes}, where)
+    return models.model_params({**config.section(all_params, where), **changes}, where)
 
 
 def sync(device: torch.device) -> None:

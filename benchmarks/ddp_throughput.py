@@ -40,22 +40,21 @@ def worker(rank: int, world: int, name: str, steps: int, warmup: int, threads: i
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     seed_everything(0)
     params = load_model_params(name)
-    images = distributed.shard(torch.rand(4096, 1, 28, 28))
-    labels = distributed.shard(torch.arange(4096) % 10)
+    images = torch.rand(4096, 1, 28, 28)
+    labels = torch.arange(4096) % 10
     model = build_model(params)
     model.init_from_data(images)
     model.to(memory_format=memory_format(images.device))
     distributed.prepare_model(model)
     optimizers = model.make_optimizers()
     distributed.prepare_optimizers(optimizers)
-    batch = distributed.local_batch(params.batch_size)
     model.train()
     for i in range(warmup + steps):
         if i == warmup:
             if world > 1:
                 dist.barrier()
             started = time.perf_counter()
-        idx = torch.randint(len(images), (batch,))
+        idx = distributed.local_rows(torch.randint(len(images), (params.batch_size,)))
         training.step(model, images[idx], optimizers, i, y=labels[idx] if model.conditional else None)
     if world > 1:
         dist.barrier()

@@ -57,7 +57,7 @@ from bench_common import ROOT, PerSampleMNIST, add_run_options, device_from, syn
 from torch import nn
 from torch.nn import functional as F
 
-from mnistgen import config, data, training
+from mnistgen import config, data, models, training
 from mnistgen.models import build_model
 from mnistgen.utils import seed_everything
 
@@ -173,7 +173,7 @@ def test_nelbo(model, test_images: torch.Tensor, batch_size: int = 2000) -> floa
 def vae_params(batch_size: int, lr: float, epochs: int, warmup: float):
     """The whole models.vae section of ours: the tutorial's 784-400-20 MLP with the ELBO (beta 1) on grey
     pixels, so the two runs differ only in how they train. epochs 0 = a constant lr (no budget)."""
-    return config.model_params({
+    return models.model_params({
         "family": "vae", "arch": "mlp", "hidden": 400, "latent_dim": 20,
         "width": 16,  # conv channels: unused by an mlp
         "beta": 1.0, "dynamic_binarization": False,

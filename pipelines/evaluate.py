@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from mnistgen import data, evaluation, tracking
-from mnistgen.config import EvaluateParams, load_section, model_params
-from mnistgen.models import build_model
+from mnistgen.config import EvaluateParams, load_section
+from mnistgen.models import build_model, model_params
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
 
 

@@ -6,8 +6,7 @@ Writes weights.pt, config.json, run.json and samples.png to --out, and one CSV p
 (epoch, train, val) plus curves.png to --curves, which `dvc plots show` draws.
 
 Data-parallel: `torchrun --standalone --nproc_per_node N pipelines/train.py <model> ...` trains on N
-processes (gloo on CPU, NCCL on CUDA), each on its shard of the training set with 1/N of the
-batch; rank 0 alone logs to MLflow and writes the outputs and checkpoints (mnistgen.distributed).
+processes (gloo on CPU, NCCL on CUDA), each on its slice of every global batch; rank 0 alone logs to MLflow and writes the outputs and checkpoints (mnistgen.distributed).
 """
 import argparse
 import contextlib
@@ -18,8 +17,8 @@ from pathlib import Path
 import torch
 
 from mnistgen import data, distributed, figures, tracking, training
-from mnistgen.config import RunParams, flatten, load_model_params, load_section
-from mnistgen.models import build_model
+from mnistgen.config import RunParams, flatten, load_section
+from mnistgen.models import build_model, load_model_params
 from mnistgen.utils import atomic_dir, pick_device, run_stage, seed_everything, sha256_json
 
 NOT_CURVES = {"epoch", "epoch_seconds", "images_per_second"}
@@ -67,9 +66,9 @@ def train_stage(args, run_params, params, device, started) -> None:
             run.log_params(flatten({"train": run_params, "model": params}))
 
         train_split, val_split = data.load_split(args.data, "train"), data.load_split(args.data, "val")
-        # Each rank holds its own shard of the training set on the device (all of it with one process).
-        train_images, val_images = data.to_float(distributed.shard(train_split.images), device), data.to_float(val_split.images, device)
-        train_labels, val_labels = distributed.shard(train_split.labels).to(device), val_split.labels.to(device)  # conditional families
+        # Every rank holds the whole training set on the device and trains on its slice of each global batch.
+        train_images, val_images = data.to_float(train_split.images, device), data.to_float(val_split.images, device)
+        train_labels, val_labels = train_split.labels.to(device), val_split.labels.to(device)  # conditional families
         model = build_model(params).to(device)
         fixed_noise = torch.randn(64, params.latent_dim, generator=torch.Generator().manual_seed(run_params.seed)).to(device)
         fixed_labels = torch.arange(64, device=device) % 10  # conditional families: digits 0..9 in turn

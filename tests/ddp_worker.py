@@ -1,5 +1,5 @@
-"""One rank of tests/test_distributed.py's equivalence check: trains every case on its shard with the
-harness and, on rank 0, saves each case's weights. Started twice (RANK 0 and 1) with
+"""One rank of tests/test_distributed.py's equivalence check: trains every case with the harness
+(its slice of each global batch) and, on rank 0, saves each case's weights. Started twice (RANK 0 and 1) with
 WORLD_SIZE=2 and MASTER_ADDR/MASTER_PORT set, as torchrun would.
 
 Usage: python tests/ddp_worker.py OUT_FOLDER
@@ -22,8 +22,7 @@ def main(out: Path) -> None:
             seed_everything(0, deterministic=True)  # every rank alike: same initial weights, same noise stream
             model = build_model(params(family, **changes))
             images, labels, val_images, val_labels = data()
-            training.train(model, distributed.shard(images), val_images, seed=0, progress=False,
-                           train_labels=distributed.shard(labels), val_labels=val_labels)
+            training.train(model, images, val_images, seed=0, progress=False, train_labels=labels, val_labels=val_labels)
             if distributed.is_main():
                 torch.save(model.state_dict(), out / f"{name}.pt")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from mnistgen.config import model_params
+from mnistgen.models import model_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from helpers import ROOT, load_script, repo_params, tiny_model_params, write_params, write_prepared
-from mnistgen.config import EvaluateParams, ParamsError, load_model_params, model_names, model_params
+from mnistgen.config import EvaluateParams, ParamsError, model_names
+from mnistgen.models import load_model_params, model_params
 from mnistgen.models import FAMILIES
 
 MODELS = model_names(ROOT / "params.yaml")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import ROOT, load_script
-from mnistgen.config import load_model_params, model_names
+from mnistgen.config import model_names
+from mnistgen.models import load_model_params
 from mnistgen.models import FAMILIES
 
 smoke_pipeline = load_script("scripts/smoke_pipeline.py")
@@ -134,7 +135,6 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     work, _ = pipeline
     from mnistgen import evaluation, metrics
     from mnistgen.classifier import Classifier
-    from mnistgen.config import load_model_params
     from mnistgen.models import build_model
 
     classifier = Classifier()  # the first evaluator: the default architecture

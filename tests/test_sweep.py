@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from helpers import ROOT, tiny_model_params, write_params, write_prepared
-from mnistgen.config import ParamsError, load_model_params, read_params
+from mnistgen.config import ParamsError, read_params
+from mnistgen.models import load_model_params
 
 SPACE = {"lr": {"type": "float", "low": 0.000001, "high": 0.01, "log": True},
          "beta": {"type": "float", "low": 0.5, "high": 2.0, "log": False}}

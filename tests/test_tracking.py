@@ -242,7 +242,7 @@ def test_the_code_shipped_with_a_logged_model_imports_on_its_own(tmp_path):
     script = ("import mnistgen, mnistgen.models as m, yaml, pathlib\n"
               f"assert pathlib.Path(mnistgen.__file__).parent == pathlib.Path({str(package)!r})\n"
               f"params = yaml.safe_load(open({str(ROOT / 'params.yaml')!r}))['models']\n"
-              "from mnistgen.config import model_params\n"
+              "from mnistgen.models import model_params\n"
               "for name, section in params.items(): m.build_model(model_params(section, name))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(package.parent)},
                             capture_output=True, text=True, timeout=120)

@@ -5,9 +5,10 @@ params.yaml is the one place where values live: no field has a default here, so 
 missing from params.yaml is an error rather than a silently different value.
 
 The model families' sections (`models.<name>`) are a discriminated union on `family`:
-each family declares its own params class beside its model (models/<family>.py), so
-`n_critic` under an AE or `beta` under a GAN is refused with the key named, and adding a
-family needs no change here.
+each family declares its own params class beside its model (models/<family>.py), and
+mnistgen.models.model_params validates a section against that union, so `n_critic` under an
+AE or `beta` under a GAN is refused with the key named, and adding a family needs no change
+here. This module imports nothing of the package.
 """
 from __future__ import annotations
 
@@ -173,8 +174,10 @@ class SweepParams(Section):
     space: dict[str, dict[str, Dimension]]  # model name -> its params key -> the range searched
 
 
-def _describe(err: ValidationError, where: str, tag: str | None = None) -> ParamsError:
-    """pydantic's first error as one line that names the key, e.g. 'models.ae.n_critic: unknown key'."""
+def describe(err: ValidationError, where: str, tag: str | None = None, families: tuple[str, ...] = ()) -> ParamsError:
+    """pydantic's first error as one line that names the key, e.g. 'models.ae.n_critic: unknown key'.
+
+    `tag` and `families` are a tagged union's: the tag given and the known ones."""
     # An unknown key first: a misspelt key is also reported missing under its right name.
     first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
     loc = list(first["loc"])
@@ -187,9 +190,7 @@ def _describe(err: ValidationError, where: str, tag: str | None = None) -> Param
     if kind == "missing":
         return ParamsError(f"params.yaml: {key}: missing key")
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        from .models import FAMILIES
-
-        return ParamsError(f"params.yaml: {key}.family: unknown or missing model family {tag!r} (known: {', '.join(FAMILIES)})")
+        return ParamsError(f"params.yaml: {key}.family: unknown or missing model family {tag!r} (known: {', '.join(families)})")
     return ParamsError(f"params.yaml: {key}: {first['msg'].lower()}, got {first.get('input')!r:.80}")
 
 
@@ -197,20 +198,7 @@ def validate_section(cls: type[Section], data: Any, where: str) -> Section:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise _describe(err, where) from None
-
-
-def model_params(data: Any, where: str = "models") -> ModelParams:
-    """A `models.<name>` section as its family's params class (the union over registered families)."""
-    from pydantic import TypeAdapter
-
-    from .models import params_union  # the families register themselves there
-
-    tag = data.get("family") if isinstance(data, dict) else None
-    try:
-        return TypeAdapter(params_union()).validate_python(data)
-    except ValidationError as err:
-        raise _describe(err, where, tag) from None
+        raise describe(err, where) from None
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict:
@@ -238,10 +226,6 @@ def section(params: dict, dotted: str) -> Any:
 def load_section(cls: type[Section], dotted: str, path: str | Path = PARAMS_FILE) -> Section:
     """Read params.yaml and return section `dotted` (e.g. 'evaluate') as a `cls`."""
     return validate_section(cls, section(read_params(path), dotted), dotted)
-
-
-def load_model_params(name: str, path: str | Path = PARAMS_FILE) -> ModelParams:
-    return model_params(section(read_params(path), f"models.{name}"), f"models.{name}")
 
 
 def model_names(path: str | Path = PARAMS_FILE) -> list[str]:

@@ -1,9 +1,9 @@
 """Data-parallel training for the one harness: `torchrun --nproc_per_node N pipelines/train.py <model>`.
 
-Every rank holds its own shard of the training images (rows r, r + N, r + 2N, ...), and all
-ranks draw the same per-epoch permutation of shard positions, so the N local batches of a step
-together form one global batch of the configured size. A step on N ranks equals a step on one
-process fed that global batch, to float rounding:
+Every rank holds the whole training set and draws the same per-epoch permutation, so all
+ranks see the same global batches, the ones a single process sees; rank r trains on the r-th
+contiguous slice of each (`local_rows`). A step on N ranks equals the single process's step
+on that global batch, to float rounding:
 
 - gradients: each optimizer averages its gradients over the ranks just before it steps (one
   all-reduce of all its gradients, an optimizer step pre-hook), not DistributedDataParallel:
@@ -76,19 +76,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def local_batch(batch_size: int) -> int:
-    """This rank's share of the global batch."""
-    if batch_size % world_size():
-        raise StageError(f"batch_size {batch_size} is not divisible by the {world_size()} processes: "
+def local_rows(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous slice of a global batch (all of it with one process); the slices of
+    ranks 0, 1, ... concatenated are the batch, in the order `rows` draws its noise."""
+    n = len(batch)
+    if n % world_size():
+        raise StageError(f"batch_size {n} is not divisible by the {world_size()} processes: "
                          f"each needs the same share of the global batch")
-    return batch_size // world_size()
-
-
-def shard(t: torch.Tensor, r: int | None = None, n: int | None = None) -> torch.Tensor:
-    """Rows r, r + n, ... of t (this rank's by default); the last len(t) % n rows are dropped, so every
-    shard has the same length and every rank the same number of steps per epoch."""
-    r, n = rank() if r is None else r, world_size() if n is None else n
-    return t[: len(t) // n * n][r::n]
+    share = n // world_size()
+    return batch[rank() * share : (rank() + 1) * share]
 
 
 @contextlib.contextmanager

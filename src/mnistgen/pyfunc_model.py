@@ -29,7 +29,7 @@ warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.
 
 class MnistGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from mnistgen.config import model_params
+        from mnistgen.models import model_params
         from mnistgen.models import build_model
 
         with open(context.artifacts["config"]) as f:

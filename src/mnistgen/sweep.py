@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from . import data, metrics, tracking, training
-from .config import Choice, FloatRange, IntRange, ParamsError, RunParams, SweepParams, flatten, model_params, read_params, section, validate_section
-from .models import build_model
+from .config import Choice, FloatRange, IntRange, ParamsError, RunParams, SweepParams, flatten, read_params, section, validate_section
+from .models import build_model, model_params
 from .training import DivergenceError
 from .utils import StageError, pick_device, seed_everything
 

@@ -8,10 +8,11 @@ exponential moving average of the sampling weights (Yazıcı et al. 2019) is kep
 raw ones and replaces them when training ends; the checkpoint holds both, so a resume is exact. A conditional family
 (`model.conditional`) also gets each batch's labels, sliced with the same permutation.
 
-Under torchrun each rank trains on its shard of the training set with its share of the batch
-(distributed.py says how the ranks together make the one-process step); all ranks validate on
-the whole validation set (which keeps their random generators in step), and only rank 0
-prints, checkpoints and calls `on_epoch`.
+Under torchrun every rank holds the whole training set and draws the same permutation; each
+takes its slice of every global batch (distributed.py says how the ranks together make the
+one-process step), so the batches, and so the weights to float rounding, do not depend on
+the number of processes. All ranks validate on the whole validation set (which keeps their
+random generators in step), and only rank 0 prints, checkpoints and calls `on_epoch`.
 """
 from __future__ import annotations
 
@@ -212,15 +213,15 @@ def train(
 
     A conditional family needs `train_labels` and `val_labels` (device tensors of digits, one per
     image); an unconditional one ignores them. Returns one dict of metrics per epoch. In a
-    data-parallel run `train_images` and `train_labels` are this rank's shard (distributed.shard)
-    and the params' batch size is the global batch.
+    data-parallel run every rank passes the whole training set, and the params' batch size is the
+    global batch, of which each rank trains on its slice (distributed.local_rows).
     """
     if not model.conditional:
         train_labels = val_labels = None
     elif train_labels is None or val_labels is None:
         raise StageError(f"{model.family} is conditional: training needs the labels of the training and validation images")
     params = model.params
-    epochs, batch_size = params.epochs, distributed.local_batch(params.batch_size)
+    epochs, batch_size = params.epochs, params.batch_size
     main = distributed.is_main()
     model.init_from_data(train_images)  # before a resume, which then overwrites the weights
     # Conv weights in the device's faster layout; [N, 1, 28, 28] batches are the same in either.
@@ -250,7 +251,7 @@ def train(
         for i in bar:
             global_step = (epoch - 1) * steps + i
             schedule.set(global_step)
-            idx = order[i * batch_size : (i + 1) * batch_size]
+            idx = distributed.local_rows(order[i * batch_size : (i + 1) * batch_size])
             y = None if train_labels is None else train_labels[idx]
             losses = step(model, train_images[idx], optimizers, global_step, y=y)
             if ema is not None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Annotated, Union
+from pathlib import Path
+from typing import Annotated, Any, Union
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 
-from ..config import ModelParams
+from ..config import PARAMS_FILE, ModelParams, describe, read_params, section
 from .base import FAMILIES, GenerativeModel
 
 for _module in pkgutil.iter_modules(__path__):
@@ -24,8 +25,21 @@ def params_union():
     return Annotated[Union[classes], Field(discriminator="family")]  # noqa: UP007 - built at run time
 
 
+def model_params(data: Any, where: str = "models") -> ModelParams:
+    """A `models.<name>` section as its family's params class (the union over registered families)."""
+    tag = data.get("family") if isinstance(data, dict) else None
+    try:
+        return TypeAdapter(params_union()).validate_python(data)
+    except ValidationError as err:
+        raise describe(err, where, tag, tuple(FAMILIES)) from None
+
+
+def load_model_params(name: str, path: str | Path = PARAMS_FILE) -> ModelParams:
+    return model_params(section(read_params(path), f"models.{name}"), f"models.{name}")
+
+
 def build_model(params: ModelParams) -> GenerativeModel:
     return FAMILIES[params.family](params)
 
 
-__all__ = ["FAMILIES", "GenerativeModel", "build_model", "params_union"]
+__all__ = ["FAMILIES", "GenerativeModel", "build_model", "load_model_params", "model_params", "params_union"]

@@ -5,7 +5,6 @@ from typing import Literal
 
 import torch
 
-from .. import distributed
 from ..config import ModelParams
 from . import nets
 from .base import GenerativeModel, adam, bce_per_image, init_output_bias
@@ -61,7 +60,6 @@ class AE(GenerativeModel):
     @torch.no_grad()
     def fit_prior(self, images, batch_size: int = 2000):
         codes = torch.cat([self.encode(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)])
-        codes = distributed.gather_rows(codes)  # a data-parallel rank holds a shard: fit to every rank's codes
         cov = torch.cov(codes.T) + 1e-5 * torch.eye(codes.shape[1], device=codes.device)
         self.prior_mean.copy_(codes.mean(0))
         self.prior_scale_tril.copy_(torch.linalg.cholesky(cov))

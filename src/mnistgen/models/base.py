@@ -131,5 +131,4 @@ def init_output_bias(decoder: nn.Module, images: torch.Tensor) -> None:
     last = [m for m in decoder.modules() if getattr(m, "bias", None) is not None][-1]
     per_pixel = last.bias.numel() == images[0].numel()
     mean = images.float().mean(0).flatten() if per_pixel else images.float().mean().reshape(1)
-    mean = distributed.mean_over_ranks(mean)  # a data-parallel rank holds a shard: the mean of the whole set
     last.bias.copy_(torch.logit(mean.clamp(1e-3, 1 - 1e-3)).to(last.bias))

@@ -44,7 +44,7 @@ class ProjectionCritic(nn.Module):
     def __init__(self, params):
         super().__init__()
         self.phi = nn.Sequential(nets.encoder(critic_sized(params), params.projection_dim, norm=False, slope=0.2), nn.LeakyReLU(0.2))
-        self.psi = nn.Linear(params.projection_dim, 1)
+        self.psi = nn.Linear(params.projection_dim, 1, bias=False)  # the Wasserstein loss cancels a constant
         self.embed = nn.Embedding(NUM_CLASSES, params.projection_dim)
 
     def forward(self, x, y):
