@@ -110,7 +110,7 @@ def prepare_model(params: config.ModelParams, device: torch.device, seed: int, c
 class Harness:
     """training.train's inner loop, run a given number of steps at a time: the whole training set
     one tensor on the device, a seeded randperm per epoch, batches sliced from it, the learning-rate
-    schedule set per step (training.Schedule), then training.step; losses summed on the device."""
+    schedule stepped per step (training.schedules), then training.step; losses summed on the device."""
 
     def __init__(self, model, optimizers, train_images: torch.Tensor, seed: int, label: str = "ours", mixed_precision: bool = True):
         p = model.params
@@ -118,7 +118,8 @@ class Harness:
         self.mixed_precision = mixed_precision  # off for gpu_check's fp32 rows
         self.batch_size, self.device = p.batch_size, train_images.device
         self.per_epoch = training.batches(len(train_images), p.batch_size)
-        self.schedule = training.Schedule(optimizers, self.per_epoch, p.epochs, p.lr_warmup, p.lr_decay)
+        self.schedules = training.schedules(optimizers, self.per_epoch, p.epochs, p.lr_warmup, p.lr_decay)
+        self.total_steps = self.per_epoch * p.epochs
         self.shuffle_rng = torch.Generator().manual_seed(seed)
         self.order = None
         # A conditional family also takes each batch's digits; for throughput any digits do: 0..9 in turn.
@@ -138,9 +139,12 @@ class Harness:
         return self.images[index]
 
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        losses = training.step(self.model, x, self.optimizers, self.global_step, self.mixed_precision, y=self.y)
         # A benchmark may run past the params' last step, where a decayed lr would turn negative: hold the last one.
-        self.schedule.set(min(self.global_step, self.schedule.total - 1))
-        return training.step(self.model, x, self.optimizers, self.global_step, self.mixed_precision, y=self.y)
+        if self.global_step + 1 < self.total_steps:
+            for scheduler in self.schedules:
+                scheduler.step()
+        return losses
 
     def run(self, count: int) -> None:
         for _ in range(count):

@@ -13,7 +13,7 @@ For each model (section `models.<name>` of params.yaml, with --profile applied a
   ours        the project's harness: training.train's inner loop (bench_common.Harness) around
               the one step, training.step: the whole training set is one float tensor on the
               device, each epoch draws a seeded randperm and batches are slices of it
-              (training.batches per epoch); training.Schedule sets the learning rate, then
+              (training.batches per epoch); training.schedules set the learning rate, then
               training.step runs train_step under utils.autocast(device) (bf16 on CUDA,
               nothing on CPU); the model in utils.memory_format(device) (channels_last on
               CPU); losses are summed on the device, never read in the loop.

@@ -16,7 +16,7 @@ the rest once it is spent):
   3. per model (section models.<name> of params.yaml with --profile applied, in memory, as
      `python -m mnistgen.profiles` does), with its batch size: the project's harness
      (bench_common.Harness, training.train's inner loop: device tensor, seeded randperm per
-     epoch, slices, training.Schedule, then the one step, training.step) for --warmup +
+     epoch, slices, training.schedules, then the one step, training.step) for --warmup +
      --steps steps, under training.step's bf16 autocast and again in fp32 (that autocast
      off), each on a freshly built model; CUDA is synchronised only at the timing
      boundaries; reports images/s, ms/step,

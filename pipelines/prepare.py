@@ -25,14 +25,13 @@ def main() -> None:
         for name, split in splits.items():
             data.save_split(split, tmp / f"{name}.pt")
         write_json(tmp / "meta.json", {
-            "source": data.sources()[0],
             "md5": data.MNIST_FILES,
             "sizes": {name: len(split.labels) for name, split in splits.items()},
             "sha256": {name: sha256_file(tmp / f"{name}.pt") for name in splits},
             "params": params.model_dump(),
         })
     sizes = ", ".join(f"{name} {len(s.labels)}" for name, s in splits.items())
-    print(f"prepare: {sizes} images written to {args.out}/ in {time.perf_counter() - started:.1f} s")
+    print(f"prepare: {sizes} images written to {args.out}/ from {data.sources()[0]} in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

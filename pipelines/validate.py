@@ -3,7 +3,12 @@ dtype, intensity bands, row counts, class balance, train/val-test duplicates); w
 result.json and summary.md atomically; exit 1 naming every failed expectation (the
 report is still written so it can be read).
 
-Usage: python pipelines/validate.py --data data/prepared --out data/validation   (paths from dvc.yaml)
+On success it also writes --passed: the prepared data's hashes and sizes, which is all the
+later stages depend on. The report holds the thresholds, Great Expectations' ids and the
+seconds taken, so it changes on every run; the passed record changes only with the data, and
+a threshold edited so that the data still passes retrains nothing.
+
+Usage: python pipelines/validate.py --data data/prepared --out data/validation --passed data/validated.json
 """
 import argparse
 import json
@@ -13,10 +18,10 @@ from pathlib import Path
 
 from mnistgen import data, validation
 from mnistgen.config import ValidateParams, load_section
-from mnistgen.utils import StageError, atomic_dir, atomic_write_text, run_stage
+from mnistgen.utils import StageError, atomic_dir, atomic_write_text, run_stage, write_json
 
 
-def expected_sizes(prepared: Path) -> dict[str, int]:
+def read_meta(prepared: Path) -> dict:
     path = prepared / "meta.json"
     try:
         meta = json.loads(path.read_text())
@@ -24,23 +29,25 @@ def expected_sizes(prepared: Path) -> dict[str, int]:
         raise StageError(f"{path}: not found; run `dvc repro prepare` first") from err
     except (OSError, ValueError) as err:
         raise StageError(f"{path}: cannot read prepare's metadata ({err})") from err
-    sizes = meta.get("sizes") if isinstance(meta, dict) else None
-    if not isinstance(sizes, dict):
-        raise StageError(f"{path}: no 'sizes' mapping; rerun `dvc repro prepare`")
-    missing = [name for name in data.SPLITS if not isinstance(sizes.get(name), int)]
+    for key in ("sizes", "sha256"):
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), dict):
+            raise StageError(f"{path}: no {key!r} mapping; rerun `dvc repro prepare`")
+    missing = [name for name in data.SPLITS if not isinstance(meta["sizes"].get(name), int)]
     if missing:
         raise StageError(f"{path}: sizes has no integer count for split {missing[0]!r}")
-    return {name: sizes[name] for name in data.SPLITS}
+    return meta
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--passed", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
     params = load_section(ValidateParams, "validate")
-    sizes = expected_sizes(args.data)
+    meta = read_meta(args.data)
+    sizes = {name: meta["sizes"][name] for name in data.SPLITS}
     splits = {name: data.load_split(args.data, name) for name in data.SPLITS}
     table = validation.image_table(splits)
     result = validation.validate(table, sizes, params)
@@ -52,6 +59,7 @@ def main() -> None:
         for line in result.failure_lines():
             print(f"FAILED {line}", file=sys.stderr)
         raise StageError(f"data validation failed: {len(result.failed)} expectation(s) not met, see {args.out}/summary.md")
+    write_json(args.passed, {"sizes": sizes, "sha256": meta["sha256"]})
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def team_missing() -> str | None:
     """Why the team stack cannot start here (None when it can)."""
     import importlib.util
 
-    from team import stack
+    from mnistgen.team import stack
 
     if not (stack.PG_BIN / "initdb").exists():
         return f"team stack: PostgreSQL is not installed ({stack.PG_BIN}/initdb; apt-get install postgresql)"
@@ -73,7 +73,7 @@ def team_stack():
     import shutil
     import tempfile
 
-    from team import stack
+    from mnistgen.team import stack
 
     state = Path(tempfile.mkdtemp(prefix="mnistgen-team-test-", dir="/var/tmp"))
     os.chmod(state, 0o755)  # PostgreSQL runs as an unprivileged user when the tests run as root

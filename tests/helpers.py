@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_prepared(folder: Path, n_train=256, n_val=64, n_test=128, seed=0) -> None:
     """Synthetic 'digits': a bright bar whose position encodes the label (the team drills' own)."""
     # imported here: the DDP worker script imports this module without the repo root on its path
-    from team.drills import write_synthetic_digits
+    from mnistgen.team.drills import write_synthetic_digits
 
     write_synthetic_digits(folder, {"train": n_train, "val": n_val, "test": n_test}, seed)
 

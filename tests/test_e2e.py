@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 import torch
 
 from helpers import ROOT, load_script
@@ -148,3 +149,25 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     with torch.no_grad():
         broken_fid = metrics.fid(classifier.features_and_probs(broken.sample(2000))[0], ref.test_feats)
     assert real < 0.05 * noise and real < 0.05 * broken_fid, (real, noise, broken_fid)
+
+
+def test_a_threshold_edit_that_still_passes_reruns_only_validate(pipeline):
+    """The later stages depend on data/validated.json (the data's hashes), not on the report with its thresholds,
+    ids and seconds: a looser threshold reruns validate and leaves every other stage up to date."""
+    work, _ = pipeline
+    params_file = work / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["validate"]["image_mean_min"] -= 0.1
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = smoke_pipeline.dvc("status", "--json", cwd=work, capture=True)
+        assert set(json.loads(status.stdout)) == {"validate"}, status.stdout  # only its params changed
+        rerun = smoke_pipeline.dvc("repro", cwd=work, capture=True)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        ran = [line for line in rerun.stdout.splitlines() if line.startswith("Running stage")]
+        assert ran == ["Running stage 'validate':"], rerun.stdout
+        assert json.loads(smoke_pipeline.dvc("status", "--json", cwd=work, capture=True).stdout) == {}
+    finally:
+        params_file.write_text(original)
+        smoke_pipeline.dvc("repro", cwd=work, capture=True)

@@ -219,7 +219,6 @@ from mnistgen.metrics import (  # noqa: E402
     fid_replicates,
     fraction_replicates,
     inside_flags,
-    kendall_tau,
     kid_with_replicates,
     sharpness,
 )
@@ -304,14 +303,3 @@ def test_sharpness_of_a_flat_image_is_zero_and_a_unit_ramp_has_gradient_one():
     assert sharpness(torch.full((4, 1, 28, 28), 0.5))["grad_mag"] == pytest.approx(0.0, abs=1e-7)
     ramp = torch.arange(28.0).repeat(28, 1)[None, None] / 100  # rises 0.01 per pixel
     assert sharpness(ramp)["grad_mag"] == pytest.approx(0.01, rel=1e-4)
-
-
-# ---------------------------------------------------------------- rank agreement
-
-
-def test_rank_agreement_identical_is_one_reversed_is_minus_one():
-    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
-    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
-    assert kendall_tau([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(4 / 6)  # one swapped pair of six
-    with pytest.raises(ValueError):
-        kendall_tau([1], [1])

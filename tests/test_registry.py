@@ -4,6 +4,7 @@ Every test has its own workspace and store, builds the registry state it needs i
 only the models it needs in params.yaml), and asserts relative to what it created, so the
 tests run alone, in any order, or in parallel.
 """
+import importlib.metadata
 import json
 import os
 import shutil
@@ -275,6 +276,26 @@ def test_pyfunc_by_alias_returns_images(workspace):
     images = model.predict(np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
     assert images.shape == (6, 28, 28) and images.min() >= 0 and images.max() <= 1
     assert model.predict(np.zeros((1, 4), np.float32), params={"count": 3}).shape == (3, 28, 28)
+
+
+def test_a_registered_version_names_every_package_its_code_imports_and_predicts(workspace):
+    """The logged environment (requirements.txt) covers every third-party import of the code shipped with the
+    version, read from the downloaded artifact itself; mlflow.models.predict then draws samples from it."""
+    import mlflow
+    from packaging.requirements import Requirement
+
+    champion_of("vae")
+    uri = "models:/mnist-vae@champion"
+    folder = Path(mlflow.artifacts.download_artifacts(uri))
+    required = {Requirement(line).name.lower() for line in (folder / "requirements.txt").read_text().split() if line}
+    imports = tracking.imported_packages([*folder.rglob("*.py")])
+    providers = importlib.metadata.packages_distributions()
+    assert {"torch", "numpy", "pydantic", "yaml", "mlflow"} <= imports
+    for name in imports:
+        assert {d.lower() for d in providers[name]} & required, f"{name} is imported by the model's code but not required"
+    out = folder.parent / "predicted.json"
+    mlflow.models.predict(uri, input_data=np.zeros((2, 4), np.float32), env_manager="local", output_path=str(out))
+    assert np.asarray(json.loads(out.read_text())["predictions"]).shape == (2, 28, 28)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from mnistgen.utils import sha256_file
 from mnistgen import data, validation
 from mnistgen.config import ValidateParams
 
@@ -264,7 +265,7 @@ def _write_prepared(root: Path, splits: dict[str, data.Split], sizes: dict[str, 
     prepared.mkdir(parents=True)
     for name, split in splits.items():
         data.save_split(split, prepared / f"{name}.pt")
-    (prepared / "meta.json").write_text(json.dumps({"sizes": sizes}))
+    (prepared / "meta.json").write_text(json.dumps({"sizes": sizes, "sha256": {name: sha256_file(prepared / f"{name}.pt") for name in splits}}))
     write_params(root)
 
 
@@ -275,7 +276,7 @@ def write_params(root: Path, **changes) -> None:
 @pytest.fixture
 def stage_argv(monkeypatch):
     """The stage's command line as dvc.yaml gives it (run with the test's tmp_path as cwd)."""
-    monkeypatch.setattr(sys, "argv", ["validate.py", "--data", "data/prepared", "--out", "data/validation"])
+    monkeypatch.setattr(sys, "argv", ["validate.py", "--data", "data/prepared", "--out", "data/validation", "--passed", "data/validated.json"])
 
 
 def test_stage_passes_and_writes_report(tmp_path, monkeypatch, capsys, stage_argv, good_result):
@@ -288,6 +289,9 @@ def test_stage_passes_and_writes_report(tmp_path, monkeypatch, capsys, stage_arg
     result = json.loads((tmp_path / "data/validation/result.json").read_text())
     assert result["success"] is True
     assert "PASSED" in (tmp_path / "data/validation/summary.md").read_text()
+    meta = json.loads((tmp_path / "data/prepared/meta.json").read_text())
+    passed = json.loads((tmp_path / "data/validated.json").read_text())  # what later stages depend on: the data alone
+    assert passed == {"sizes": SIZES, "sha256": meta["sha256"]}
 
 
 def test_stage_fails_naming_expectations_but_writes_report(tmp_path, monkeypatch, capsys, stage_argv, good_result):
@@ -301,6 +305,7 @@ def test_stage_fails_naming_expectations_but_writes_report(tmp_path, monkeypatch
     assert "FAILED row count [test]" in err and "error: data validation failed" in err
     assert f"test: {SIZES['test']}, expected rows == {SIZES['test'] + 5}" in err
     assert json.loads((tmp_path / "data/validation/result.json").read_text())["success"] is False
+    assert not (tmp_path / "data/validated.json").exists()  # failed data unlocks no later stage
 
 
 def test_stage_missing_prepared_is_one_clear_line(tmp_path, monkeypatch, capsys, stage_argv):

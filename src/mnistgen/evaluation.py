@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from sklearn.metrics import silhouette_samples
 
 from . import figures, metrics
 from .classifier import load_classifier
@@ -219,7 +220,7 @@ class Evaluation:
         means = self.model.class_latent_means()
         figures.latent_scatter(codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits",
                                means=means)
-        silhouette = metrics.silhouette_samples(codes, test_y[:n])
+        silhouette = torch.as_tensor(silhouette_samples(codes.double().cpu().numpy(), test_y[:n].cpu().numpy()))
         self.metrics["latent_silhouette"] = silhouette.mean().item()
         self.metrics["latent_silhouette_stderr"] = (silhouette.std() / math.sqrt(len(silhouette))).item()
 

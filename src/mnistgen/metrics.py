@@ -326,34 +326,6 @@ def sharpness(images: Tensor, batch_size: int = 1000) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------
-# Rank agreement
-# --------------------------------------------------------------------------
-
-
-def kendall_tau(x, y) -> float:
-    """Kendall's tau-b between two score lists over the same items (1 = same order, -1 = reversed)."""
-    x, y = list(map(float, x)), list(map(float, y))
-    if len(x) != len(y) or len(x) < 2:
-        raise ValueError("need two equally long lists of at least 2 scores")
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
-    return (concordant - discordant) / denominator if denominator else float("nan")
-
-
-# --------------------------------------------------------------------------
 # Conditional models and latent structure
 # --------------------------------------------------------------------------
 
@@ -361,26 +333,3 @@ def kendall_tau(x, y) -> float:
 def label_fidelity(probs: Tensor, requested: Tensor) -> float:
     """Fraction of samples the evaluator classifies as the digit they were asked for."""
     return float((probs.argmax(1).cpu() == requested.reshape(-1).long().cpu()).to(torch.float64).mean())
-
-
-def silhouette_samples(points: Tensor, labels: Tensor) -> Tensor:
-    """Silhouette of each point by its label (Rousseeuw 1987), Euclidean distance, in float64.
-
-    s = (b - a) / max(a, b), a = mean distance to the other points of its class, b = the smallest
-    mean distance to another class's points; 1 = tight separate clusters, about 0 = no clustering.
-    """
-    x = points.reshape(len(points), -1).to(torch.float64).cpu()
-    labels = labels.reshape(-1).long().cpu()
-    classes = labels.unique()
-    if len(classes) < 2:
-        raise ValueError("the silhouette needs at least two classes")
-    dist = torch.cdist(x, x)
-    onehot = (labels[:, None] == classes[None, :]).to(torch.float64)  # [N, C]
-    sums = dist @ onehot  # [N, C]: summed distance of each point to each class
-    sizes = onehot.sum(0)
-    own = onehot.bool()
-    own_size = sizes[torch.searchsorted(classes, labels)]
-    a = sums[own] / (own_size - 1).clamp_min(1)  # the point's distance to itself (0) is in the sum, not the count
-    b = (sums / sizes).masked_fill(own, float("inf")).min(1).values
-    s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
-    return s.masked_fill(own_size == 1, 0.0)  # a point alone in its class scores 0 by convention

@@ -14,7 +14,6 @@ A digit outside 0-9 is refused with INVALID_PARAMETER_VALUE (HTTP 400 from `mlfl
 from __future__ import annotations
 
 import json
-import warnings
 
 import mlflow
 import numpy as np
@@ -23,14 +22,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 MAX_COUNT = 10000
-# The signature is given explicitly when the model is logged; no type-hint inference wanted.
-warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
 
 class MnistGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from mnistgen.models import model_params
-        from mnistgen.models import build_model
+        from mnistgen.models import build_model, model_params
 
         with open(context.artifacts["config"]) as f:
             params = model_params(json.load(f), "the model's config.json")
@@ -39,7 +35,8 @@ class MnistGenerator(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(state)
         self.model.eval()
 
-    def predict(self, context, model_input, params=None):
+    # The signature is given when the model is logged; np.ndarray is a hint MLflow infers nothing from.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         params = params or {}
         count = int(params.get("count") or 0)
         digit = params.get("digit")

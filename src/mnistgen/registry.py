@@ -35,7 +35,7 @@ class Registry:
         try:
             return self.client.get_model_version_by_alias(name, alias)
         except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower() or "does not exist" in str(err).lower():
+            if tracking.not_found(err):
                 return None
             # A server with basic-auth answers 403, not 404, about a model that does not exist (no existence oracle).
             if tracking.permission_denied(err) and not self.client.search_registered_models(f"name = '{name}'"):
@@ -54,15 +54,14 @@ class Registry:
         """A new version of `name` for this run's model (the same version again if this run is registered already)."""
         from mlflow.exceptions import MlflowException
 
-        try:
-            existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        except MlflowException:
-            existing = []
+        existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")  # errors surface
         if existing:
             return str(max(existing, key=lambda v: int(v.version)).version)
         try:
             self.client.get_registered_model(name)
-        except MlflowException:
+        except MlflowException as err:
+            if not (tracking.not_found(err) or tracking.permission_denied(err)):  # basic-auth hides a missing model behind 403
+                raise
             self.client.create_registered_model(name, description=f"MNIST {name.split('-')[-1].upper()} generator: latent vectors -> 28x28 digits")
             self.undo.append(("delete_model", name))
         self.check_artifacts(model_uri)

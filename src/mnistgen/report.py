@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import kendalltau
 
-from .metrics import kendall_tau
 
 SPACES = {"": "evaluator 1", "_e2": "evaluator 2"}  # metric-name suffix -> feature space (evaluation.SPACES)
 DISTANCES = ["fid_cls", "kid_cls", "precision", "recall"]  # measured in both feature spaces, each with a band
@@ -93,7 +93,7 @@ def rank_agreement(results: dict[str, dict]) -> dict[str, float]:
     for key in DISTANCES:
         models = [m for m, r in results.items() if key in r and f"{key}_e2" in r]
         if len(models) >= 2:
-            out[key] = kendall_tau([results[m][key] for m in models], [results[m][f"{key}_e2"] for m in models])
+            out[key] = float(kendalltau([results[m][key] for m in models], [results[m][f"{key}_e2"] for m in models]).statistic)
     return out
 
 

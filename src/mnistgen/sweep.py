@@ -243,7 +243,7 @@ def summarize(study, model: str, parent_run_id: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnistgen.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mnistgen sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a key of params.yaml's models section with a sweep.space entry")
     parser.add_argument("--trials", type=int, required=True,
                         help="trials this worker runs (a study's total: the sum over its workers; 0: only report the study)")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Self
 
-from .utils import StageError
+from .utils import StageError, sha256_json, write_json
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_ROOT = "mlartifacts"
@@ -88,6 +89,12 @@ def check_reachable() -> None:
         raise StageError(f"MLflow tracking store {uri} cannot be reached: {first_line[:300]}") from err
 
 
+def not_found(err: BaseException) -> bool:
+    """True for MLflow's answer about a model, version, alias or run that does not exist."""
+    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower() \
+        or "does not exist" in str(err).lower()
+
+
 def permission_denied(err: BaseException) -> bool:
     """True for a 403 from a team server with basic-auth (the account may not do this)."""
     return getattr(err, "error_code", None) == "PERMISSION_DENIED" or "403 != 200" in str(err)
@@ -138,8 +145,6 @@ def data_hash(prepared: str | Path = "data/prepared", lock: str | Path = "dvc.lo
                 return out["md5"]
     meta = Path(prepared) / "meta.json"
     if meta.exists():
-        from .utils import sha256_json
-
         return "sha256:" + sha256_json(json.loads(meta.read_text())["sha256"])
     return "unknown"
 
@@ -242,8 +247,6 @@ class Run:
         import shutil
         import tempfile
 
-        import torch
-
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id):
             package = Path(tmp) / PACKAGE_DIR.name
             package.mkdir()
@@ -259,13 +262,41 @@ class Run:
                 code_paths=[str(package)],
                 signature=signature,
                 input_example=np.asarray(example, dtype=np.float32),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml", "tqdm", f"mlflow=={mlflow.__version__}"],
+                pip_requirements=model_requirements(),
             )
         return info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             client().set_terminated(self.run_id, status)
+
+
+def imported_packages(files: list[Path]) -> set[str]:
+    """The top-level names that `files` import, less the standard library and this package."""
+    import ast
+
+    names = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {PACKAGE_DIR.name}
+
+
+def model_requirements() -> list[str]:
+    """pip requirements of the logged model: every distribution its code imports, pinned to this environment's version."""
+    from importlib.metadata import packages_distributions, version
+
+    files = [PYFUNC_FILE, *(f for name in MODEL_CODE for f in ([PACKAGE_DIR / name] if name.endswith(".py") else sorted((PACKAGE_DIR / name).glob("*.py"))))]
+    providers = packages_distributions()
+    missing = sorted(n for n in imported_packages(files) if n not in providers)
+    if missing:
+        raise StageError(f"the logged model's code imports {', '.join(missing)}, which no installed distribution provides")
+    # A name two distributions provide (mlflow and mlflow-skinny) is the one of the same name.
+    dists = sorted({n if n in providers[n] else providers[n][0] for n in imported_packages(files)})
+    return [f"{d}=={version(d).split('+')[0]}" for d in dists]
 
 
 UNFINISHED = Path("checkpoints") / "unfinished_mlflow_runs.json"  # runs whose end the store did not hear (git-ignored)
@@ -291,24 +322,26 @@ def _store_key(uri: str) -> str:
     return uri
 
 
+def _read_unfinished() -> list[str]:
+    if not UNFINISHED.exists():
+        return []
+    try:
+        return json.loads(UNFINISHED.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StageError(f"{UNFINISHED}: cannot read the record of unfinished MLflow runs ({err}); delete it") from err
+
+
 def _remember_unfinished(run_id: str | None) -> None:
     if not run_id:
         return
-    try:
-        known = json.loads(UNFINISHED.read_text()) if UNFINISHED.exists() else []
-        UNFINISHED.parent.mkdir(parents=True, exist_ok=True)
-        UNFINISHED.write_text(json.dumps(sorted({*known, f"{_store_key(tracking_uri())} {run_id}"})))
-    except (OSError, json.JSONDecodeError):
-        pass
+    known = _read_unfinished()
+    write_json(UNFINISHED, sorted({*known, f"{_store_key(tracking_uri())} {run_id}"}))
 
 
 def _fail_unfinished() -> None:
     """Mark FAILED the runs a crashed store never heard end (only those of this tracking URI)."""
-    if not UNFINISHED.exists():
-        return
-    try:
-        entries = json.loads(UNFINISHED.read_text())
-    except (OSError, json.JSONDecodeError):
+    entries = _read_unfinished()
+    if not entries:
         return
     left = []
     for entry in entries:
@@ -317,20 +350,21 @@ def _fail_unfinished() -> None:
             left.append(entry)
             continue
         try:
-            if client().get_run(run_id).info.status == "RUNNING":
-                client().set_terminated(run_id, "FAILED")
-                print(f"note: marked MLflow run {run_id} FAILED (its stage ended while the store was down)")
-        except Exception:  # noqa: BLE001 - a run that is gone needs nothing
-            pass
+            status = client().get_run(run_id).info.status
+        except Exception as err:  # noqa: BLE001 - a run that is gone needs nothing; any other error surfaces
+            if not not_found(err):
+                raise
+            continue
+        if status == "RUNNING":
+            client().set_terminated(run_id, "FAILED")
+            print(f"note: marked MLflow run {run_id} FAILED (its stage ended while the store was down)")
     if left:
-        UNFINISHED.write_text(json.dumps(left))
+        write_json(UNFINISHED, left)
     else:
         UNFINISHED.unlink(missing_ok=True)
 
 
 def write_run_file(path: Path, run: Run, model_uri: str | None) -> None:
-    from .utils import write_json
-
     write_json(path, {"run_id": run.run_id, "model_uri": model_uri, "tracking_uri": tracking_uri() if run.run_id else None})
 
 

@@ -17,13 +17,16 @@ random generators in step), and only rank 0 prints, checkpoints and calls `on_ep
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
 from . import distributed
@@ -31,6 +34,8 @@ from .models.base import GenerativeModel
 from .utils import StageError, atomic_torch_save, autocast, memory_format, progress_bar, sha256_json
 
 EpochCallback = Callable[[int, dict, GenerativeModel], None]
+# A GAN's generator schedule advances on the critic's steps too, before the generator's first step.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
 
 
 class DivergenceError(StageError):
@@ -96,7 +101,7 @@ class Checkpoint:
         self.path = Path(path)
         self.fingerprint = sha256_json(fingerprint)
 
-    def save(self, model, optimizers, epoch, history, shuffle_rng, ema=None) -> None:
+    def save(self, model, optimizers, schedulers, epoch, history, shuffle_rng, ema=None) -> None:
         state = {
             "fingerprint": self.fingerprint,
             "epoch": epoch,
@@ -104,6 +109,7 @@ class Checkpoint:
             "model": model.state_dict(),
             "ema": None if ema is None else ema.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": [s.state_dict() for s in schedulers],
             "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle_rng.get_state()},
         }
         if torch.cuda.is_available():
@@ -128,8 +134,10 @@ class Checkpoint:
         return state
 
 
-def restore(state, model, optimizers, shuffle_rng, ema=None) -> None:
+def restore(state, model, optimizers, schedulers, shuffle_rng, ema=None) -> None:
     model.load_state_dict(state["model"])
+    for scheduler, saved in zip(schedulers, state["schedulers"]):
+        scheduler.load_state_dict(saved)
     if ema is not None:
         ema.load_state_dict(state["ema"])
     for key, opt in optimizers.items():
@@ -177,24 +185,12 @@ def moving_average(model: GenerativeModel) -> AveragedModel | None:
     return AveragedModel(model.averaged(), multi_avg_fn=ema_with_warmup(decay), use_buffers=True)
 
 
-class Schedule:
-    """Linear warm-up and optional linear decay of every optimizer's learning rate, per step.
-
-    A pure function of the global step, so a resumed run needs no scheduler state.
-    """
-
-    def __init__(self, optimizers: dict, steps_per_epoch: int, epochs: int, warmup_epochs: float, decay: bool):
-        self.base_lrs = {k: [group["lr"] for group in o.param_groups] for k, o in optimizers.items()}
-        self.optimizers, self.total = optimizers, epochs * steps_per_epoch
-        self.warmup, self.decay = round(warmup_epochs * steps_per_epoch), decay
-
-    def set(self, global_step: int) -> None:
-        if self.warmup == 0 and not self.decay:
-            return
-        factor = lr_factor(global_step, self.total, self.warmup, self.decay)
-        for key, optimizer in self.optimizers.items():
-            for group, base_lr in zip(optimizer.param_groups, self.base_lrs[key]):
-                group["lr"] = base_lr * factor
+def schedules(optimizers: dict, steps_per_epoch: int, epochs: int, warmup_epochs: float, decay: bool) -> list[LambdaLR]:
+    """Linear warm-up and optional linear decay of every optimizer's learning rate, stepped once per
+    global step (also for a GAN's generator, which steps only every n_critic-th: one clock for both)."""
+    factor = functools.partial(lr_factor, total_steps=epochs * steps_per_epoch,
+                               warmup_steps=round(warmup_epochs * steps_per_epoch), decay=decay)
+    return [LambdaLR(optimizer, factor) for optimizer in optimizers.values()]
 
 
 def train(
@@ -230,14 +226,14 @@ def train(
     optimizers = model.make_optimizers()
     distributed.prepare_optimizers(optimizers)
     steps = batches(len(train_images), batch_size)
-    schedule = Schedule(optimizers, steps, epochs, params.lr_warmup, params.lr_decay)
+    lr_schedules = schedules(optimizers, steps, epochs, params.lr_warmup, params.lr_decay)
     shuffle_rng = torch.Generator().manual_seed(seed)
     ema = moving_average(model)
     history: list[dict] = []
     start_epoch = 0
     state = checkpoint.load() if checkpoint else None
     if state is not None:
-        restore(state, model, optimizers, shuffle_rng, ema)
+        restore(state, model, optimizers, lr_schedules, shuffle_rng, ema)
         history, start_epoch = state["history"], state["epoch"]
         if main:
             print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
@@ -250,10 +246,11 @@ def train(
         bar = progress_bar(range(steps), f"{model.family} {epoch}/{epochs}", progress and main)
         for i in bar:
             global_step = (epoch - 1) * steps + i
-            schedule.set(global_step)
             idx = distributed.local_rows(order[i * batch_size : (i + 1) * batch_size])
             y = None if train_labels is None else train_labels[idx]
             losses = step(model, train_images[idx], optimizers, global_step, y=y)
+            for scheduler in lr_schedules:
+                scheduler.step()
             if ema is not None:
                 ema.update_parameters(model.averaged())
             for key, value in losses.items():
@@ -269,7 +266,7 @@ def train(
         if main:  # the other ranks go on and wait in the next epoch's first all-reduce
             print(f"{model.family} epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"))
             if checkpoint:
-                checkpoint.save(model, optimizers, epoch, history, shuffle_rng, ema)
+                checkpoint.save(model, optimizers, lr_schedules, epoch, history, shuffle_rng, ema)
             if on_epoch:
                 on_epoch(epoch, history[-1], model)
     if ema is not None:  # the averaged weights are the ones that sample, are evaluated and registered

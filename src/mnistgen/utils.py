@@ -10,10 +10,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .config import ParamsError
 
@@ -66,6 +67,12 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` whole.
@@ -76,7 +83,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary folders
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; outputs are ordinary folders
     try:
         yield tmp
         if target.exists():
@@ -91,18 +98,27 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` a file beside `path`, then rename it over `path`: readers see the old file or the new, whole.
+
+    The file gets the mode an ordinary file would (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        os.fchmod(fd, 0o666 & ~umask())
+        os.close(fd)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -114,17 +130,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def run_stage(main) -> None:
@@ -137,7 +143,6 @@ def run_stage(main) -> None:
 
 
 def progress_bar(iterable, desc: str, enabled: bool = True):
-    """tqdm over `iterable`; refreshes every second on a terminal, every 15 s in a log (DVC, CI)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, disable=not enabled, mininterval=1 if sys.stderr.isatty() else 15)
+    """tqdm over `iterable` on a terminal; in a log (DVC, CI) nothing, since a bar there is a trail of
+    carriage-return fragments: the loops print one line per epoch or stage instead."""
+    return tqdm(iterable, desc=desc, leave=False, disable=not enabled or not sys.stderr.isatty(), mininterval=1)

@@ -1,4 +1,4 @@
-"""python -m team up|down|env|status|dvc-remote  (see team/__init__.py)."""
+"""mnistgen team up|down|env|status|dvc-remote  (see mnistgen/team/__init__.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,8 @@ from . import stack
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m team", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "env", "status", "dvc-remote"])
+    parser = argparse.ArgumentParser(prog="mnistgen team", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "env", "status", "dvc-remote", "drills"])
     parser.add_argument("--user", default="ci", choices=["ci", "reader", "admin"], help="which account `env` prints")
     args = parser.parse_args(argv)
     try:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
             stack.up(settings)
             print("\n# a teammate (or CI) sets:")
             print(stack.exports(settings, "ci"))
-            print(f"# read-only account: python -m team env --user reader; secrets in {settings.env_file}")
+            print(f"# read-only account: mnistgen team env --user reader; secrets in {settings.env_file}")
         elif args.command == "down":
             stack.down(settings)
         elif args.command == "env":

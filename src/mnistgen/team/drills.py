@@ -1,6 +1,6 @@
-"""Fault and load drills against a running team stack (`python -m team up` first; loopback only).
+"""Fault and load drills against a running team stack (`mnistgen team up` first; loopback only).
 
-    python -m team.drills [all|wrong-password|kill-tracking|pg-restart|store-down|load] [--clients 8 --steps 1000]
+    mnistgen team drills [all|wrong-password|kill-tracking|pg-restart|store-down|load] [--clients 8 --steps 1000]
 
 Each drill prints what it did and one line `drill <name>: PASS|FAIL ...` with its figures; all of them
 write a JSON record to <TEAM_STATE_DIR>/drills.json. The drills use the ci account, their own scratch
@@ -21,8 +21,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
 import yaml
 
+from .. import data
 from . import stack
 
 ROOT = stack.ROOT
@@ -51,10 +53,6 @@ def workspace(families: dict[str, int], n_train: int = 2048) -> Path:
 def write_synthetic_digits(prepared: Path, sizes: dict[str, int], seed: int = 0) -> None:
     """Prepared splits of synthetic 'digits' (no MNIST needed): a bright bar on faint noise, its position
     the label. The drills train on them, and so do the tests (tests/helpers.write_prepared)."""
-    import torch
-
-    from mnistgen import data
-
     prepared.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     for split, n in sizes.items():
@@ -257,7 +255,7 @@ DRILLS = {"wrong-password": drill_wrong_password, "kill-tracking": drill_kill_tr
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mnistgen team drills", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("drill", nargs="?", default="all", choices=["all", *DRILLS])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--steps", type=int, default=1000)
