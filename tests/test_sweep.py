@@ -102,7 +102,7 @@ def test_a_trial_worse_than_the_median_is_pruned_on_validation_data(tmp_path, mo
 def test_a_gan_is_scored_by_fid_against_validation_images(tmp_path, monkeypatch):
     import torch
 
-    from mnistgen import sweep
+    from mnistgen import data, metrics, sweep
     from mnistgen.classifier import Classifier
     from mnistgen.utils import StageError
 
@@ -114,12 +114,21 @@ def test_a_gan_is_scored_by_fid_against_validation_images(tmp_path, monkeypatch)
         sweep.Objective("gan", params["models"]["gan"], settings, run_params, Path("prepared"), None, None, "s")
     evaluator = tmp_path / "evaluator"
     evaluator.mkdir()
+    torch.manual_seed(0)
     torch.save(Classifier(8, "strided").state_dict(), evaluator / "classifier.pt")  # an untrained feature space is a feature space
     (evaluator / "spaces.json").write_text(json.dumps([{"suffix": "", "classifier": "classifier.pt", "arch": "strided", "width": 8}]))
     objective = sweep.Objective("gan", params["models"]["gan"], settings, run_params, Path("prepared"), evaluator, None, "s")
     assert objective.name == "val_fid_cls" and len(objective.fid.val_feats) == 128  # the validation split's features
+    torch.manual_seed(0)
     model = sweep.build_model(sweep.model_params(params["models"]["gan"]))
-    assert objective.fid(model) > 0 and model.training is False
+    score = objective.fid(model)
+    assert model.training is False and objective.fid(model) == score  # its own seeded samples, scored in eval mode
+    # The definition: FID_cls of fid_samples samples (the objective's seed) against the validation split's features.
+    samples = model.sample(300, torch.Generator().manual_seed(objective.fid.seed))
+    classifier = objective.fid.classifier
+    val_images = data.to_float(data.load_split(Path("prepared"), "val").images, torch.device("cpu"))
+    expected = metrics.fid(classifier.features_and_probs(samples)[0], classifier.features_and_probs(val_images)[0])
+    assert score == pytest.approx(expected, rel=1e-5)
 
 
 def run_workers(work: Path, storage: str, study: str, trials: int, env: dict) -> list[subprocess.CompletedProcess]:
