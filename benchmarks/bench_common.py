@@ -5,6 +5,7 @@ folder first on sys.path, so they import this module as `bench_common` with no p
 mnistgen itself must be importable: installed (pip install -e .), or on a bare GPU box
 PYTHONPATH=src, as gpu_session.sh sets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,24 @@ PARAMS = ROOT / "params.yaml"
 def add_run_options(parser: argparse.ArgumentParser) -> None:
     """--device, --threads and --seed, the same in every benchmark."""
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0 = torch's default); on a busy shared CPU 1 can be much faster than 2")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = torch's default); on a busy shared CPU 1 can be much faster than 2",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
 def add_profile_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    parser.add_argument("--profile", "--params", dest="profile", default=default,
-                        help="a profile applied to params.yaml as `python -m mnistgen.profiles` does (e.g. "
-                             f"params-paper.yaml); 'none' = params.yaml as it is (default: {default or 'none'})")
+    parser.add_argument(
+        "--profile",
+        "--params",
+        dest="profile",
+        default=default,
+        help="a profile applied to params.yaml as `python -m mnistgen.profiles` does (e.g. "
+        f"params-paper.yaml); 'none' = params.yaml as it is (default: {default or 'none'})",
+    )
 
 
 def device_from(args: argparse.Namespace) -> torch.device:
@@ -112,7 +122,9 @@ class Harness:
     one tensor on the device, a seeded randperm per epoch, batches sliced from it, the learning-rate
     schedule stepped per step (training.schedules), then training.step; losses summed on the device."""
 
-    def __init__(self, model, optimizers, train_images: torch.Tensor, seed: int, label: str = "ours", mixed_precision: bool = True):
+    def __init__(
+        self, model, optimizers, train_images: torch.Tensor, seed: int, label: str = "ours", mixed_precision: bool = True
+    ):
         p = model.params
         self.label, self.model, self.optimizers, self.images = label, model, optimizers, train_images
         self.mixed_precision = mixed_precision  # off for gpu_check's fp32 rows

@@ -38,6 +38,7 @@ gives each variant's median and best round and its median relative to eager.
 
 Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML, pydantic and tqdm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,15 +46,29 @@ import statistics
 import time
 
 import torch
-from bench_common import (ROOT, Harness, PerSampleMNIST, add_profile_option, add_run_options, device_from, family_params,
-                          load_params, prepare_model, sync, timed)
+from bench_common import (
+    ROOT,
+    Harness,
+    PerSampleMNIST,
+    add_profile_option,
+    add_run_options,
+    device_from,
+    family_params,
+    load_params,
+    prepare_model,
+    sync,
+    timed,
+)
 
 from mnistgen import data, training
 from mnistgen.utils import memory_format
 
 EPOCH_IMAGES = 55_000
 VARIANTS = {  # name -> (compile, channels_last)
-    "eager": (False, False), "channels_last": (False, True), "compile": (True, False), "compile+channels_last": (True, True)
+    "eager": (False, False),
+    "channels_last": (False, True),
+    "compile": (True, False),
+    "compile+channels_last": (True, True),
 }
 
 
@@ -64,13 +79,15 @@ class LoaderBaseline(Harness):
     """A tutorial's loop, deliberately not the harness: DataLoader(per-sample Dataset, shuffle=True), each
     batch moved to the device, training.step with the same autocast (or none), a constant learning rate."""
 
-    def __init__(self, model, optimizers, split: data.Split, device: torch.device, seed: int,
-                 use_autocast: bool, workers: int):
+    def __init__(self, model, optimizers, split: data.Split, device: torch.device, seed: int, use_autocast: bool, workers: int):
         self.label, self.model, self.optimizers, self.device = "DataLoader", model, optimizers, device
         self.use_autocast = use_autocast
         self.loader = torch.utils.data.DataLoader(
-            PerSampleMNIST(split.images, split.labels), batch_size=model.params.batch_size, shuffle=True,
-            num_workers=workers, generator=torch.Generator().manual_seed(seed),
+            PerSampleMNIST(split.images, split.labels),
+            batch_size=model.params.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            generator=torch.Generator().manual_seed(seed),
         )
         self.batches = iter(self.loader)
         self.y = None
@@ -88,15 +105,19 @@ class LoaderBaseline(Harness):
         return x.to(self.device)
 
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return training.step(self.model, x, self.optimizers, self.global_step, self.use_autocast, y=self.y)  # the same step as ours
+        return training.step(
+            self.model, x, self.optimizers, self.global_step, self.use_autocast, y=self.y
+        )  # the same step as ours
 
 
 # ---------------------------------------------------------------------------- main
 
 
 def print_variants(rows, args, device, name) -> None:
-    print(f"\nHarness throughput by variant on {device} ({name}): {args.steps} timed steps per round, "
-          f"{args.repeats} alternating rounds; images/s median (best), and median relative to eager")
+    print(
+        f"\nHarness throughput by variant on {device} ({name}): {args.steps} timed steps per round, "
+        f"{args.repeats} alternating rounds; images/s median (best), and median relative to eager"
+    )
     header = f"{'model':<6} {'batch':>5} | " + " | ".join(f"{v:>24}" for v in args.variants) + " | finite"
     print(header)
     print("-" * len(header))
@@ -120,13 +141,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
     parser.add_argument("--batch-size", type=int, default=0, help="override every model's batch size (0 = params)")
     parser.add_argument("--compile", action="store_true", help="torch.compile submodules in place (never a WGAN critic)")
-    parser.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                        help="model in channels_last memory format (auto = as training.train does: on for CPU)")
+    parser.add_argument(
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="model in channels_last memory format (auto = as training.train does: on for CPU)",
+    )
     parser.add_argument("--baseline-fp32", action="store_true", help="run the DataLoader baseline without autocast")
     parser.add_argument("--baseline-workers", type=int, default=0, help="DataLoader num_workers for the baseline")
     parser.add_argument("--skip-baseline", action="store_true", help="time only the project's harness")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                        help="time the harness once per variant (no DataLoader baseline), e.g. eager channels_last compile")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=None,
+        help="time the harness once per variant (no DataLoader baseline), e.g. eager channels_last compile",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="alternating timed rounds per method; the best is reported")
     return parser.parse_args()
 
@@ -142,11 +172,13 @@ def main() -> None:
     else:
         name = f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, device {device} ({name}), {len(train_images)} training images")
-    print(f"options: compile={'on' if args.compile else 'off'}, channels_last={'on' if args.channels_last else 'off'}, "
-          f"autocast={'bf16' if device.type == 'cuda' else 'off (cpu)'}, "
-          f"baseline autocast={'off' if args.baseline_fp32 or device.type != 'cuda' else 'bf16'}, "
-          f"baseline workers={args.baseline_workers}, {args.steps} timed steps after {args.warmup} warm-up, "
-          f"best of {args.repeats} alternating round(s)")
+    print(
+        f"options: compile={'on' if args.compile else 'off'}, channels_last={'on' if args.channels_last else 'off'}, "
+        f"autocast={'bf16' if device.type == 'cuda' else 'off (cpu)'}, "
+        f"baseline autocast={'off' if args.baseline_fp32 or device.type != 'cuda' else 'bf16'}, "
+        f"baseline workers={args.baseline_workers}, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"best of {args.repeats} alternating round(s)"
+    )
 
     all_params = load_params(args.profile)
     rows, variant_rows = [], []
@@ -160,13 +192,16 @@ def main() -> None:
             compile_, channels_last = VARIANTS[label] if args.variants else (args.compile, args.channels_last)
             model, optimizers, compiled = prepare_model(params, device, args.seed, compile_, channels_last)
             if compile_:
-                print(f"  {label}: compiled in place: {', '.join(compiled) or 'nothing'}"
-                      + ("  (critic left eager: double backward)" if params.family == "wgan" else ""))
+                print(
+                    f"  {label}: compiled in place: {', '.join(compiled) or 'nothing'}"
+                    + ("  (critic left eager: double backward)" if params.family == "wgan" else "")
+                )
             runners.append(Harness(model, optimizers, train_images, args.seed, label=label))
         if not (args.skip_baseline or args.variants):  # a second copy of the same initial model
             model, optimizers, _ = prepare_model(params, device, args.seed, args.compile, args.channels_last)
-            runners.append(LoaderBaseline(model, optimizers, split, device, args.seed,
-                                          not args.baseline_fp32, args.baseline_workers))
+            runners.append(
+                LoaderBaseline(model, optimizers, split, device, args.seed, not args.baseline_fp32, args.baseline_workers)
+            )
         rounds: dict[str, list[tuple[float, int]]] = {runner.label: [] for runner in runners}
         for runner in runners:
             started = time.perf_counter()
@@ -176,8 +211,10 @@ def main() -> None:
         for r in range(args.repeats):  # alternate, so a noisy neighbour hurts both the same way
             for runner in runners:
                 seconds, images = timed(runner, args.steps)
-                print(f"  {runner.label:<10} round {r + 1}: {images / seconds:9.0f} img/s, {1000 * seconds / args.steps:8.2f} ms/step",
-                      flush=True)
+                print(
+                    f"  {runner.label:<10} round {r + 1}: {images / seconds:9.0f} img/s, {1000 * seconds / args.steps:8.2f} ms/step",
+                    flush=True,
+                )
                 rounds[runner.label].append((seconds, images))
         finite = all(runner.finite() for runner in runners)
         if args.variants:
@@ -192,23 +229,31 @@ def main() -> None:
     if args.variants:
         print_variants(variant_rows, args, device, name)
         return
-    print(f"\nTraining throughput on {device} ({name}): {args.steps} timed steps per cell, best of {args.repeats}; "
-          f"compile {'on' if args.compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}")
-    header = (f"{'model':<6} {'device':<6} {'batch':>5} | {'ours img/s':>10} {'DL img/s':>9} {'speed-up':>8} | "
-              f"{'ours ms/step':>12} {'DL ms/step':>10} | {'ours epoch s':>12} {'DL epoch s':>10} | finite")
+    print(
+        f"\nTraining throughput on {device} ({name}): {args.steps} timed steps per cell, best of {args.repeats}; "
+        f"compile {'on' if args.compile else 'off'}, channels_last {'on' if args.channels_last else 'off'}"
+    )
+    header = (
+        f"{'model':<6} {'device':<6} {'batch':>5} | {'ours img/s':>10} {'DL img/s':>9} {'speed-up':>8} | "
+        f"{'ours ms/step':>12} {'DL ms/step':>10} | {'ours epoch s':>12} {'DL epoch s':>10} | finite"
+    )
     print(header)
     print("-" * len(header))
     for family, bs, ours, base, finite in rows:
         o_ips, o_ms = ours[1] / ours[0], 1000 * ours[0] / args.steps
         if base:
             b_ips, b_ms = base[1] / base[0], 1000 * base[0] / args.steps
-            rest = (f"{b_ips:>9.0f} {o_ips / b_ips:>7.2f}x | {o_ms:>12.2f} {b_ms:>10.2f} | "
-                    f"{EPOCH_IMAGES / o_ips:>12.2f} {EPOCH_IMAGES / b_ips:>10.2f}")
+            rest = (
+                f"{b_ips:>9.0f} {o_ips / b_ips:>7.2f}x | {o_ms:>12.2f} {b_ms:>10.2f} | "
+                f"{EPOCH_IMAGES / o_ips:>12.2f} {EPOCH_IMAGES / b_ips:>10.2f}"
+            )
         else:
             rest = f"{'-':>9} {'-':>8} | {o_ms:>12.2f} {'-':>10} | {EPOCH_IMAGES / o_ips:>12.2f} {'-':>10}"
         print(f"{family:<6} {device.type:<6} {bs:>5} | {o_ips:>10.0f} {rest} | {'yes' if finite else 'NO'}")
-    print(f"epoch s = {EPOCH_IMAGES:,} images / (img/s). DL = per-sample Dataset (PIL + to_tensor) + "
-          f"DataLoader(shuffle=True, num_workers={args.baseline_workers}); same model, optimiser, train_step, batch size.")
+    print(
+        f"epoch s = {EPOCH_IMAGES:,} images / (img/s). DL = per-sample Dataset (PIL + to_tensor) + "
+        f"DataLoader(shuffle=True, num_workers={args.baseline_workers}); same model, optimiser, train_step, batch size."
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ optimizer pre-hook averages. Each run's weights are compared with one process's 
 whole batches with the same noise (drawn through distributed.rows, as in the harness); the
 generator's batch norm is distributed.GlobalBatchNorm in every two-rank variant.
 """
+
 from __future__ import annotations
 
 import socket
@@ -29,9 +30,30 @@ MODES = {"DDP": {}, "DDP static_graph": {"static_graph": True}, "DDP find_unused
 
 def wgan(gradient: str = "autograd"):
     torch.manual_seed(0)
-    return build_model(model_params({"family": "wgan", "arch": "conv", "width": 4, "hidden": 16, "latent_dim": 4, "epochs": 1,
-                                     "batch_size": BATCH, "lr": 1e-3, "critic_lr": 1e-3, "critic_width": 4, "lr_warmup": 0.0, "lr_decay": False, "betas": [0.5, 0.9],
-                                     "n_critic": 2, "gp_weight": 10.0, "penalty": "two_sided", "gradient": gradient}, "models.wgan"))
+    return build_model(
+        model_params(
+            {
+                "family": "wgan",
+                "arch": "conv",
+                "width": 4,
+                "hidden": 16,
+                "latent_dim": 4,
+                "epochs": 1,
+                "batch_size": BATCH,
+                "lr": 1e-3,
+                "critic_lr": 1e-3,
+                "critic_width": 4,
+                "lr_warmup": 0.0,
+                "lr_decay": False,
+                "betas": [0.5, 0.9],
+                "n_critic": 2,
+                "gp_weight": 10.0,
+                "penalty": "two_sided",
+                "gradient": gradient,
+            },
+            "models.wgan",
+        )
+    )
 
 
 # Zero gradient in exact arithmetic, so rounding noise that Adam scales up to about lr a step: the biases just

@@ -11,6 +11,7 @@ use the same cores; the rounds alternate, and the median and best of the images 
 printed. The step is the harness's (training.step with distributed.prepare_*: averaged gradients,
 global batch norm, global noise draws), so the figure includes every all-reduce.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,12 @@ def worker(rank: int, world: int, name: str, steps: int, warmup: int, threads: i
 def images_per_second(name: str, world: int, args) -> float:
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(worker, args=(world, name, args.steps, args.warmup, max(1, args.threads // world), free_port(), results),
-                       nprocs=world, start_method="spawn")
+    mp.start_processes(
+        worker,
+        args=(world, name, args.steps, args.warmup, max(1, args.threads // world), free_port(), results),
+        nprocs=world,
+        start_method="spawn",
+    )
     return results.get()
 
 
@@ -80,16 +85,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, CPU, gloo; {args.threads} threads in all; images/s (global batch x steps / s), "
-          f"median (best) of {args.repeats} alternating rounds")
+    print(
+        f"torch {torch.__version__}, CPU, gloo; {args.threads} threads in all; images/s (global batch x steps / s), "
+        f"median (best) of {args.repeats} alternating rounds"
+    )
     for name in args.models:
         single, parallel = [], []
         for _ in range(args.repeats):
             single.append(images_per_second(name, 1, args))
             parallel.append(images_per_second(name, args.processes, args))
         one, many = statistics.median(single), statistics.median(parallel)
-        print(f"{name}: 1 process {one:.0f} ({max(single):.0f}), {args.processes} processes {many:.0f} "
-              f"({max(parallel):.0f}): x{many / one:.2f}")
+        print(
+            f"{name}: 1 process {one:.0f} ({max(single):.0f}), {args.processes} processes {many:.0f} "
+            f"({max(parallel):.0f}): x{many / one:.2f}"
+        )
 
 
 if __name__ == "__main__":

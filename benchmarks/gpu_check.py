@@ -27,6 +27,7 @@ the rest once it is spent):
   5. a compact table; with $OUT set (or --json) the results also go to a JSON file.
 Exit status 1 if any loss was not finite or a step failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,16 +40,17 @@ import traceback
 from pathlib import Path
 
 import torch
-from bench_common import (ROOT, Harness, add_profile_option, family_params, load_params, prepare_model, sync,
-                          timed)
+from bench_common import ROOT, Harness, add_profile_option, family_params, load_params, prepare_model, sync, timed
 
 from mnistgen import config, data, training
 from mnistgen.models import build_model
 from mnistgen.utils import memory_format, pick_device, seed_everything
 
 EPOCH_IMAGES = 55_000
-GZ = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-      "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+GZ = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 def default_profile() -> str | None:
@@ -79,8 +81,9 @@ def load_mnist(prepared: Path, mnist: str | None, all_params: dict) -> tuple[dat
     raise SystemExit(f"error: no MNIST found (tried {tried}); pass --mnist FOLDER with the four official .gz files")
 
 
-def harness_steps(params: config.ModelParams, train_images: torch.Tensor, steps: int, warmup: int, seed: int,
-                  use_autocast: bool, compile_: bool) -> dict:
+def harness_steps(
+    params: config.ModelParams, train_images: torch.Tensor, steps: int, warmup: int, seed: int, use_autocast: bool, compile_: bool
+) -> dict:
     """Warm-up + timed steps of training.train's inner loop (training.step) on a fresh model; one host sync at the end."""
     device = train_images.device
     channels_last = memory_format(device) == torch.channels_last  # as training.train does
@@ -95,9 +98,16 @@ def harness_steps(params: config.ModelParams, train_images: torch.Tensor, steps:
     means = harness.mean_losses()  # the one host sync, after the clock stopped
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     del model, optimizers, harness
-    return {"seconds": seconds, "warmup_seconds": warm_seconds, "images_per_second": images / seconds,
-            "ms_per_step": 1000 * seconds / steps, "epoch_seconds": EPOCH_IMAGES * seconds / images,
-            "finite": all(math.isfinite(v) for v in means.values()), "losses": means, "peak_gib": peak}
+    return {
+        "seconds": seconds,
+        "warmup_seconds": warm_seconds,
+        "images_per_second": images / seconds,
+        "ms_per_step": 1000 * seconds / steps,
+        "epoch_seconds": EPOCH_IMAGES * seconds / images,
+        "finite": all(math.isfinite(v) for v in means.values()),
+        "losses": means,
+        "peak_gib": peak,
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,14 +132,18 @@ def main() -> int:
     args = parse_args()
     t0 = time.perf_counter()
     device = pick_device(args.device)
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
-          f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}, "
-          f"cuda available: {torch.cuda.is_available()}")
+    print(
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
+        f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}, "
+        f"cuda available: {torch.cuda.is_available()}"
+    )
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)
         device_name = torch.cuda.get_device_name(device)
-        print(f"device {device}: {device_name}, {prop.total_memory / 2**30:.1f} GiB, capability {prop.major}.{prop.minor}, "
-              f"{prop.multi_processor_count} SMs, bf16 supported: {torch.cuda.is_bf16_supported()}")
+        print(
+            f"device {device}: {device_name}, {prop.total_memory / 2**30:.1f} GiB, capability {prop.major}.{prop.minor}, "
+            f"{prop.multi_processor_count} SMs, bf16 supported: {torch.cuda.is_bf16_supported()}"
+        )
     else:
         device_name = f"cpu, {torch.get_num_threads()} threads"
         print(f"device {device} ({device_name}): a dry run; autocast is a no-op on CPU, so 'bf16' rows are fp32 here")
@@ -145,8 +159,10 @@ def main() -> int:
     sync(device)
     if device.type == "cuda":
         assert train_images.is_cuda and val_images.is_cuda, "training data is not on the GPU"
-    print(f"data: {source}: train {tuple(train_images.shape)} val {tuple(val_images.shape)} on {train_images.device}, "
-          f"loaded in {time.perf_counter() - started:.1f} s")
+    print(
+        f"data: {source}: train {tuple(train_images.shape)} val {tuple(val_images.shape)} on {train_images.device}, "
+        f"loaded in {time.perf_counter() - started:.1f} s"
+    )
 
     variants = [("bf16", True, False)]
     if not args.no_fp32:
@@ -173,9 +189,11 @@ def main() -> int:
             if not r["finite"]:
                 failures.append(f"{family} {label}: non-finite loss {r['losses']}")
             losses = ", ".join(f"{k} {v:.4g}" for k, v in r["losses"].items())
-            print(f"{family:<5} {label:<12} bs {params.batch_size:>4}: {r['images_per_second']:>9.0f} img/s, "
-                  f"{r['ms_per_step']:7.2f} ms/step, warm-up {r['warmup_seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB; {losses}",
-                  flush=True)
+            print(
+                f"{family:<5} {label:<12} bs {params.batch_size:>4}: {r['images_per_second']:>9.0f} img/s, "
+                f"{r['ms_per_step']:7.2f} ms/step, warm-up {r['warmup_seconds']:.1f} s, peak {r['peak_gib']:.2f} GiB; {losses}",
+                flush=True,
+            )
 
     train_result = None
     if args.train_epochs > 0 and "ae" in all_params["models"]:
@@ -185,34 +203,49 @@ def main() -> int:
             params = family_params(all_params, "ae", epochs=args.train_epochs)
             seed_everything(args.seed)
             model = build_model(params).to(device)
-            print(f"\nmnistgen.training.train: ae, {args.train_epochs} epoch(s), batch {params.batch_size}, on {device}", flush=True)
+            print(
+                f"\nmnistgen.training.train: ae, {args.train_epochs} epoch(s), batch {params.batch_size}, on {device}", flush=True
+            )
             started = time.perf_counter()
             try:
                 history = training.train(model, train_images, val_images, seed=args.seed, checkpoint=None, progress=False)
                 sync(device)
                 train_result = {"total_seconds": time.perf_counter() - started, **history[-1]}
-                print(f"train() done: epoch {history[-1]['epoch_seconds']:.2f} s, {history[-1]['images_per_second']:.0f} img/s, "
-                      f"whole call {train_result['total_seconds']:.2f} s, val_loss {history[-1].get('val_loss', float('nan')):.4g}")
+                print(
+                    f"train() done: epoch {history[-1]['epoch_seconds']:.2f} s, {history[-1]['images_per_second']:.0f} img/s, "
+                    f"whole call {train_result['total_seconds']:.2f} s, val_loss {history[-1].get('val_loss', float('nan')):.4g}"
+                )
             except Exception as err:  # noqa: BLE001
                 traceback.print_exc()
                 failures.append(f"training.train ae: {type(err).__name__}: {err}")
 
-    print(f"\nSummary on {device} ({device_name}), params {profile or 'params.yaml'}, {args.steps} timed steps per row, "
-          f"epoch s = {EPOCH_IMAGES:,} images / (img/s):")
-    header = f"{'model':<5} {'precision':<12} {'batch':>5} | {'img/s':>9} {'ms/step':>8} {'epoch s':>8} | {'peak GiB':>8} | finite"
+    print(
+        f"\nSummary on {device} ({device_name}), params {profile or 'params.yaml'}, {args.steps} timed steps per row, "
+        f"epoch s = {EPOCH_IMAGES:,} images / (img/s):"
+    )
+    header = (
+        f"{'model':<5} {'precision':<12} {'batch':>5} | {'img/s':>9} {'ms/step':>8} {'epoch s':>8} | {'peak GiB':>8} | finite"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['family']:<5} {r['precision']:<12} {r['batch_size']:>5} | {r['images_per_second']:>9.0f} {r['ms_per_step']:>8.2f} "
-              f"{r['epoch_seconds']:>8.2f} | {r['peak_gib']:>8.2f} | {'yes' if r['finite'] else 'NO'}")
+        print(
+            f"{r['family']:<5} {r['precision']:<12} {r['batch_size']:>5} | {r['images_per_second']:>9.0f} {r['ms_per_step']:>8.2f} "
+            f"{r['epoch_seconds']:>8.2f} | {r['peak_gib']:>8.2f} | {'yes' if r['finite'] else 'NO'}"
+        )
     by = {(r["family"], r["precision"]): r for r in rows}
-    ratios = [f"{f} {by[(f, 'bf16')]['images_per_second'] / by[(f, 'fp32')]['images_per_second']:.2f}x"
-              for f in args.models if (f, "bf16") in by and (f, "fp32") in by]
+    ratios = [
+        f"{f} {by[(f, 'bf16')]['images_per_second'] / by[(f, 'fp32')]['images_per_second']:.2f}x"
+        for f in args.models
+        if (f, "bf16") in by and (f, "fp32") in by
+    ]
     if ratios:
         print("bf16 / fp32 throughput: " + ", ".join(ratios))
     if train_result:
-        print(f"training.train ae: {train_result['epoch_seconds']:.2f} s per epoch "
-              f"({train_result['images_per_second']:.0f} img/s), {train_result['total_seconds']:.2f} s with validation + fit_prior")
+        print(
+            f"training.train ae: {train_result['epoch_seconds']:.2f} s per epoch "
+            f"({train_result['images_per_second']:.0f} img/s), {train_result['total_seconds']:.2f} s with validation + fit_prior"
+        )
     if skipped:
         print(f"skipped (over --budget-seconds {args.budget_seconds:.0f}): {', '.join(skipped)}")
     for failure in failures:
@@ -222,11 +255,26 @@ def main() -> int:
     out = args.json or (str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT") else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({
-            "torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device), "device_name": device_name,
-            "params": profile or "params.yaml", "steps": args.steps, "rows": rows, "train": train_result, "failures": failures,
-            "skipped": skipped, "total_seconds": time.perf_counter() - t0,
-        }, indent=2, default=float) + "\n")
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "torch": torch.__version__,
+                    "cuda": torch.version.cuda,
+                    "device": str(device),
+                    "device_name": device_name,
+                    "params": profile or "params.yaml",
+                    "steps": args.steps,
+                    "rows": rows,
+                    "train": train_result,
+                    "failures": failures,
+                    "skipped": skipped,
+                    "total_seconds": time.perf_counter() - t0,
+                },
+                indent=2,
+                default=float,
+            )
+            + "\n"
+        )
         print(f"results: {out}")
     return 1 if failures else 0
 

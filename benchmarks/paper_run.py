@@ -21,6 +21,7 @@ With --out, the results (metrics, reports, figures, curves, logs, params) are pa
 Exit status: 0 when every stage ran and every floor holds, 1 when a floor breaks, 2 when a stage failed
 or the deadline passed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,7 @@ def stage_commands(dvc_yaml: Path, models: list[str]) -> list[tuple[str, str]]:
 
 def fill(command: str, values: dict[str, str]) -> str:
     """Replace each ${name} as DVC does; a name this runner does not know is an error, not left in."""
+
     def value(match: re.Match) -> str:
         if match.group(1) not in values:
             raise KeyError(f"dvc.yaml: ${{{match.group(1)}}} is not a value this runner knows")
@@ -105,8 +107,12 @@ class Runner:
         self.results: list[dict] = []
         self.lock = threading.Lock()
         (work / "logs").mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "MNISTGEN_TRACKING": "off", "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+        self.env = {
+            **os.environ,
+            "MNISTGEN_TRACKING": "off",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+        }
         # The chains share the cores: without this each process would start one torch thread per core.
         self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
         if self.env.get("MNIST_MIRROR"):  # the stages run in the work folder: a relative mirror path is the caller's
@@ -115,8 +121,9 @@ class Runner:
     def argv(self, command: str) -> list[str]:
         """The command's words, with `python` as this runner's interpreter (the box's `python` may be another one)
         and the stage script's path made absolute (the stages run in the work folder, the scripts are the repo's)."""
-        return [sys.executable if word == "python" else str(ROOT / word) if word.endswith(".py") else word
-                for word in command.split()]
+        return [
+            sys.executable if word == "python" else str(ROOT / word) if word.endswith(".py") else word for word in command.split()
+        ]
 
     def skip(self, stage: str, why: str) -> None:
         self.record({"stage": stage, "seconds": 0.0, "status": f"not run ({why})"})
@@ -135,8 +142,9 @@ class Runner:
             return False
         started = time.monotonic()
         with open(self.work / "logs" / f"{stage}.log", "w") as log:
-            process = subprocess.Popen(self.argv(command), cwd=self.work, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)  # its own process group: a kill takes its children too
+            process = subprocess.Popen(
+                self.argv(command), cwd=self.work, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )  # its own process group: a kill takes its children too
             try:
                 code = process.wait(timeout=left)
                 status = "ok" if code == 0 else f"failed (exit {code})"
@@ -151,7 +159,7 @@ class Runner:
         """Steps in order; after one fails, the rest are recorded as not run."""
         for i, (stage, command) in enumerate(steps):
             if not self.run(stage, command):
-                for later, _ in steps[i + 1:]:
+                for later, _ in steps[i + 1 :]:
                     self.skip(later, f"{stage} did not succeed")
                 return False
         return True
@@ -166,8 +174,10 @@ def check_floors(work: Path) -> int:
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         decisions.append(gate.decide(name, numeric, None, load_section(GateParams, f"gate.{name}", params_file)))
     code = 1 if any(d.breaks_floor for d in decisions) else 0
-    note = ("Floors only: this run had no MLflow registry, so nothing was registered. Each decision is the one "
-            "promote makes for a model with no champion yet.\n\n")
+    note = (
+        "Floors only: this run had no MLflow registry, so nothing was registered. Each decision is the one "
+        "promote makes for a model with no champion yet.\n\n"
+    )
     (work / "reports" / "gate_floors.md").write_text(note + gate.to_markdown(decisions, code))
     (work / "reports" / "gate_floors.json").write_text(json.dumps(gate.to_json(decisions, code), indent=2))
     for d in decisions:
@@ -205,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args.jobs = len(models) if torch.cuda.is_available() else 1
     runner = Runner(args.work, started + args.deadline, args.jobs)
-    print(f"paper run: {len(commands)} stages of dvc.yaml in {args.work}, profile {args.profile}, {args.jobs} model chain(s) at a time")
+    print(
+        f"paper run: {len(commands)} stages of dvc.yaml in {args.work}, profile {args.profile}, {args.jobs} model chain(s) at a time"
+    )
     code = 2
     try:
         ok = True

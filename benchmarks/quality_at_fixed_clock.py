@@ -11,6 +11,7 @@ the training really took are printed beside the metrics. With `--seconds 0` the 
 moving average replaces them), so the two are compared on the same training. Needs the DVC outputs
 data/prepared and models/evaluator (`dvc repro train_evaluator`). Time only on an idle machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,14 @@ from mnistgen.config import EvaluateParams, ParamsError, section
 from mnistgen.models import build_model
 from mnistgen.utils import memory_format, seed_everything
 
-SHOWN = [("fid_cls", "FID e1"), ("fid_cls_e2", "FID e2"), ("precision", "prec e1"), ("precision_e2", "prec e2"),
-         ("recall", "rec e1"), ("recall_e2", "rec e2")]
+SHOWN = [
+    ("fid_cls", "FID e1"),
+    ("fid_cls_e2", "FID e2"),
+    ("precision", "prec e1"),
+    ("precision_e2", "prec e2"),
+    ("recall", "rec e1"),
+    ("recall_e2", "rec e2"),
+]
 
 
 def apply_sets(params: dict, sets: list[str]) -> dict:
@@ -110,13 +117,23 @@ def main() -> None:
         model = build_model(params).to(device)
         raw = {}
 
-        def keep_raw(epoch, metrics, model, last=params.epochs, raw=raw):  # the last epoch's raw weights, before the average replaces them
+        def keep_raw(
+            epoch, metrics, model, last=params.epochs, raw=raw
+        ):  # the last epoch's raw weights, before the average replaces them
             if epoch == last:
                 raw.update({k: v.clone() for k, v in model.averaged().state_dict().items()})
 
         started = time.perf_counter()
-        training.train(model, train_x, val_xy[0], seed=args.seed, on_epoch=keep_raw, progress=True,
-                       train_labels=train_y, val_labels=val_xy[1])
+        training.train(
+            model,
+            train_x,
+            val_xy[0],
+            seed=args.seed,
+            on_epoch=keep_raw,
+            progress=True,
+            train_labels=train_y,
+            val_labels=val_xy[1],
+        )
         seconds = time.perf_counter() - started
         rows = [(args.label, score(model, spaces, refs, p, test_xy, val_xy))]
         if args.raw_too and params.ema_decay > 0:
@@ -124,16 +141,30 @@ def main() -> None:
             model.fit_prior(train_x)
             rows.append((f"{args.label} (raw weights)", score(model, spaces, refs, p, test_xy, val_xy)))
         for label, metrics in rows:
-            shown = "  ".join(f"{title} {metrics[k]:.3f} [{metrics.get(k + '_lo', float('nan')):.3f}, {metrics.get(k + '_hi', float('nan')):.3f}]"
-                              for k, title in SHOWN)
+            shown = "  ".join(
+                f"{title} {metrics[k]:.3f} [{metrics.get(k + '_lo', float('nan')):.3f}, {metrics.get(k + '_hi', float('nan')):.3f}]"
+                for k, title in SHOWN
+            )
             extra = f"  IWAE NLL {metrics['iwae_nll']:.2f}" if "iwae_nll" in metrics else ""
             extra += f"  label fidelity {metrics['label_fidelity']:.3f}" if "label_fidelity" in metrics else ""
             print(f"{name:6s} {label:28s} epochs {params.epochs:3d}  train {seconds:6.1f} s  {shown}{extra}", flush=True)
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
-                    f.write(json.dumps({"model": name, "label": label, "epochs": params.epochs, "train_seconds": seconds,
-                                        "sets": args.sets, "threads": torch.get_num_threads(), **metrics}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "model": name,
+                                "label": label,
+                                "epochs": params.epochs,
+                                "train_seconds": seconds,
+                                "sets": args.sets,
+                                "threads": torch.get_num_threads(),
+                                **metrics,
+                            }
+                        )
+                        + "\n"
+                    )
 
 
 if __name__ == "__main__":

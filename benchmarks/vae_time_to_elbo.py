@@ -45,6 +45,7 @@ with the CPU settings took 3.6 s, a constant lr 5e-3 at batch 1024 3.1 s.
 
 Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML, pydantic and tqdm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,7 @@ from bench_common import ROOT, PerSampleMNIST, add_run_options, device_from, syn
 from torch import nn
 from torch.nn import functional as F
 
-from mnistgen import config, data, models, training
+from mnistgen import data, models, training
 from mnistgen.models import build_model
 from mnistgen.utils import seed_everything
 
@@ -114,8 +115,9 @@ class TutorialVAE(nn.Module):
 def run_baseline(train: data.Split, test: data.Split, device, args) -> dict:
     seed_everything(args.seed)
     started = time.perf_counter()
-    train_loader = torch.utils.data.DataLoader(PerSampleMNIST(train.images, train.labels), batch_size=128, shuffle=True,
-                                               num_workers=0)
+    train_loader = torch.utils.data.DataLoader(
+        PerSampleMNIST(train.images, train.labels), batch_size=128, shuffle=True, num_workers=0
+    )
     test_loader = torch.utils.data.DataLoader(PerSampleMNIST(test.images, test.labels), batch_size=1000, num_workers=0)
     model = TutorialVAE().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -141,15 +143,23 @@ def run_baseline(train: data.Split, test: data.Split, device, args) -> dict:
         nelbo = total / len(test.labels)
         elapsed = time.perf_counter() - started
         history.append((epoch, elapsed, nelbo))
-        print(f"  baseline epoch {epoch:3d}: {elapsed:7.1f} s, train {train_loss / len(train.labels):7.2f}, "
-              f"test -ELBO {nelbo:7.2f}", flush=True)
+        print(
+            f"  baseline epoch {epoch:3d}: {elapsed:7.1f} s, train {train_loss / len(train.labels):7.2f}, "
+            f"test -ELBO {nelbo:7.2f}",
+            flush=True,
+        )
         if nelbo <= args.target:
             reached = elapsed
             break
         if elapsed >= args.baseline_max_seconds:
             break
-    return {"seconds": reached, "elapsed": history[-1][1], "epochs": history[-1][0], "nelbo": history[-1][2],
-            "best": min(h[2] for h in history)}
+    return {
+        "seconds": reached,
+        "elapsed": history[-1][1],
+        "epochs": history[-1][0],
+        "nelbo": history[-1][2],
+        "best": min(h[2] for h in history),
+    }
 
 
 # ---------------------------------------------------------------------------- ours
@@ -173,13 +183,24 @@ def test_nelbo(model, test_images: torch.Tensor, batch_size: int = 2000) -> floa
 def vae_params(batch_size: int, lr: float, epochs: int, warmup: float):
     """The whole models.vae section of ours: the tutorial's 784-400-20 MLP with the ELBO (beta 1) on grey
     pixels, so the two runs differ only in how they train. epochs 0 = a constant lr (no budget)."""
-    return models.model_params({
-        "family": "vae", "arch": "mlp", "hidden": 400, "latent_dim": 20,
-        "width": 16,  # conv channels: unused by an mlp
-        "beta": 1.0, "dynamic_binarization": False,
-        "epochs": epochs or 1000, "batch_size": batch_size, "lr": lr,
-        "lr_warmup": warmup if epochs else 0.0, "lr_decay": bool(epochs), "ema_decay": 0.0,
-    }, "vae_time_to_elbo")
+    return models.model_params(
+        {
+            "family": "vae",
+            "arch": "mlp",
+            "hidden": 400,
+            "latent_dim": 20,
+            "width": 16,  # conv channels: unused by an mlp
+            "beta": 1.0,
+            "dynamic_binarization": False,
+            "epochs": epochs or 1000,
+            "batch_size": batch_size,
+            "lr": lr,
+            "lr_warmup": warmup if epochs else 0.0,
+            "lr_decay": bool(epochs),
+            "ema_decay": 0.0,
+        },
+        "vae_time_to_elbo",
+    )
 
 
 def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int, label: str = "ours") -> dict:
@@ -207,9 +228,16 @@ def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int
     except training.DivergenceError as err:
         print(f"  {label}: {err}", flush=True)
     epoch, elapsed, nelbo = history[-1] if history else (0, time.perf_counter() - started, math.inf)
-    return {"seconds": elapsed if nelbo <= args.target else None, "elapsed": elapsed, "epochs": epoch, "nelbo": nelbo,
-            "best": min((h[2] for h in history), default=math.inf), "batch_size": batch_size, "lr": lr,
-            "budget": epochs}
+    return {
+        "seconds": elapsed if nelbo <= args.target else None,
+        "elapsed": elapsed,
+        "epochs": epoch,
+        "nelbo": nelbo,
+        "best": min((h[2] for h in history), default=math.inf),
+        "batch_size": batch_size,
+        "lr": lr,
+        "budget": epochs,
+    }
 
 
 # ---------------------------------------------------------------------------- main
@@ -230,18 +258,27 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=105.6, help="test negative ELBO to reach (nats per image)")
     parser.add_argument("--max-seconds", type=float, default=400.0, help="give up on a run of ours after this long")
     parser.add_argument("--baseline-max-seconds", type=float, default=400.0, help="give up on the baseline after this long")
-    parser.add_argument("--batch-size", type=int, default=0, help="ours: batch size (0 = by device: %s)" % DEFAULTS)
+    parser.add_argument("--batch-size", type=int, default=0, help=f"ours: batch size (0 = by device: {DEFAULTS})")
     parser.add_argument("--lr", type=float, default=0.0, help="ours: peak Adam learning rate (0 = by device)")
-    parser.add_argument("--epochs", type=int, default=-1,
-                        help="ours: epoch budget of the warm-up + linear-decay schedule; 0 = constant lr until the "
-                             "target (-1 = by device)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=-1,
+        help="ours: epoch budget of the warm-up + linear-decay schedule; 0 = constant lr until the target (-1 = by device)",
+    )
     parser.add_argument("--warmup", type=float, default=0.5, help="ours: epochs of linear lr warm-up")
     parser.add_argument("--no-bias-init", action="store_true", help="ours: keep PyTorch's default decoder output bias")
     parser.add_argument("--skip-baseline", action="store_true", help="run ours only")
-    parser.add_argument("--baseline-seconds", type=float, default=0.0,
-                        help="with --skip-baseline: a baseline time measured before, for the ratio")
-    parser.add_argument("--sweep", nargs="+", metavar="BS:LR:EPOCHS", default=None,
-                        help="ours for each batch:lr:epochs triple (epochs 0 = constant lr) instead of the defaults")
+    parser.add_argument(
+        "--baseline-seconds", type=float, default=0.0, help="with --skip-baseline: a baseline time measured before, for the ratio"
+    )
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="BS:LR:EPOCHS",
+        default=None,
+        help="ours for each batch:lr:epochs triple (epochs 0 = constant lr) instead of the defaults",
+    )
     return parser.parse_args()
 
 
@@ -256,8 +293,10 @@ def main() -> None:
     train, test = splits["train"], splits["test"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, device {device} ({name}); train {len(train.labels)}, test {len(test.labels)} images")
-    print(f"target: test -ELBO <= {args.target} nats/image (grey pixels, BCE + KL, z sampled once per image, fp32); "
-          f"max {args.max_seconds:.0f} s for a run of ours, {args.baseline_max_seconds:.0f} s for the baseline")
+    print(
+        f"target: test -ELBO <= {args.target} nats/image (grey pixels, BCE + KL, z sampled once per image, fp32); "
+        f"max {args.max_seconds:.0f} s for a run of ours, {args.baseline_max_seconds:.0f} s for the baseline"
+    )
     # Initialise CUDA and cuBLAS before either clock starts, so neither run pays for it.
     w = torch.randn(64, 64, device=device, requires_grad=True)
     (w @ w).sum().backward()
@@ -274,28 +313,40 @@ def main() -> None:
     autocast_name = "bf16 autocast" if device.type == "cuda" else "fp32"
     results = []
     for bs, lr, epochs in runs:
-        schedule = (f"{args.warmup:g}-epoch warm-up to lr {lr:g}, linear decay to 0 at epoch {epochs}" if epochs
-                    else f"constant lr {lr:g}")
-        print(f"\nours: mnistgen VAE (mlp 400, latent 20) by training.train, batch {bs}, {schedule}, "
-              f"{'default' if args.no_bias_init else 'log-odds'} output bias, {autocast_name}", flush=True)
+        schedule = (
+            f"{args.warmup:g}-epoch warm-up to lr {lr:g}, linear decay to 0 at epoch {epochs}"
+            if epochs
+            else f"constant lr {lr:g}"
+        )
+        print(
+            f"\nours: mnistgen VAE (mlp 400, latent 20) by training.train, batch {bs}, {schedule}, "
+            f"{'default' if args.no_bias_init else 'log-odds'} output bias, {autocast_name}",
+            flush=True,
+        )
         results.append(run_ours(splits, device, args, bs, lr, epochs, label=f"bs {bs} lr {lr:g}"))
         sync(device)
     if len(results) > 1:
         print(f"\nSweep on {device} ({name}), target {args.target}:")
         print(f"{'batch':>5} {'lr':>7} {'budget':>6} | {'seconds to target':>34} | {'epochs':>6} | {'last -ELBO':>10}")
         for r in results:
-            print(f"{r['batch_size']:>5} {r['lr']:>7g} {r['budget'] or 'const':>6} | {fmt_seconds(r):>34} | "
-                  f"{r['epochs']:>6} | {r['nelbo']:>10.2f}")
+            print(
+                f"{r['batch_size']:>5} {r['lr']:>7g} {r['budget'] or 'const':>6} | {fmt_seconds(r):>34} | "
+                f"{r['epochs']:>6} | {r['nelbo']:>10.2f}"
+            )
     reached = [r for r in results if r["seconds"] is not None]
     ours = min(reached, key=lambda r: r["seconds"]) if reached else None
 
     print(f"\nTime to test -ELBO <= {args.target} on {device} ({name}):")
     given = f"{base_seconds:.1f} s (given)" if base_seconds else "skipped"
-    print(f"  baseline (DataLoader, bs 128, lr 1e-3): {fmt_seconds(baseline) if baseline else given}"
-          + (f", {baseline['epochs']} epochs" if baseline and baseline["seconds"] else ""))
+    print(
+        f"  baseline (DataLoader, bs 128, lr 1e-3): {fmt_seconds(baseline) if baseline else given}"
+        + (f", {baseline['epochs']} epochs" if baseline and baseline["seconds"] else "")
+    )
     if ours:
-        print(f"  ours (bs {ours['batch_size']}, lr {ours['lr']:g}, budget {ours['budget'] or 'none'}):{'':>4}"
-              f"{fmt_seconds(ours)}, {ours['epochs']} epochs, test -ELBO {ours['nelbo']:.2f}")
+        print(
+            f"  ours (bs {ours['batch_size']}, lr {ours['lr']:g}, budget {ours['budget'] or 'none'}):{'':>4}"
+            f"{fmt_seconds(ours)}, {ours['epochs']} epochs, test -ELBO {ours['nelbo']:.2f}"
+        )
     else:
         print(f"  ours: target not reached (best {min(r['best'] for r in results):.2f})")
     if base_seconds and ours:

@@ -4,6 +4,7 @@ spaces, its figures, and the same numbers logged into the model's MLflow trainin
 Usage: python pipelines/evaluate.py <model> --data data/prepared --evaluator models/evaluator
        --model-dir models/<model> --figures evaluation/<model> --metrics metrics/<model>.json   (paths from dvc.yaml)
 """
+
 import argparse
 import json
 import time
@@ -60,9 +61,11 @@ def main() -> None:
         run.set_tags(hashes)
         run.log_artifacts(figures_dir, "evaluation")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items())
-    headline = (f"FID_cls {results['fid_cls']:.2f} [{results['fid_cls_lo']:.2f}, {results['fid_cls_hi']:.2f}] "
-                f"(evaluator 2: {results['fid_cls_e2']:.2f}), IS_cls {results['is_cls']:.2f}, "
-                f"precision {results['precision']:.3f}, recall {results['recall']:.3f}, gradient magnitude {results['grad_mag']:.4f}")
+    headline = (
+        f"FID_cls {results['fid_cls']:.2f} [{results['fid_cls_lo']:.2f}, {results['fid_cls_hi']:.2f}] "
+        f"(evaluator 2: {results['fid_cls_e2']:.2f}), IS_cls {results['is_cls']:.2f}, "
+        f"precision {results['precision']:.3f}, recall {results['recall']:.3f}, gradient magnitude {results['grad_mag']:.4f}"
+    )
     print(f"evaluate {args.model}: {headline} ({timings}; total {time.perf_counter() - started:.0f} s)")
 
 

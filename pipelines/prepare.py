@@ -3,6 +3,7 @@ their MD5, parse IDX, carve a seeded validation split, write the prepared splits
 
 Usage: python pipelines/prepare.py --out data/prepared   (paths come from dvc.yaml)
 """
+
 import argparse
 import time
 from pathlib import Path
@@ -24,12 +25,15 @@ def main() -> None:
     with atomic_dir(args.out) as tmp:
         for name, split in splits.items():
             data.save_split(split, tmp / f"{name}.pt")
-        write_json(tmp / "meta.json", {
-            "md5": data.MNIST_FILES,
-            "sizes": {name: len(split.labels) for name, split in splits.items()},
-            "sha256": {name: sha256_file(tmp / f"{name}.pt") for name in splits},
-            "params": params.model_dump(),
-        })
+        write_json(
+            tmp / "meta.json",
+            {
+                "md5": data.MNIST_FILES,
+                "sizes": {name: len(split.labels) for name, split in splits.items()},
+                "sha256": {name: sha256_file(tmp / f"{name}.pt") for name in splits},
+                "params": params.model_dump(),
+            },
+        )
     sizes = ", ".join(f"{name} {len(s.labels)}" for name, s in splits.items())
     print(f"prepare: {sizes} images written to {args.out}/ from {data.sources()[0]} in {time.perf_counter() - started:.1f} s")
 

@@ -7,6 +7,7 @@ Writes promotion.json and promotion.md either way.
 
 Usage: python pipelines/promote.py --metrics metrics --models models --out reports   (paths from dvc.yaml)
 """
+
 import argparse
 import json
 import re
@@ -52,7 +53,13 @@ def promote(metrics_dir: Path, models_dir: Path, registry_factory=Registry) -> t
             registered = registered_name(d.model)
             run_tags = registry.client.get_run(run["run_id"]).data.tags
             tags = {k: run_tags.get(k, "unknown") for k in ("git_commit", "params_hash", "device", "torch_version")}
-            tags.update({"data_hash": tracking.data_hash(), "evaluator_hash": metrics.get("evaluator_hash", "unknown"), "gate_decision": d.decision})
+            tags.update(
+                {
+                    "data_hash": tracking.data_hash(),
+                    "evaluator_hash": metrics.get("evaluator_hash", "unknown"),
+                    "gate_decision": d.decision,
+                }
+            )
             d.candidate_version = registry.register(registered, run["model_uri"], run["run_id"], tags, d.candidate)
             registry.set_alias(registered, "challenger", d.candidate_version)
             if d.decision == gate.PROMOTE:
@@ -69,7 +76,9 @@ def summary(d: gate.Decision) -> str:
         was = f"champion v{d.champion_version}" if d.champion_version else "no champion"
         return f"{d.model}: candidate not registered (the gate would {'promote it' if d.decision == gate.PROMOTE else 'keep the champion'}; {was} unchanged)"
     if d.decision == gate.PROMOTE:
-        return f"{d.model}: promote v{d.candidate_version} to champion" + (f" (was v{d.champion_version})" if d.champion_version else "")
+        return f"{d.model}: promote v{d.candidate_version} to champion" + (
+            f" (was v{d.champion_version})" if d.champion_version else ""
+        )
     if d.decision == gate.KEEP and d.candidate_version == d.champion_version:
         return f"{d.model}: keep champion v{d.champion_version} (the candidate is that same run)"
     if d.decision == gate.KEEP:
@@ -91,9 +100,12 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001 - the registry or store failed: exit 2, registry rolled back
         if tracking.permission_denied(err):  # a read-only account: one line, no traceback
             endpoint = re.search(r"endpoint (\S+)", str(err))
-            print(f"error: promotion refused: MLflow user '{tracking.current_user()}' may not register versions or move aliases "
-                  f"(403 on {endpoint.group(1) if endpoint else 'the registry'}; promotion needs the ci account); "
-                  "registry left as it was", file=sys.stderr)
+            print(
+                f"error: promotion refused: MLflow user '{tracking.current_user()}' may not register versions or move aliases "
+                f"(403 on {endpoint.group(1) if endpoint else 'the registry'}; promotion needs the ci account); "
+                "registry left as it was",
+                file=sys.stderr,
+            )
         elif isinstance(err, ArtifactsUnavailable):
             print(f"error: promotion failed, registry left as it was: {err}", file=sys.stderr)
         else:

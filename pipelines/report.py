@@ -8,6 +8,7 @@ test digits (the first `evaluate.num_real` test images).
 Usage: python pipelines/report.py --metrics metrics --figures evaluation --curves curves
        --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
 """
+
 import argparse
 import csv
 import json
@@ -51,17 +52,22 @@ def main() -> None:
     real.update(metrics.sharpness(data.to_float(test.images[: params.num_real], torch.device("cpu")), params.batch_size))
     curves = {m: read_curves(args.curves / m) for m in models}
     checks = report.claims(results, curves)
-    figures = {m: [p for name in report.FIGURES if (p := args.figures / m / name).exists()] + [args.curves / m / "curves.png"]
-               for m in models}
+    figures = {
+        m: [p for name in report.FIGURES if (p := args.figures / m / name).exists()] + [args.curves / m / "curves.png"]
+        for m in models
+    }
     write_json(args.out / "real_data.json", real)
     atomic_write_text(args.out / "comparison.md", report.build_markdown(results, real, evaluator, checks))
     atomic_write_text(args.out / "comparison.html", report.build_html(results, real, checks, figures, evaluator))
     held = sum(v == report.HOLDS for _, v, _ in checks)
     close = sum(v == report.TOO_CLOSE for _, v, _ in checks)
     agreement = ", ".join(f"{k} {v:+.2f}" for k, v in report.rank_agreement(results).items())
-    print(f"report: {held}/{len(checks)} of the design's claims hold" + (f", {close} too close to call" if close else "")
-          + f"; real-data FID_cls floor {real['fid_cls']:.3f}; rank agreement of the two spaces (Kendall tau) {agreement}; "
-          f"{args.out}/comparison.md and comparison.html")
+    print(
+        f"report: {held}/{len(checks)} of the design's claims hold"
+        + (f", {close} too close to call" if close else "")
+        + f"; real-data FID_cls floor {real['fid_cls']:.3f}; rank agreement of the two spaces (Kendall tau) {agreement}; "
+        f"{args.out}/comparison.md and comparison.html"
+    )
 
 
 if __name__ == "__main__":

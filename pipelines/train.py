@@ -8,6 +8,7 @@ Writes weights.pt, config.json, run.json and samples.png to --out, and one CSV p
 Data-parallel: `torchrun --standalone --nproc_per_node N pipelines/train.py <model> ...` trains on N
 processes (gloo on CPU, NCCL on CUDA), each on its slice of every global batch; rank 0 alone logs to MLflow and writes the outputs and checkpoints (mnistgen.distributed).
 """
+
 import argparse
 import contextlib
 import csv
@@ -57,11 +58,25 @@ def train_stage(args, run_params, params, device, started) -> None:
     # One MLflow run for the whole stage: it ends FAILED if anything below raises (training, a figure, the logged model).
     # Under torchrun only rank 0 has a run: the others train and stop before the outputs.
     main_rank = distributed.is_main()
-    with tracking.Run.start(run_params.experiment, run_name=name, tags={  # fails here if MLflow is unreachable
-        "model": name, "family": params.family, "stage": "train", "git_commit": tracking.git_commit(), "data_hash": data_hash,
-        "params_hash": params_hash, "device": str(device), "torch_version": torch.__version__,
-        **({"world_size": str(distributed.world_size())} if distributed.world_size() > 1 else {}),
-    }) if main_rank else contextlib.nullcontext() as run:
+    with (
+        tracking.Run.start(
+            run_params.experiment,
+            run_name=name,
+            tags={  # fails here if MLflow is unreachable
+                "model": name,
+                "family": params.family,
+                "stage": "train",
+                "git_commit": tracking.git_commit(),
+                "data_hash": data_hash,
+                "params_hash": params_hash,
+                "device": str(device),
+                "torch_version": torch.__version__,
+                **({"world_size": str(distributed.world_size())} if distributed.world_size() > 1 else {}),
+            },
+        )
+        if main_rank
+        else contextlib.nullcontext() as run
+    ):
         if main_rank:
             run.log_params(flatten({"train": run_params, "model": params}))
 
@@ -90,12 +105,28 @@ def train_stage(args, run_params, params, device, started) -> None:
                 run.log_artifact(grid, "samples")
 
         # "The code" in the fingerprint is every mnistgen module this stage imported: what dvc.yaml lists as its deps.
-        checkpoint = training.Checkpoint(Path("checkpoints") / name / "last.pt", {
-            "params": params_hash, "data": data_hash, "images": len(train_images), "code": sha256_json(training.library_code()),
-            **({"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}),  # the batches differ with it
-        })
-        history = training.train(model, train_images, val_images, seed=run_params.seed, checkpoint=checkpoint, on_epoch=on_epoch,
-                                 train_labels=train_labels, val_labels=val_labels)
+        checkpoint = training.Checkpoint(
+            Path("checkpoints") / name / "last.pt",
+            {
+                "params": params_hash,
+                "data": data_hash,
+                "images": len(train_images),
+                "code": sha256_json(training.library_code()),
+                **(
+                    {"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}
+                ),  # the batches differ with it
+            },
+        )
+        history = training.train(
+            model,
+            train_images,
+            val_images,
+            seed=run_params.seed,
+            checkpoint=checkpoint,
+            on_epoch=on_epoch,
+            train_labels=train_labels,
+            val_labels=val_labels,
+        )
         if not main_rank:
             return
         for row in history:  # epochs trained before a resume, logged into this run too
@@ -110,17 +141,22 @@ def train_stage(args, run_params, params, device, started) -> None:
                 torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
                 (tmp / "config.json").write_text(params.model_dump_json(indent=2) + "\n")
                 with torch.no_grad():
-                    figures.save_grid(model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png")
+                    figures.save_grid(
+                        model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png"
+                    )
                 run.log_artifact(tmp / "samples.png", "figures")
                 example = fixed_noise[:2].cpu()
                 if model.conditional:  # a conditional model's input row is the noise and then the digit
                     example = torch.cat([example, fixed_labels[:2, None].cpu().float()], dim=1)
-                model_uri = run.log_generator(tmp / "weights.pt", tmp / "config.json", params.latent_dim, example.numpy(),
-                                              conditional=model.conditional)
+                model_uri = run.log_generator(
+                    tmp / "weights.pt", tmp / "config.json", params.latent_dim, example.numpy(), conditional=model.conditional
+                )
                 tracking.write_run_file(tmp / "run.json", run, model_uri)
     last = history[-1]
-    print(f"train {name}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "
-          f"val_{'loss' if 'val_loss' in last else 'g_loss'} {last.get('val_loss', last.get('val_g_loss')):.4g}, run {run.run_id}")
+    print(
+        f"train {name}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "
+        f"val_{'loss' if 'val_loss' in last else 'g_loss'} {last.get('val_loss', last.get('val_g_loss')):.4g}, run {run.run_id}"
+    )
 
 
 if __name__ == "__main__":

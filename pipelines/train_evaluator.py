@@ -9,6 +9,7 @@ of `evaluate` only the keys that choose the reference images (`seed`, `num_real`
 
 Usage: python pipelines/train_evaluator.py --data data/prepared --out models/evaluator --metrics metrics/evaluator.json
 """
+
 import argparse
 import json
 import time
@@ -47,7 +48,9 @@ def main() -> None:
         seconds = time.perf_counter() - clock
         test_accuracy = accuracy(model, test_x, test_y)
         if test_accuracy < params[section].min_test_accuracy:
-            raise StageError(f"{section}: test accuracy {test_accuracy:.4f} is below {section}.min_test_accuracy {params[section].min_test_accuracy}")
+            raise StageError(
+                f"{section}: test accuracy {test_accuracy:.4f} is below {section}.min_test_accuracy {params[section].min_test_accuracy}"
+            )
         trained[suffix] = (model, test_accuracy, seconds)
 
     summary, spaces = {}, []
@@ -59,18 +62,47 @@ def main() -> None:
             evaluator_hash = sha256_file(tmp / weights)
             test_feats, test_probs = model.features_and_probs(test_x[: reference.num_real])
             train_feats, train_probs = model.features_and_probs(train_x[subset.to(device)])
-            torch.save({"test_feats": test_feats.cpu(), "test_probs": test_probs.cpu(), "train_feats": train_feats.cpu(),
-                        "train_probs": train_probs.cpu(), "evaluator_hash": evaluator_hash}, tmp / ref_file)
-            spaces.append({"suffix": suffix, "section": section, "classifier": weights, "reference": ref_file,
-                           "arch": params[section].arch, "width": params[section].width, "seed": params[section].seed,
-                           "evaluator_hash": evaluator_hash, "test_accuracy": test_accuracy})
-            summary.update({f"test_accuracy{suffix}": test_accuracy, f"evaluator_hash{suffix}": evaluator_hash,
-                            f"train_seconds{suffix}": seconds})
+            torch.save(
+                {
+                    "test_feats": test_feats.cpu(),
+                    "test_probs": test_probs.cpu(),
+                    "train_feats": train_feats.cpu(),
+                    "train_probs": train_probs.cpu(),
+                    "evaluator_hash": evaluator_hash,
+                },
+                tmp / ref_file,
+            )
+            spaces.append(
+                {
+                    "suffix": suffix,
+                    "section": section,
+                    "classifier": weights,
+                    "reference": ref_file,
+                    "arch": params[section].arch,
+                    "width": params[section].width,
+                    "seed": params[section].seed,
+                    "evaluator_hash": evaluator_hash,
+                    "test_accuracy": test_accuracy,
+                }
+            )
+            summary.update(
+                {
+                    f"test_accuracy{suffix}": test_accuracy,
+                    f"evaluator_hash{suffix}": evaluator_hash,
+                    f"train_seconds{suffix}": seconds,
+                }
+            )
         (tmp / "spaces.json").write_text(json.dumps(spaces, indent=2) + "\n")
     write_json(args.metrics, summary)
-    print("train_evaluator: test accuracy " + ", ".join(
-        f"{s['test_accuracy']:.4f} ({s['section']}: {s['arch']}, seed {s['seed']}, hash {s['evaluator_hash'][:12]}, "
-        f"{summary['train_seconds' + s['suffix']]:.0f} s)" for s in spaces) + f"; {time.perf_counter() - started:.0f} s in all")
+    print(
+        "train_evaluator: test accuracy "
+        + ", ".join(
+            f"{s['test_accuracy']:.4f} ({s['section']}: {s['arch']}, seed {s['seed']}, hash {s['evaluator_hash'][:12]}, "
+            f"{summary['train_seconds' + s['suffix']]:.0f} s)"
+            for s in spaces
+        )
+        + f"; {time.perf_counter() - started:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

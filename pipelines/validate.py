@@ -10,6 +10,7 @@ a threshold edited so that the data still passes retrains nothing.
 
 Usage: python pipelines/validate.py --data data/prepared --out data/validation --passed data/validated.json
 """
+
 import argparse
 import json
 import sys

@@ -12,6 +12,7 @@ Usage:
   python scripts/make_plots_template.py --refresh [SPEC ...]
       # re-vendor from the npm registry (default specs: vega@5 vega-lite@5 vega-embed@6), then regenerate
 """
+
 import argparse
 import hashlib
 import json
@@ -98,9 +99,12 @@ def refresh(specs: list[str]) -> None:
                     (VENDOR / f"LICENSE.{name}").write_bytes(tar.extractfile(files["package/LICENSE"]).read())
                 elif not (VENDOR / f"LICENSE.{name}").exists():
                     raise SystemExit(f"error: {name}'s npm tarball has no LICENSE; add vendor/LICENSE.{name} by hand")
-            versions[name] = {"version": meta["version"], "license": meta.get("license", "?"),
-                              "npm_integrity": pkg["integrity"],
-                              "sha256": hashlib.sha256(js).hexdigest()}
+            versions[name] = {
+                "version": meta["version"],
+                "license": meta.get("license", "?"),
+                "npm_integrity": pkg["integrity"],
+                "sha256": hashlib.sha256(js).hexdigest(),
+            }
             print(f"vendored {name} {meta['version']} ({len(js):,} bytes)")
     VERSIONS.write_text(json.dumps(versions, indent=2) + "\n")
 

@@ -9,6 +9,7 @@ Usage: [MNIST_MIRROR=../shared/mnist] python scripts/smoke_pipeline.py [--workdi
 With --keep-tracking-uri the stages track and register on MLFLOW_TRACKING_URI (the team server;
 credentials from MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the copy's embedded store.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,21 @@ from pathlib import Path
 from mnistgen.profiles import apply_profile
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ("dvc.lock", "metrics/", "models/", "reports/", "data/", "curves/", "evaluation/")  # produced by the pipeline: not copied
+OUTPUTS = (
+    "dvc.lock",
+    "metrics/",
+    "models/",
+    "reports/",
+    "data/",
+    "curves/",
+    "evaluation/",
+)  # produced by the pipeline: not copied
 
 
 def copy_repo(dst: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     for rel in listed.stdout.splitlines():
         if rel.startswith(OUTPUTS) and not rel.endswith(".gitignore"):
             continue
@@ -63,9 +74,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--overrides", type=Path, default=ROOT / "params-smoke.yaml")
-    parser.add_argument("--keep-tracking-uri", action="store_true",
-                        help="track and register on MLFLOW_TRACKING_URI (a team server; with MLFLOW_TRACKING_USERNAME/PASSWORD) "
-                             "instead of the workspace's own embedded store")
+    parser.add_argument(
+        "--keep-tracking-uri",
+        action="store_true",
+        help="track and register on MLFLOW_TRACKING_URI (a team server; with MLFLOW_TRACKING_USERNAME/PASSWORD) "
+        "instead of the workspace's own embedded store",
+    )
     args = parser.parse_args()
     if args.keep_tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
         parser.error("--keep-tracking-uri needs MLFLOW_TRACKING_URI")

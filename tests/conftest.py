@@ -78,8 +78,13 @@ def team_stack():
     state = Path(tempfile.mkdtemp(prefix="mnistgen-team-test-", dir="/var/tmp"))
     os.chmod(state, 0o755)  # PostgreSQL runs as an unprivileged user when the tests run as root
     base = free_port_block(6)
-    overrides = {"TEAM_HOST": "127.0.0.1", "TEAM_STATE_DIR": str(state), "TEAM_PG_PORT": str(base), "TEAM_MLFLOW_PORT": str(base + 1),
-                 "TEAM_S3_PORT": str(base + 2)}
+    overrides = {
+        "TEAM_HOST": "127.0.0.1",
+        "TEAM_STATE_DIR": str(state),
+        "TEAM_PG_PORT": str(base),
+        "TEAM_MLFLOW_PORT": str(base + 1),
+        "TEAM_S3_PORT": str(base + 2),
+    }
     settings = stack.Settings.load(env_file=state / ".env", create=True, overrides=overrides)
     try:
         stack.up(settings, log=lambda *_: None)

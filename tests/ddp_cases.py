@@ -1,4 +1,5 @@
 """The cases of the data-parallel equivalence test, shared by the test and its worker processes."""
+
 import torch
 from helpers import tiny
 

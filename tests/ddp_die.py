@@ -4,6 +4,7 @@ reaches training step DIE_STEP, or with HANG=1 stops there without exiting, as a
 
 Usage: torchrun ... tests/ddp_die.py <train.py's arguments>
 """
+
 import os
 import runpy
 import sys

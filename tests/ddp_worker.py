@@ -4,6 +4,7 @@ WORLD_SIZE=2 and MASTER_ADDR/MASTER_PORT set, as torchrun would.
 
 Usage: python tests/ddp_worker.py OUT_FOLDER
 """
+
 import sys
 from pathlib import Path
 

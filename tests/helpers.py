@@ -1,4 +1,5 @@
 """Small builders shared by the tests: tiny prepared data, tiny params, workspaces, scripts by path."""
+
 import contextlib
 import importlib.util
 import json
@@ -30,17 +31,31 @@ def repo_params() -> dict:
 
 
 # The repo's evaluate and evaluator sections, shrunk for tiny synthetic data (every key params.yaml has stays).
-TINY_EVALUATE = {"num_samples": 256, "per_class_samples": 10, "num_real": 128, "batch_size": 128, "kid_subsets": 2,
-                 "kid_subset_size": 64, "is_splits": 2, "interp_pairs": 4, "interp_steps": 3, "iwae_k": 4,
-                 "iwae_images": 16, "bootstrap": 10}
+TINY_EVALUATE = {
+    "num_samples": 256,
+    "per_class_samples": 10,
+    "num_real": 128,
+    "batch_size": 128,
+    "kid_subsets": 2,
+    "kid_subset_size": 64,
+    "is_splits": 2,
+    "interp_pairs": 4,
+    "interp_steps": 3,
+    "iwae_k": 4,
+    "iwae_images": 16,
+    "bootstrap": 10,
+}
 TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "shift_pixels": 0, "min_test_accuracy": 0.0}
 
 
 def tiny_evaluation_sections() -> dict:
     """Sections evaluate, evaluator and evaluator2 of params.yaml with the TINY_* changes, for write_params."""
     params = repo_params()
-    return {"evaluate": {**params["evaluate"], **TINY_EVALUATE}, "evaluator": {**params["evaluator"], **TINY_EVALUATOR},
-            "evaluator2": {**params["evaluator2"], **TINY_EVALUATOR}}
+    return {
+        "evaluate": {**params["evaluate"], **TINY_EVALUATE},
+        "evaluator": {**params["evaluator"], **TINY_EVALUATOR},
+        "evaluator2": {**params["evaluator2"], **TINY_EVALUATOR},
+    }
 
 
 def tiny_model_params(family: str, **changes) -> dict:
@@ -87,14 +102,19 @@ def chromium_binary() -> str:
 
     import pytest
 
-    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    found = (
+        os.environ.get("CHROMIUM")
+        or shutil.which("chromium")
+        or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    )
     if not found:
         pytest.skip("no chromium binary (install the Debian package: apt-get install -y chromium)")
     return found
 
 
-def headless_chromium(target: str, profile: Path, budget_ms: int, window: tuple[int, int], screenshot: Path | None = None,
-                      offline: bool = False) -> str:
+def headless_chromium(
+    target: str, profile: Path, budget_ms: int, window: tuple[int, int], screenshot: Path | None = None, offline: bool = False
+) -> str:
     """One headless Chromium pass over `target` (a URL); returns the DOM after `budget_ms` of virtual time.
 
     The flags keep Chromium off this machine's closed network; `offline` also makes every host name
@@ -102,10 +122,23 @@ def headless_chromium(target: str, profile: Path, budget_ms: int, window: tuple[
     """
     import subprocess
 
-    cmd = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--mute-audio", "--hide-scrollbars",
-           f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", f"--window-size={window[0]},{window[1]}"]
+    cmd = [
+        chromium_binary(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--mute-audio",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        f"--virtual-time-budget={budget_ms}",
+        f"--window-size={window[0]},{window[1]}",
+    ]
     if offline:
         cmd += ["--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9"]
     if screenshot:
@@ -121,8 +154,24 @@ def served_model(model_uri: str, env: dict | None = None, startup_s: float = 90)
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)  # mlflow and the uvicorn it starts live beside this python
     env = {**os.environ, **(env or {}), "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-    server = subprocess.Popen([os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                               "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [
+            os.path.join(bin_dir, "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            model_uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + startup_s
         while True:
@@ -143,7 +192,9 @@ def served_model(model_uri: str, env: dict | None = None, startup_s: float = 90)
 def post_invocation(port: int, body: bytes | dict) -> tuple[int, bytes]:
     """POST to a served model's /invocations; (HTTP status, body), errors included."""
     body = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read()

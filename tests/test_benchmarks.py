@@ -1,4 +1,5 @@
 """The benchmark scripts still run and report what they claim to (on tiny synthetic splits; no timing asserted)."""
+
 import json
 import math
 import re
@@ -32,8 +33,13 @@ def prepared(tmp_path_factory):
 
 def run(script, *args):
     """`python benchmarks/<script>` from the repo root, as the README shows it."""
-    result = subprocess.run([sys.executable, f"benchmarks/{script}", "--device", "cpu", *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--device", "cpu", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout
 
@@ -44,14 +50,28 @@ def test_time_to_elbo_runs_the_harness_with_its_schedule(prepared):
     assert re.search(r"baseline \(DataLoader, bs 128, lr 1e-3\): [0-9.]+ s, 1 epochs", out), out
     assert "0.5-epoch warm-up to lr 0.01, linear decay to 0 at epoch 2, log-odds output bias" in out
     assert "constant lr 0.005" in out
-    assert re.search(r"^ +64 +0\.01 +2 \| +[0-9.]+ s \| +1 \|", out, re.M), out
-    assert re.search(r"^ +128 +0\.005 +const \| +[0-9.]+ s \| +1 \|", out, re.M), out
+    assert re.search(r"^ +64 +0\.01 +2 \| +[0-9.]+ s \| +1 \|", out, re.MULTILINE), out
+    assert re.search(r"^ +128 +0\.005 +const \| +[0-9.]+ s \| +1 \|", out, re.MULTILINE), out
     assert re.search(r"speed-up: [0-9.]+x", out), out
 
 
 def test_benchmark_variants_table_has_every_variant(prepared):
-    out = run("benchmark_train.py", "--prepared", prepared, "--models", "ae", "--steps", 2,
-              "--warmup", 1, "--repeats", 2, "--variants", "eager", "channels_last")
+    out = run(
+        "benchmark_train.py",
+        "--prepared",
+        prepared,
+        "--models",
+        "ae",
+        "--steps",
+        2,
+        "--warmup",
+        1,
+        "--repeats",
+        2,
+        "--variants",
+        "eager",
+        "channels_last",
+    )
     row = next(line for line in out.splitlines() if line.startswith("ae "))
     assert row.count("x |") == 2 and " 1.00x " in row and row.endswith("yes"), row
 
@@ -59,20 +79,18 @@ def test_benchmark_variants_table_has_every_variant(prepared):
 def test_benchmark_against_the_dataloader_reads_the_profile(prepared, tmp_path):
     profile = tmp_path / "profile.yaml"
     profile.write_text("models:\n  gan: {batch_size: 32, width: 8}\n")
-    out = run("benchmark_train.py", "--prepared", prepared, "--models", "gan", "--profile", profile,
-              "--steps", 2, "--warmup", 1)
+    out = run("benchmark_train.py", "--prepared", prepared, "--models", "gan", "--profile", profile, "--steps", 2, "--warmup", 1)
     assert "gan: conv, width 8, latent 32, batch 32" in out, out
-    assert re.search(r"^gan +cpu +32 \| +[0-9]+ +[0-9]+ +[0-9.]+x \|.* \| yes$", out, re.M), out
+    assert re.search(r"^gan +cpu +32 \| +[0-9]+ +[0-9]+ +[0-9.]+x \|.* \| yes$", out, re.MULTILINE), out
 
 
 def test_gpu_check_dry_run_on_cpu(prepared):
-    out = run("gpu_check.py", "--prepared", prepared, "--profile", "none", "--models", "ae", "wgan",
-              "--steps", 2, "--warmup", 1)
+    out = run("gpu_check.py", "--prepared", prepared, "--profile", "none", "--models", "ae", "wgan", "--steps", 2, "--warmup", 1)
     for model in ("ae", "wgan"):
         for precision in ("bf16", "fp32"):
-            assert re.search(rf"^{model} +{precision} +(128|64) \|.*\| yes$", out, re.M), out
+            assert re.search(rf"^{model} +{precision} +(128|64) \|.*\| yes$", out, re.MULTILINE), out
     assert "training.train ae:" in out and "val_loss" in out
-    assert re.search(r"^OK: total", out, re.M), out
+    assert re.search(r"^OK: total", out, re.MULTILINE), out
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +99,22 @@ def evaluated_world(tmp_path_factory):
     work = tmp_path_factory.mktemp("clock")
     write_prepared(work / "data/prepared")
     write_params(work, **tiny_evaluation_sections())
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines/train_evaluator.py"), "--data", "data/prepared",
-                             "--out", "models/evaluator", "--metrics", "metrics/evaluator.json"],
-                            cwd=work, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines/train_evaluator.py"),
+            "--data",
+            "data/prepared",
+            "--out",
+            "models/evaluator",
+            "--metrics",
+            "metrics/evaluator.json",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return work
 
@@ -91,23 +122,48 @@ def evaluated_world(tmp_path_factory):
 def test_quality_at_fixed_clock_fills_the_seconds_and_scores_both_spaces(evaluated_world, tmp_path):
     work = evaluated_world
     profile = tmp_path / "tiny.yaml"
-    profile.write_text(yaml.safe_dump({"models": {m: tiny_model_params(m) for m in ("gan", "vae")},
-                                       "evaluate": tiny_evaluation_sections()["evaluate"]}))
+    profile.write_text(
+        yaml.safe_dump(
+            {"models": {m: tiny_model_params(m) for m in ("gan", "vae")}, "evaluate": tiny_evaluation_sections()["evaluate"]}
+        )
+    )
     rows_file = tmp_path / "rows.jsonl"
-    out = run("quality_at_fixed_clock.py", "--models", "gan", "vae", "--seconds", 2, "--profile", profile,
-              "--set", "models.gan.ema_decay=0.9", "--raw-too", "--label", "tiny",
-              "--data", work / "data/prepared", "--evaluator", work / "models/evaluator", "--out", rows_file)
+    out = run(
+        "quality_at_fixed_clock.py",
+        "--models",
+        "gan",
+        "vae",
+        "--seconds",
+        2,
+        "--profile",
+        profile,
+        "--set",
+        "models.gan.ema_decay=0.9",
+        "--raw-too",
+        "--label",
+        "tiny",
+        "--data",
+        work / "data/prepared",
+        "--evaluator",
+        work / "models/evaluator",
+        "--out",
+        rows_file,
+    )
     rows = {(r["model"], r["label"]): r for r in map(json.loads, rows_file.read_text().splitlines())}
     assert set(rows) == {("gan", "tiny"), ("gan", "tiny (raw weights)"), ("vae", "tiny")}, rows.keys()
     for model in ("gan", "vae"):
-        assert re.search(rf"^{model}: [0-9.]+ s per epoch \(from 300 timed steps\)$", out, re.M), out
+        assert re.search(rf"^{model}: [0-9.]+ s per epoch \(from 300 timed steps\)$", out, re.MULTILINE), out
     for (model, label), row in rows.items():
         # 2 s of a tiny MLP is many epochs: the clock, not the profile's `epochs: 1`, chose them
         assert row["epochs"] > 1 and row["sets"] == ["models.gan.ema_decay=0.9"], row
         for key in ("fid_cls", "fid_cls_e2", "precision", "precision_e2", "recall", "recall_e2"):
             assert math.isfinite(row[key]) and row[key + "_lo"] <= row[key] <= row[key + "_hi"], (key, row)
-        assert re.search(rf"^{model} +{re.escape(label)} +epochs +{row['epochs']} +train +[0-9.]+ s +FID e1 "
-                         rf"{row['fid_cls']:.3f} \[", out, re.M), out
+        assert re.search(
+            rf"^{model} +{re.escape(label)} +epochs +{row['epochs']} +train +[0-9.]+ s +FID e1 "
+            rf"{row['fid_cls']:.3f} \[",
+            out,
+            re.MULTILINE,
+        ), out
     assert math.isfinite(rows["vae", "tiny"]["iwae_nll"]) and "IWAE NLL" in out
     # the raw weights are the same run's before the average replaced them: other weights, other scores
     assert rows["gan", "tiny (raw weights)"]["fid_cls"] != rows["gan", "tiny"]["fid_cls"]
@@ -115,6 +171,11 @@ def test_quality_at_fixed_clock_fills_the_seconds_and_scores_both_spaces(evaluat
 
 
 def test_quality_at_fixed_clock_names_a_bad_override():
-    result = subprocess.run([sys.executable, "benchmarks/quality_at_fixed_clock.py", "--models", "gan",
-                             "--set", "models.gan.no_such_key=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/quality_at_fixed_clock.py", "--models", "gan", "--set", "models.gan.no_such_key=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "models.gan.no_such_key is not a key of params.yaml" in result.stderr, result.stderr

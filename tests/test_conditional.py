@@ -1,4 +1,5 @@
 """The conditional families (cvae, cwgan): objectives, the harness with labels, label fidelity, the pyfunc's digit."""
+
 import json
 import os
 import subprocess
@@ -7,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, post_invocation, repo_params, served_model, tiny, tiny_model_params, write_params, write_prepared
 from torch import nn
 
-from helpers import ROOT, post_invocation, repo_params, served_model, tiny, tiny_model_params, write_params, write_prepared
-from mnistgen import evaluation, figures, metrics, report, training
+from mnistgen import evaluation, figures, report, training
 from mnistgen.config import EvaluateParams
 from mnistgen.models import build_model
 from mnistgen.models.base import GenerativeModel
@@ -77,7 +78,8 @@ def test_cwgan_penalty_equals_the_wgan_one_for_a_label_independent_critic(gradie
     conditional = cwgan.gradient_norm(real, fake, y)
     torch.manual_seed(1)
     unconditional = (difference_quotient if gradient == "finite_difference" else autograd_norm)(
-        lambda img: cwgan.critic.psi(cwgan.critic.phi(img)), real, fake)
+        lambda img: cwgan.critic.psi(cwgan.critic.phi(img)), real, fake
+    )
     torch.testing.assert_close(conditional, unconditional)
 
 
@@ -100,8 +102,9 @@ def conditional_run(family, tmp_path, epochs=3, on_epoch=None):
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(96, 1, 28, 28, generator=g), torch.randint(0, 10, (96,), generator=g)
     ckpt = training.Checkpoint(tmp_path / "last.pt", {"family": family})
-    history = training.train(model, x, x[:32], seed=0, checkpoint=ckpt, on_epoch=on_epoch, progress=False,
-                             train_labels=y, val_labels=y[:32])
+    history = training.train(
+        model, x, x[:32], seed=0, checkpoint=ckpt, on_epoch=on_epoch, progress=False, train_labels=y, val_labels=y[:32]
+    )
     return model, history
 
 
@@ -119,8 +122,10 @@ def test_harness_trains_a_conditional_model_and_resumes_exactly(tmp_path, family
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    assert history == [{**h, "epoch_seconds": r["epoch_seconds"], "images_per_second": r["images_per_second"]}
-                       for h, r in zip(ref_history, history)]
+    assert history == [
+        {**h, "epoch_seconds": r["epoch_seconds"], "images_per_second": r["images_per_second"]}
+        for h, r in zip(ref_history, history)
+    ]
 
 
 def test_the_harness_passes_each_batch_its_own_labels(monkeypatch):
@@ -208,7 +213,9 @@ def test_per_class_fid_is_lower_when_each_digit_looks_like_its_class(synthetic, 
     templates, classifier, ref, params, test_y = synthetic
     scores = {}
     for ignore in (False, True):
-        job = evaluation.Evaluation(MeanImageGenerator(templates, ignore), {"": classifier}, {"": ref}, params, tmp_path / str(ignore))
+        job = evaluation.Evaluation(
+            MeanImageGenerator(templates, ignore), {"": classifier}, {"": ref}, params, tmp_path / str(ignore)
+        )
         job.conditional_samples(test_y)
         scores[ignore] = job.metrics["fid_cls_per_class_mean"]
     assert scores[False] < 0.5 * scores[True]
@@ -232,20 +239,27 @@ def test_latent_scatter_marks_the_class_means(tmp_path):
 
 
 def test_report_claims_on_conditional_models():
-    results = {"vae": {"latent_silhouette": 0.05, "latent_silhouette_stderr": 0.002, "class_tv_to_uniform": 0.05, "fid_cls": 15.0},
-               "cvae": {"latent_silhouette": 0.30, "latent_silhouette_stderr": 0.003, "label_fidelity": 0.96, "label_fidelity_stderr": 0.002},
-               "cwgan": {"label_fidelity": 0.93, "label_fidelity_stderr": 0.0025}}
+    results = {
+        "vae": {"latent_silhouette": 0.05, "latent_silhouette_stderr": 0.002, "class_tv_to_uniform": 0.05, "fid_cls": 15.0},
+        "cvae": {
+            "latent_silhouette": 0.30,
+            "latent_silhouette_stderr": 0.003,
+            "label_fidelity": 0.96,
+            "label_fidelity_stderr": 0.002,
+        },
+        "cwgan": {"label_fidelity": 0.93, "label_fidelity_stderr": 0.0025},
+    }
     checks = {c: (v, e) for c, v, e in report.claims(results, {})}
     cluster = next(c for c in checks if "cluster" in c)
     keep = next(c for c in checks if "requested digit" in c)
     assert checks[cluster][0] == report.HOLDS and "0.300" in checks[cluster][1]
     assert checks[keep][0] == report.HOLDS and "CWGAN 0.930" in checks[keep][1] and "VAE 0.0500" in checks[keep][1]
     results["cwgan"]["label_fidelity"] = 0.5
-    assert dict((c, v) for c, v, _ in report.claims(results, {}))[keep] == report.FAILS
+    assert {c: v for c, v, _ in report.claims(results, {})}[keep] == report.FAILS
     results["cwgan"]["label_fidelity"] = 0.902  # within two standard errors of the 0.9 bar
-    assert dict((c, v) for c, v, _ in report.claims(results, {}))[keep] == report.TOO_CLOSE
+    assert {c: v for c, v, _ in report.claims(results, {})}[keep] == report.TOO_CLOSE
     results["cvae"]["latent_silhouette"] = 0.051
-    assert dict((c, v) for c, v, _ in report.claims(results, {}))[cluster] == report.TOO_CLOSE
+    assert {c: v for c, v, _ in report.claims(results, {})}[cluster] == report.TOO_CLOSE
     markdown = report.build_markdown(results, {}, {}, report.claims(results, {}))
     assert "label fidelity" in markdown and "conditional on the label" in markdown
 
@@ -302,11 +316,37 @@ def test_the_logged_conditional_model_takes_a_digit_through_mlflow(tmp_path):
     from mlflow.exceptions import MlflowException
 
     write_prepared(tmp_path / "data" / "prepared")
-    write_params(tmp_path, train={"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "dist_timeout_s": 60},
-                 models={"cwgan": tiny_model_params("cwgan")})
+    write_params(
+        tmp_path,
+        train={
+            "seed": 0,
+            "device": "cpu",
+            "deterministic": True,
+            "experiment": "test-exp",
+            "sample_every": 1,
+            "dist_timeout_s": 60,
+        },
+        models={"cwgan": tiny_model_params("cwgan")},
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "cwgan", "--data", "data/prepared", "--out", "models/cwgan",
-                             "--curves", "curves/cwgan"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "train.py"),
+            "cwgan",
+            "--data",
+            "data/prepared",
+            "--out",
+            "models/cwgan",
+            "--curves",
+            "curves/cwgan",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     model_uri = json.loads((tmp_path / "models" / "cwgan" / "run.json").read_text())["model_uri"]
@@ -324,9 +364,11 @@ def test_the_logged_conditional_model_takes_a_digit_through_mlflow(tmp_path):
         assert np.asarray(json.loads(body)["predictions"]).shape == (16, 28, 28)
         status, body = post_invocation(port, {"inputs": [[0.0] * 4 + [3.0]]})  # explicit noise, then the digit
         assert status == 200 and np.asarray(json.loads(body)["predictions"]).shape == (1, 28, 28)
-        for bad, names in (({"params": {"digit": 10, "count": 4}}, "digit must be an integer 0-9, got 10"),
-                           ({"params": {"digit": -1, "count": 4}}, "digit must be an integer 0-9, got -1"),
-                           ({}, "digit column (the last) must hold integers 0-9, got 12")):
+        for bad, names in (
+            ({"params": {"digit": 10, "count": 4}}, "digit must be an integer 0-9, got 10"),
+            ({"params": {"digit": -1, "count": 4}}, "digit must be an integer 0-9, got -1"),
+            ({}, "digit column (the last) must hold integers 0-9, got 12"),
+        ):
             inputs = [[0.0] * 4 + [12.0]] if not bad else [[0.0] * 5]
             status, body = post_invocation(port, {"inputs": inputs, **bad})
             assert 400 <= status < 500 and names in json.loads(body)["message"], (bad, status, body)

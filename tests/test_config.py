@@ -1,14 +1,14 @@
 """Typed params: strict, frozen, unknown keys refused, each family only its own fields, no defaults in code."""
+
 import subprocess
 import sys
 
 import pytest
 import yaml
-
 from helpers import ROOT, load_script, repo_params, tiny_model_params, write_params, write_prepared
+
 from mnistgen.config import EvaluateParams, ParamsError, flatten, model_names
-from mnistgen.models import load_model_params, model_params
-from mnistgen.models import FAMILIES
+from mnistgen.models import FAMILIES, load_model_params, model_params
 
 MODELS = model_names(ROOT / "params.yaml")
 
@@ -16,7 +16,7 @@ MODELS = model_names(ROOT / "params.yaml")
 def foreign_key(family: str) -> tuple[str, object]:
     """A key (and the value it has there) of another family's section in params.yaml that this family does not have."""
     own = set(FAMILIES[family].Params.model_fields)
-    for name, section in repo_params()["models"].items():
+    for section in repo_params()["models"].values():
         for key, value in section.items():
             if key not in own:
                 return key, value
@@ -119,9 +119,24 @@ def test_dvc_repro_stops_at_once_on_a_key_of_another_family(tmp_path, family):
 def test_stage_script_refuses_a_bad_key_before_touching_mlflow(tmp_path):
     write_prepared(tmp_path / "data" / "prepared")
     write_params(tmp_path, models={"gan": {**tiny_model_params("gan"), "beta": 1.0}})
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines/train.py"), "gan", "--data", "data/prepared", "--out", "models/gan",
-                             "--curves", "curves/gan"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={"MNISTGEN_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines/train.py"),
+            "gan",
+            "--data",
+            "data/prepared",
+            "--out",
+            "models/gan",
+            "--curves",
+            "curves/gan",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"MNISTGEN_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: params.yaml: models.gan.beta: unknown key"]
     assert not (tmp_path / "mlflow.db").exists()

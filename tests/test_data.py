@@ -1,4 +1,5 @@
 """IDX parsing, MD5 checks, mirrors and the prepare stage's handling of bad input."""
+
 import gzip
 import hashlib
 import struct
@@ -8,12 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 from mnistgen import data
 from mnistgen.config import ParamsError, PrepareParams, load_section
 from mnistgen.utils import StageError
-
-from helpers import ROOT
 
 
 def idx_bytes(array: np.ndarray, magic: int | None = None, dims=None) -> bytes:
@@ -54,7 +54,7 @@ def test_wrong_magic_number():
 def test_count_mismatch_between_images_and_labels(tmp_path):
     (tmp_path / "i.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((4, 28, 28)))))
     (tmp_path / "l.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3))))
-    reader = lambda name: (tmp_path / name).read_bytes()  # noqa: E731
+    reader = lambda name: (tmp_path / name).read_bytes()
     with pytest.raises(StageError, match="i.gz has 4 images but l.gz has 3 labels"):
         data.read_pair("i.gz", "l.gz", reader=reader)
 
@@ -92,13 +92,15 @@ def test_unreachable_url_mirror(monkeypatch):
 
 
 def test_splits_are_seeded_disjoint_and_limited():
-    train = data.Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1).expand(100, 28, 28).contiguous(), torch.arange(100) % 10)
+    train = data.Split(
+        torch.arange(100, dtype=torch.uint8).view(100, 1, 1).expand(100, 28, 28).contiguous(), torch.arange(100) % 10
+    )
     test = data.Split(torch.zeros(50, 28, 28, dtype=torch.uint8), torch.arange(50) % 10)
     params = PrepareParams(val_size=10, split_seed=3, limit_train=60, limit_test=20)
     a, b = data.make_splits(train, test, params), data.make_splits(train, test, params)
     assert [len(a[s].labels) for s in data.SPLITS] == [50, 10, 20]
     assert torch.equal(a["val"].images, b["val"].images)
-    ids = lambda s: set(a[s].images[:, 0, 0].tolist())  # noqa: E731
+    ids = lambda s: set(a[s].images[:, 0, 0].tolist())
     assert not ids("train") & ids("val")
     with pytest.raises(StageError, match="prepare.val_size"):
         data.make_splits(train, test, PrepareParams(val_size=60, split_seed=0, limit_train=60, limit_test=0))
@@ -114,8 +116,14 @@ def test_params_key_of_wrong_type(tmp_path):
 
 
 def run_prepare(cwd, mirror):
-    return subprocess.run([sys.executable, str(ROOT / "pipelines" / "prepare.py"), "--out", "data/prepared"], cwd=cwd, capture_output=True,
-                          text=True, env={"MNIST_MIRROR": str(mirror), "PATH": "/usr/bin:/bin"}, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "prepare.py"), "--out", "data/prepared"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"MNIST_MIRROR": str(mirror), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
 
 
 def test_prepare_stage_bad_input_leaves_nothing(tmp_path):

@@ -1,6 +1,7 @@
 """Data-parallel training (mnistgen.distributed): N gloo processes on this CPU equal one process fed the
 same global batches, for every family; a rank that dies fails the torchrun stage at once, and the
 run resumes from its checkpoint."""
+
 import copy
 import os
 import shutil
@@ -18,11 +19,18 @@ from torch import nn
 
 from mnistgen import distributed, training
 from mnistgen.models import build_model
-from mnistgen.utils import StageError, memory_format, seed_everything
+from mnistgen.utils import StageError, seed_everything
 
 WORLD = 2
 TOLERANCE = 1e-5  # max |weight difference| after 32 steps (3.6e-7 at most seen): float rounding differs, nothing else may
-RUN_SECTION = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "dist_timeout_s": 60}
+RUN_SECTION = {
+    "seed": 0,
+    "device": "cpu",
+    "deterministic": True,
+    "experiment": "test-exp",
+    "sample_every": 1,
+    "dist_timeout_s": 60,
+}
 
 
 # ------------------------------------------------------------------ one process
@@ -103,11 +111,24 @@ def one_process_reference(family: str, changes: dict) -> nn.Module:
 def parallel_weights(tmp_path_factory) -> Path:
     """Every case trained by two gloo processes (tests/ddp_worker.py); rank 0's weights, one file per case."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out)], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(WORLD),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(out)],
+            cwd=ROOT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -153,8 +174,13 @@ def workspace(folder: Path, empty_store: Path, **train) -> Path:
 def torchrun(work: Path, script: str, model: str, timeout: float, **env) -> tuple[subprocess.CompletedProcess, float]:
     args = [model, "--data", "data/prepared", "--out", f"models/{model}", "--curves", f"curves/{model}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", script, *args]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]), **env}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
     started = time.monotonic()
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     return result, time.monotonic() - started
@@ -194,7 +220,9 @@ def test_torchrun_stage_fails_at_once_when_a_rank_dies_and_then_resumes(tmp_path
 def test_a_hung_rank_fails_the_run_after_the_timeout(tmp_path, empty_store):
     """Rank 1 stops in epoch 2 without exiting: rank 0's next all-reduce gives up after dist_timeout_s."""
     work = workspace(tmp_path / "hung", empty_store, dist_timeout_s=10)
-    result, seconds = torchrun(work, str(ROOT / "tests" / "ddp_die.py"), "gan", timeout=300, DIE_RANK="1", DIE_STEP="10", HANG="1")
+    result, seconds = torchrun(
+        work, str(ROOT / "tests" / "ddp_die.py"), "gan", timeout=300, DIE_RANK="1", DIE_STEP="10", HANG="1"
+    )
     print(f"failed after {seconds:.1f} s:", result.stderr[-3000:])
     assert result.returncode != 0 and seconds < 120
     assert "error: rank 0 of 2: lost the other processes of the run" in result.stderr

@@ -1,4 +1,5 @@
 """Failure drills: kill -9 during `dvc repro` training, then resume; same seed, same results."""
+
 import os
 import signal
 import subprocess
@@ -7,7 +8,6 @@ import time
 
 import pytest
 import torch
-
 from helpers import load_script, tiny_model_params, write_params, write_prepared
 
 smoke_pipeline = load_script("scripts/smoke_pipeline.py")
@@ -20,8 +20,14 @@ def workspace(path):
     (path / "data" / "validation").mkdir(parents=True)
     (path / "data" / "validation" / "result.json").write_text("{}")
     run = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "drill", "sample_every": 10, "dist_timeout_s": 60}
-    write_params(path, train=run, models={**{m: tiny_model_params(m) for m in ("ae", "gan", "wgan")},
-                                          "vae": tiny_model_params("vae", arch="conv", width=8, epochs=4, batch_size=16)})
+    write_params(
+        path,
+        train=run,
+        models={
+            **{m: tiny_model_params(m) for m in ("ae", "gan", "wgan")},
+            "vae": tiny_model_params("vae", arch="conv", width=8, epochs=4, batch_size=16),
+        },
+    )
     return path
 
 
@@ -31,7 +37,9 @@ def train_stage(path, background=False):
     env.pop("MLFLOW_TRACKING_URI", None)
     args = [exe, "repro", "--single-item", "train@vae"]
     if background:
-        return subprocess.Popen(args, cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            args, cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     return subprocess.run(args, cwd=path, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -1,5 +1,6 @@
 """dvc.yaml tells the truth: each stage depends on exactly the library modules its script imports,
 takes every path from its command line, and an edit reruns exactly the stages that read it."""
+
 import json
 import re
 import subprocess
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import ROOT, load_script
+
 from mnistgen.config import model_names
 
 # Files a stage reads as code without importing them: the logged model's own code.
@@ -39,7 +40,9 @@ def code_deps(stage: dict) -> set[str]:
 
 
 def imported(script: str) -> set[str]:
-    result = subprocess.run([sys.executable, "-c", PROBE, str(ROOT / script)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(ROOT / script)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return {str(Path(f).resolve().relative_to(ROOT)) for f in result.stdout.split()}
 
@@ -56,8 +59,9 @@ def test_each_stage_depends_on_exactly_the_modules_it_imports(name):
 def test_every_path_a_stage_uses_is_on_its_command_line(name):
     """Each --flag PATH in the command is a dep or an output, and the scripts hard-code no data paths."""
     stage = stages()[name]
-    declared = set(stage["deps"]) | {next(iter(o)) if isinstance(o, dict) else o
-                                     for key in ("outs", "metrics") for o in stage.get(key, [])}
+    declared = set(stage["deps"]) | {
+        next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics") for o in stage.get(key, [])
+    }
     for flag, path in re.findall(r"(--[\w-]+) (\S+)", stage["cmd"]):
         assert path in declared or any(d.startswith(path.rstrip("/") + "/") for d in declared), (name, flag, path)
     script = re.search(r"python (pipelines/\S+\.py)", stage["cmd"]).group(1)
@@ -87,7 +91,9 @@ def committed_workspace(tmp_path_factory):
 
 
 def dvc(*args, cwd):
-    return subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def changed_stages(work: Path) -> set[str]:
@@ -108,30 +114,60 @@ def edited(work: Path, rel: str, old: str | None = None, new: str | None = None)
 
 
 MODELS = model_names(ROOT / "params.yaml")
-EVERY = {"prepare", "validate", "train_evaluator", "report", "promote", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}
+EVERY = {
+    "prepare",
+    "validate",
+    "train_evaluator",
+    "report",
+    "promote",
+    *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS),
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rel, old, new, expected", [
-    ("src/mnistgen/classifier.py", None, None, {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
-    ("src/mnistgen/registry.py", None, None, {"promote"}),
-    ("src/mnistgen/report.py", None, None, {"report"}),
-    ("src/mnistgen/evaluator.py", None, None, {"train_evaluator"}),
-    ("src/mnistgen/models/vae.py", None, None, {*(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
-    ("src/mnistgen/figures.py", None, None, {"report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
-    ("src/mnistgen/config.py", None, None, EVERY),
-    ("src/mnistgen/utils.py", None, None, EVERY),
-    ("src/mnistgen/data.py", None, None, {"prepare", "validate", "train_evaluator", "report",  # report: the test digits' sharpness
-                                          *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
-    ("src/mnistgen/metrics.py", None, None, {"report", *(f"evaluate@{m}" for m in MODELS)}),
-    ("params.yaml", "iwae_k: 1000", "iwae_k: 500", {"report", *(f"evaluate@{m}" for m in MODELS)}),
-    ("params.yaml", "num_real: 10000", "num_real: 5000", {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
-    ("params.yaml", "beta: 1.0", "beta: 0.5", {"train@vae", "report", "promote"}),
-    ("params.yaml", "bootstrap: 100", "bootstrap: 50", {"report", *(f"evaluate@{m}" for m in MODELS)}),
-    ("params.yaml", "  width: 16\n  epochs: 3", "  width: 16\n  epochs: 2", {"train_evaluator"}),  # evaluator2
-    ("params.yaml", "tolerance: 0.5\n    agree_in_both_spaces: false", "tolerance: 0.6\n    agree_in_both_spaces: false", {"promote"}),
-    ("params.yaml", "tolerance: band\n    agree_in_both_spaces: true", "tolerance: 0.5\n    agree_in_both_spaces: true", {"promote"}),
-])
+@pytest.mark.parametrize(
+    "rel, old, new, expected",
+    [
+        ("src/mnistgen/classifier.py", None, None, {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
+        ("src/mnistgen/registry.py", None, None, {"promote"}),
+        ("src/mnistgen/report.py", None, None, {"report"}),
+        ("src/mnistgen/evaluator.py", None, None, {"train_evaluator"}),
+        ("src/mnistgen/models/vae.py", None, None, {*(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
+        ("src/mnistgen/figures.py", None, None, {"report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
+        ("src/mnistgen/config.py", None, None, EVERY),
+        ("src/mnistgen/utils.py", None, None, EVERY),
+        (
+            "src/mnistgen/data.py",
+            None,
+            None,
+            {
+                "prepare",
+                "validate",
+                "train_evaluator",
+                "report",  # report: the test digits' sharpness
+                *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS),
+            },
+        ),
+        ("src/mnistgen/metrics.py", None, None, {"report", *(f"evaluate@{m}" for m in MODELS)}),
+        ("params.yaml", "iwae_k: 1000", "iwae_k: 500", {"report", *(f"evaluate@{m}" for m in MODELS)}),
+        ("params.yaml", "num_real: 10000", "num_real: 5000", {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
+        ("params.yaml", "beta: 1.0", "beta: 0.5", {"train@vae", "report", "promote"}),
+        ("params.yaml", "bootstrap: 100", "bootstrap: 50", {"report", *(f"evaluate@{m}" for m in MODELS)}),
+        ("params.yaml", "  width: 16\n  epochs: 3", "  width: 16\n  epochs: 2", {"train_evaluator"}),  # evaluator2
+        (
+            "params.yaml",
+            "tolerance: 0.5\n    agree_in_both_spaces: false",
+            "tolerance: 0.6\n    agree_in_both_spaces: false",
+            {"promote"},
+        ),
+        (
+            "params.yaml",
+            "tolerance: band\n    agree_in_both_spaces: true",
+            "tolerance: 0.5\n    agree_in_both_spaces: true",
+            {"promote"},
+        ),
+    ],
+)
 def test_an_edit_reruns_exactly_the_stages_that_read_it(committed_workspace, rel, old, new, expected):
     if old:
         assert old in (committed_workspace / rel).read_text(), f"{old!r} not in {rel}"

@@ -1,14 +1,14 @@
 """End to end: `dvc repro` on a small real-MNIST subset (params-smoke.yaml) with a real MLflow SQLite store."""
+
 import json
 
 import pytest
-import yaml
 import torch
-
+import yaml
 from helpers import ROOT, load_script
+
 from mnistgen.config import model_names
-from mnistgen.models import load_model_params
-from mnistgen.models import FAMILIES
+from mnistgen.models import FAMILIES, load_model_params
 
 smoke_pipeline = load_script("scripts/smoke_pipeline.py")
 MODELS = model_names(ROOT / "params.yaml")
@@ -26,9 +26,15 @@ def pipeline(tmp_path_factory, mnist_mirror):
 
 def test_every_stage_ran_and_printed_its_summary(pipeline):
     work, stdout = pipeline
-    for line in ("prepare: train 5000, val 1000, test 2000", "validation passed", "train_evaluator: test accuracy",
-                 *(f"train {m}: " for m in MODELS), *(f"evaluate {m}: FID_cls" for m in MODELS),
-                 "report:", "promote: exit 0"):
+    for line in (
+        "prepare: train 5000, val 1000, test 2000",
+        "validation passed",
+        "train_evaluator: test accuracy",
+        *(f"train {m}: " for m in MODELS),
+        *(f"evaluate {m}: FID_cls" for m in MODELS),
+        "report:",
+        "promote: exit 0",
+    ):
         assert line in stdout, line
     assert json.loads((work / "data/validation/result.json").read_text())["success"] is True
 
@@ -65,8 +71,20 @@ def test_metrics_follow_the_protocol(pipeline):
     for model in MODELS:
         m = json.loads((work / f"metrics/{model}.json").read_text())
         assert m["evaluator_hash"] == evaluator["evaluator_hash"] and m["evaluator_hash_e2"] == evaluator["evaluator_hash_e2"]
-        for key in ("fid_cls", "kid_cls", "is_cls", "precision", "recall", "classes_present", "interp_linear_confidence",
-                    "interp_linear_fid_cls", "interp_linear_fid_cls_e2", "grad_mag", "laplacian_var", "grey_fraction"):
+        for key in (
+            "fid_cls",
+            "kid_cls",
+            "is_cls",
+            "precision",
+            "recall",
+            "classes_present",
+            "interp_linear_confidence",
+            "interp_linear_fid_cls",
+            "interp_linear_fid_cls_e2",
+            "grad_mag",
+            "laplacian_var",
+            "grey_fraction",
+        ):
             assert key in m, (model, key)
         for key in BANDED:
             assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"] and m[f"{key}_hi"] > m[f"{key}_lo"], (model, key)
@@ -80,7 +98,9 @@ def test_metrics_follow_the_protocol(pipeline):
     assert vae["iwae_nll"] < 130.0 and vae["recon_mse"] < 0.03
     assert vae["likelihood_images"] == vae["iwae_images"] == 250  # params-smoke: 250 of 2,000, not a multiple of the chunk
     assert vae["grey_fraction"] > real["grey_fraction"]  # a likelihood-trained decoder's mean is blurry
-    assert "recon_mse" in json.loads((work / "metrics/ae.json").read_text()) and "recon_mse" not in json.loads((work / "metrics/gan.json").read_text())
+    assert "recon_mse" in json.loads((work / "metrics/ae.json").read_text()) and "recon_mse" not in json.loads(
+        (work / "metrics/gan.json").read_text()
+    )
     for figure in ("samples.png", "interpolation_linear.png", "class_histogram.png"):
         assert (work / "evaluation/gan" / figure).stat().st_size > 1000
     for figure in ("reconstructions.png", "latent_scatter.png"):
@@ -128,7 +148,13 @@ def test_second_repro_does_nothing_and_dvc_shows_metrics_and_plots(pipeline):
     plots = smoke_pipeline.dvc("plots", "show", "-o", "plots_out", cwd=work, capture=True)
     assert plots.returncode == 0, plots.stderr
     page = (work / "plots_out" / "index.html").read_text()
-    for curve in ("curves/ae/loss.csv", "curves/vae/kl.csv", "curves/gan/d_loss.csv", "curves/wgan/grad_norm.csv", "curves/wgan/curves.png"):
+    for curve in (
+        "curves/ae/loss.csv",
+        "curves/vae/kl.csv",
+        "curves/gan/d_loss.csv",
+        "curves/wgan/grad_norm.csv",
+        "curves/wgan/curves.png",
+    ):
         assert curve.replace("/", "_").replace(".", "_") in page, curve
     assert "cdn.jsdelivr" not in page and "<script src" not in page  # the offline template (.dvc/config plots.html_template)
 
@@ -145,7 +171,9 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     classifier.eval()
     ref = evaluation.Reference(**torch.load(work / "models/evaluator/reference.pt", weights_only=True))
     real = metrics.fid(ref.train_feats, ref.test_feats)
-    noise = metrics.fid(classifier.features_and_probs(torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))[0], ref.test_feats)
+    noise = metrics.fid(
+        classifier.features_and_probs(torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))[0], ref.test_feats
+    )
     torch.manual_seed(0)
     broken = build_model(load_model_params("gan", work / "params.yaml")).eval()  # untrained
     with torch.no_grad():

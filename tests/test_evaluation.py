@@ -1,9 +1,10 @@
 """Evaluation path: IWAE bound properties on a small trained VAE, interpolation helpers, the report."""
+
 import pytest
 import torch
+from helpers import ROOT, tiny
 
 from mnistgen import evaluation, report, training
-from helpers import ROOT, tiny
 from mnistgen.models import build_model
 from mnistgen.models.base import bce_per_image
 
@@ -60,20 +61,39 @@ def test_interpolation_pairs_are_of_different_digits():
 
 def _both(value, value_e2, half=0.5):
     """A distance in both spaces, each with a band of +-half."""
-    return {"fid_cls": value, "fid_cls_lo": value - half, "fid_cls_hi": value + half,
-            "fid_cls_e2": value_e2, "fid_cls_e2_lo": value_e2 - half, "fid_cls_e2_hi": value_e2 + half}
+    return {
+        "fid_cls": value,
+        "fid_cls_lo": value - half,
+        "fid_cls_hi": value + half,
+        "fid_cls_e2": value_e2,
+        "fid_cls_e2_lo": value_e2 - half,
+        "fid_cls_e2_hi": value_e2 + half,
+    }
 
 
 def _sharp(grad, lap, grey):
-    return {"grad_mag": grad, "grad_mag_stderr": 0.001, "laplacian_var": lap, "laplacian_var_stderr": 0.001,
-            "grey_fraction": grey, "grey_fraction_stderr": 0.001}
+    return {
+        "grad_mag": grad,
+        "grad_mag_stderr": 0.001,
+        "laplacian_var": lap,
+        "laplacian_var_stderr": 0.001,
+        "grey_fraction": grey,
+        "grey_fraction_stderr": 0.001,
+    }
 
 
 def test_report_claims_follow_the_numbers():
-    results = {"ae": {**_both(30.0, 25.0), "interp_linear_midpoint_confidence": 0.6, "interp_linear_fid_cls": 40.0},
-               "vae": {**_both(10.0, 9.0), **_sharp(0.10, 0.05, 0.30), "interp_linear_midpoint_confidence": 0.8,
-                       "interp_linear_fid_cls": 15.0},
-               "gan": {**_both(5.0, 4.0), **_sharp(0.15, 0.09, 0.15)}, "wgan": {**_both(8.0, 6.0), **_sharp(0.14, 0.08, 0.18)}}
+    results = {
+        "ae": {**_both(30.0, 25.0), "interp_linear_midpoint_confidence": 0.6, "interp_linear_fid_cls": 40.0},
+        "vae": {
+            **_both(10.0, 9.0),
+            **_sharp(0.10, 0.05, 0.30),
+            "interp_linear_midpoint_confidence": 0.8,
+            "interp_linear_fid_cls": 15.0,
+        },
+        "gan": {**_both(5.0, 4.0), **_sharp(0.15, 0.09, 0.15)},
+        "wgan": {**_both(8.0, 6.0), **_sharp(0.14, 0.08, 0.18)},
+    }
     curves = {"wgan": {"grad_norm": [1.2, 1.05], "wasserstein": [5.0, 2.0]}}
     checks = report.claims(results, curves)
     assert [v for _, v, _ in checks] == [report.HOLDS] * 6
@@ -86,16 +106,23 @@ def test_report_claims_follow_the_numbers():
 def test_a_tie_has_no_winner_and_numbers_keep_one_format():
     results = {"ae": {"classes_present": 10.0, "fid_cls": 13.754}, "vae": {"classes_present": 10.0, "fid_cls": 1.7436}}
     assert report.winners(results) == {"fid_cls": "vae"}  # classes_present: both 10, no winner
-    assert [report.fmt(v) for v in (13.754, 1.7436, 103.163, 0.4917, 0.01544, 4.2e-4, 0.0)] == \
-        ["13.75", "1.74", "103.16", "0.492", "0.0154", "4.20e-04", "0.00"]
+    assert [report.fmt(v) for v in (13.754, 1.7436, 103.163, 0.4917, 0.01544, 4.2e-4, 0.0)] == [
+        "13.75",
+        "1.74",
+        "103.16",
+        "0.492",
+        "0.0154",
+        "4.20e-04",
+        "0.00",
+    ]
 
 
 def test_a_claim_holds_only_if_it_holds_in_both_feature_spaces():
     results = {"ae": _both(30.0, 7.0), "vae": _both(10.0, 9.0)}  # worse in space 1, better in space 2
-    (claim, outcome, evidence), = report.claims(results, {})
+    ((claim, outcome, evidence),) = report.claims(results, {})
     assert outcome == report.FAILS and "evaluator 1: holds; evaluator 2: does not hold" in evidence
     results["ae"] = _both(30.0, 9.2)  # bands overlap in space 2
-    (claim, outcome, evidence), = report.claims(results, {})
+    ((claim, outcome, evidence),) = report.claims(results, {})
     assert outcome == report.TOO_CLOSE and "evaluator 2: too close to call" in evidence
 
 
@@ -107,8 +134,10 @@ def test_a_gap_inside_the_bands_is_too_close_to_call():
 
 
 def test_the_sharpness_claim_rests_on_sharpness_not_on_fid():
-    results = {"vae": {**_both(20.0, 20.0), **_sharp(0.10, 0.05, 0.30)},
-               "gan": {**_both(5.0, 5.0), **_sharp(0.08, 0.04, 0.35)}}  # a better FID, but blurrier samples
+    results = {
+        "vae": {**_both(20.0, 20.0), **_sharp(0.10, 0.05, 0.30)},
+        "gan": {**_both(5.0, 5.0), **_sharp(0.08, 0.04, 0.35)},
+    }  # a better FID, but blurrier samples
     verdicts = {c: v for c, v, _ in report.claims(results, {})}
     sharper = next(c for c in verdicts if "sharper" in c)
     closer = next(c for c in verdicts if "closer to the data" in c)
@@ -141,7 +170,7 @@ def test_the_table_shows_bands():
 def test_a_gap_within_two_standard_errors_is_too_close_to_call():
     key = "interp_linear_midpoint_confidence"
     results = {"ae": {key: 0.838, f"{key}_stderr": 0.006}, "vae": {key: 0.839, f"{key}_stderr": 0.006}}
-    (claim, outcome, evidence), = report.claims(results, {})
+    ((claim, outcome, evidence),) = report.claims(results, {})
     assert outcome == report.TOO_CLOSE and "AE 0.838 ± 0.00600 vs VAE 0.839 ± 0.00600" in evidence
     assert report.TOO_CLOSE in report.build_markdown(results, {}, {}, report.claims(results, {}))
     results["ae"][key] = 0.80  # 0.039 apart, more than 2 * 0.0085: the VAE's midpoints are clearly better
@@ -161,7 +190,9 @@ def test_binarize_seed_changes_the_binarisation_and_is_what_likelihood_uses(smal
     real_binarize = evaluation.binarize
     monkeypatch.setattr(evaluation, "binarize", lambda images, seed: seen.append(seed) or real_binarize(images, seed))
     vae, _ = small_vae
-    job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(binarize_seed=17, iwae_k=2), tmp_path)
+    job = evaluation.Evaluation(
+        vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(binarize_seed=17, iwae_k=2), tmp_path
+    )
     job.likelihood(x, torch.arange(len(x)) % 10)
     assert seen == [17]
 
@@ -172,12 +203,18 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     x = torch.rand(300, 1, 28, 28)
     seen = {"iwae": [], "elbo": []}
     iwae, elbo = vae.iwae_nll, vae.negative_elbo
-    monkeypatch.setattr(vae, "iwae_nll", lambda images, k, chunk=100, y=None: seen["iwae"].append(images) or iwae(images, k, chunk, y=y))
-    monkeypatch.setattr(vae, "negative_elbo", lambda images, beta=1.0, y=None: seen["elbo"].append(images) or elbo(images, beta, y=y))
-    job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(iwae_images=150, iwae_k=2), tmp_path)
+    monkeypatch.setattr(
+        vae, "iwae_nll", lambda images, k, chunk=100, y=None: seen["iwae"].append(images) or iwae(images, k, chunk, y=y)
+    )
+    monkeypatch.setattr(
+        vae, "negative_elbo", lambda images, beta=1.0, y=None: seen["elbo"].append(images) or elbo(images, beta, y=y)
+    )
+    job = evaluation.Evaluation(
+        vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(iwae_images=150, iwae_k=2), tmp_path
+    )
     job.likelihood(x, torch.arange(len(x)) % 10)
     iwae_images = torch.cat(seen["iwae"])
-    elbo_binarised = torch.cat(seen["elbo"][len(seen["elbo"]) // 2:])  # grey batches first, then the binarised ones
+    elbo_binarised = torch.cat(seen["elbo"][len(seen["elbo"]) // 2 :])  # grey batches first, then the binarised ones
     assert len(iwae_images) == 150 and job.metrics["iwae_images"] == 150 and job.metrics["likelihood_images"] == 150
     assert torch.equal(iwae_images, elbo_binarised)  # the same (binarised) images in both bounds
     idx = evaluation.likelihood_subset(300, 150, 3)
@@ -194,16 +231,32 @@ class _FakeClassifier(torch.nn.Module):
 
 def _fake_reference():
     g = torch.Generator().manual_seed(0)
-    return evaluation.Reference(torch.rand(200, 8, generator=g), torch.softmax(torch.rand(200, 10, generator=g), 1),
-                                torch.rand(200, 8, generator=g), torch.softmax(torch.rand(200, 10, generator=g), 1), "h")
+    return evaluation.Reference(
+        torch.rand(200, 8, generator=g),
+        torch.softmax(torch.rand(200, 10, generator=g), 1),
+        torch.rand(200, 8, generator=g),
+        torch.softmax(torch.rand(200, 10, generator=g), 1),
+        "h",
+    )
 
 
 def _params(**changes):
     from mnistgen.config import EvaluateParams, load_section
 
     base = load_section(EvaluateParams, "evaluate", ROOT / "params.yaml").model_dump()
-    return EvaluateParams(**{**base, "batch_size": 64, "num_samples": 100, "kid_subsets": 2, "kid_subset_size": 50,
-                             "is_splits": 2, "interp_pairs": 20, "bootstrap": 20, **changes})
+    return EvaluateParams(
+        **{
+            **base,
+            "batch_size": 64,
+            "num_samples": 100,
+            "kid_subsets": 2,
+            "kid_subset_size": 50,
+            "is_splits": 2,
+            "interp_pairs": 20,
+            "bootstrap": 20,
+            **changes,
+        }
+    )
 
 
 def test_interpolation_paths_start_from_the_held_out_images_and_have_bands(small_vae, tmp_path):
@@ -213,8 +266,13 @@ def test_interpolation_paths_start_from_the_held_out_images_and_have_bands(small
     encode = vae.encode
     vae.encode = lambda images: encoded.append(images) or encode(images)
     try:
-        job = evaluation.Evaluation(vae, {"": _FakeClassifier(), "_e2": _FakeClassifier()},
-                                    {"": _fake_reference(), "_e2": _fake_reference()}, _params(), tmp_path)
+        job = evaluation.Evaluation(
+            vae,
+            {"": _FakeClassifier(), "_e2": _FakeClassifier()},
+            {"": _fake_reference(), "_e2": _fake_reference()},
+            _params(),
+            tmp_path,
+        )
         job.interpolation(val_x, val_y)
     finally:
         del vae.encode

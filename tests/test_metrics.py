@@ -1,6 +1,5 @@
 """Tests for mnistgen.metrics (fast, seeded)."""
 
-
 import numpy as np
 import pytest
 import scipy.linalg
@@ -122,9 +121,9 @@ def test_kid_is_seeded_and_clips_subset_size():
 def test_kid_matches_direct_formula_on_full_sets():
     """With one subset covering both whole sets, KID is the plain unbiased MMD^2."""
     a, b = _randn(300, 8, seed=1).numpy(), (_randn(300, 8, seed=2) * 1.2).numpy()
-    k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3  # noqa: E731
+    k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3
     m = len(a)
-    off_diag = lambda g: (g.sum() - np.trace(g)) / (m * (m - 1))  # noqa: E731
+    off_diag = lambda g: (g.sum() - np.trace(g)) / (m * (m - 1))
     expected = off_diag(k(a, a)) + off_diag(k(b, b)) - 2 * k(a, b).mean()
     result = kid(torch.from_numpy(a), torch.from_numpy(b), subsets=3, subset_size=m)
     assert result["mean"] == pytest.approx(expected, rel=1e-10)
@@ -212,7 +211,7 @@ def test_class_coverage_rejects_out_of_range_labels():
 
 # ---------------------------------------------------------------- noise bands
 
-from mnistgen.metrics import (  # noqa: E402
+from mnistgen.metrics import (
     band,
     bootstrap_counts,
     fid_replicates,

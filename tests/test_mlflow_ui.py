@@ -10,6 +10,7 @@ stages logged (`eval_*` from evaluate); an image the stage logged is served and 
 screenshots are kept as CI artifacts in artifacts/mlflow-ui*.png. Skipped where no chromium
 binary is installed (CI installs the Debian `chromium` package in .ci/run).
 """
+
 import os
 import re
 import signal
@@ -22,7 +23,16 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, chromium_binary, free_port, headless_chromium, tiny_evaluation_sections, tiny_model_params, write_params, write_prepared
+from helpers import (
+    ROOT,
+    chromium_binary,
+    free_port,
+    headless_chromium,
+    tiny_evaluation_sections,
+    tiny_model_params,
+    write_params,
+    write_prepared,
+)
 from mlflow import MlflowClient
 
 EXPERIMENT = "mnist-generative"
@@ -38,15 +48,54 @@ ML_VIEW = "workflowType=machine_learning"  # MLflow 3.17's GenAI / Model trainin
 def _run_stages(work: Path, db_uri: str) -> None:
     """The project's own stages, as dvc.yaml runs them, on 256 synthetic training images."""
     write_prepared(work / "data" / "prepared")
-    write_params(work, train={"seed": 0, "device": "cpu", "deterministic": False, "experiment": EXPERIMENT, "sample_every": 1, "dist_timeout_s": 60},
-                 models={m: tiny_model_params(m) for m in TRAINED}, **tiny_evaluation_sections())
-    stages = [["pipelines/train.py", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED]
-    stages.append(["pipelines/train_evaluator.py", "--data", "data/prepared", "--out", "models/evaluator", "--metrics", "metrics/evaluator.json"])
-    stages.append(["pipelines/evaluate.py", EVALUATED, "--data", "data/prepared", "--evaluator", "models/evaluator",
-                   "--model-dir", f"models/{EVALUATED}", "--figures", f"evaluation/{EVALUATED}", "--metrics", f"metrics/{EVALUATED}.json"])
+    write_params(
+        work,
+        train={
+            "seed": 0,
+            "device": "cpu",
+            "deterministic": False,
+            "experiment": EXPERIMENT,
+            "sample_every": 1,
+            "dist_timeout_s": 60,
+        },
+        models={m: tiny_model_params(m) for m in TRAINED},
+        **tiny_evaluation_sections(),
+    )
+    stages = [
+        ["pipelines/train.py", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED
+    ]
+    stages.append(
+        [
+            "pipelines/train_evaluator.py",
+            "--data",
+            "data/prepared",
+            "--out",
+            "models/evaluator",
+            "--metrics",
+            "metrics/evaluator.json",
+        ]
+    )
+    stages.append(
+        [
+            "pipelines/evaluate.py",
+            EVALUATED,
+            "--data",
+            "data/prepared",
+            "--evaluator",
+            "models/evaluator",
+            "--model-dir",
+            f"models/{EVALUATED}",
+            "--figures",
+            f"evaluation/{EVALUATED}",
+            "--metrics",
+            f"metrics/{EVALUATED}.json",
+        ]
+    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": db_uri}
     for script, *args in stages:
-        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / script), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, f"{script} {' '.join(args)} failed:\n{result.stderr[-3000:]}"
 
 
@@ -88,16 +137,34 @@ class _Page(HTMLParser):
 
 def _start_server(db_uri: str, port: int, workdir: Path) -> tuple[subprocess.Popen, Path]:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ,
-           "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", ""),  # mlflow starts uvicorn from PATH
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job-runner processes: faster start, clean stop
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", ""),  # mlflow starts uvicorn from PATH
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job-runner processes: faster start, clean stop
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     log = workdir / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", db_uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(bin_dir / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                db_uri,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, log
 
 
@@ -181,26 +248,45 @@ def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
     proc, log = _start_server(db_uri, port, tmp_path)
     try:
         _wait_healthy(proc, log, base)
-        experiment_page = _render(f"{base}/#/experiments/{exp_id}?{ML_VIEW}", tmp_path / "profile-experiment",
-                                  ARTIFACTS / "mlflow-ui.png", WINDOW, lambda p: listed(p))
-        run_pages = {name: _render(f"{base}/#/experiments/{exp_id}/runs/{ids[name]}?{ML_VIEW}", tmp_path / f"profile-{name}",
-                                   ARTIFACTS / f"mlflow-ui-run-{name}.png", RUN_WINDOW, lambda p: _param_names(p))
-                     for name in TRAINED}
-        artifact_page = _render(f"{base}/#/experiments/{exp_id}/runs/{ids['gan']}/artifacts/{SAMPLE}?{ML_VIEW}",
-                                tmp_path / "profile-artifact", ARTIFACTS / "mlflow-ui-artifact.png", WINDOW,
-                                lambda p: any(alt == SAMPLE for alt, _ in p.images))
+        experiment_page = _render(
+            f"{base}/#/experiments/{exp_id}?{ML_VIEW}",
+            tmp_path / "profile-experiment",
+            ARTIFACTS / "mlflow-ui.png",
+            WINDOW,
+            lambda p: listed(p),
+        )
+        run_pages = {
+            name: _render(
+                f"{base}/#/experiments/{exp_id}/runs/{ids[name]}?{ML_VIEW}",
+                tmp_path / f"profile-{name}",
+                ARTIFACTS / f"mlflow-ui-run-{name}.png",
+                RUN_WINDOW,
+                lambda p: _param_names(p),
+            )
+            for name in TRAINED
+        }
+        artifact_page = _render(
+            f"{base}/#/experiments/{exp_id}/runs/{ids['gan']}/artifacts/{SAMPLE}?{ML_VIEW}",
+            tmp_path / "profile-artifact",
+            ARTIFACTS / "mlflow-ui-artifact.png",
+            WINDOW,
+            lambda p: any(alt == SAMPLE for alt, _ in p.images),
+        )
     finally:
         _stop(proc)
 
     # (a) the experiment opens on its training runs and lists the project's runs by their names
     assert listed(experiment_page) == set(ids.items()), (
-        f"runs table links {sorted(listed(experiment_page))} != the stages' runs {sorted(ids.items())}; page: {experiment_page.summary()}")
+        f"runs table links {sorted(listed(experiment_page))} != the stages' runs {sorted(ids.items())}; page: {experiment_page.summary()}"
+    )
     assert EXPERIMENT in experiment_page.texts, "experiment name not shown on the page"
     assert "Runs" in experiment_page.texts and "Judges" not in experiment_page.texts  # the training view, not the GenAI one
 
     # (b) each run shows exactly the params its own family logged, and the stages' metrics
     for name, page in run_pages.items():
-        assert _param_names(page) == set(runs[name].data.params), f"{name}: params shown {sorted(_param_names(page))}; page: {page.summary()}"
+        assert _param_names(page) == set(runs[name].data.params), (
+            f"{name}: params shown {sorted(_param_names(page))}; page: {page.summary()}"
+        )
         assert {"model.family", "model.latent_dim", "train.seed"} <= _param_names(page)
     assert "model.beta" in run_pages["vae"].texts and "model.dynamic_binarization" in run_pages["vae"].texts
     assert "model.beta" not in run_pages["gan"].texts and "model.betas" in run_pages["gan"].texts  # VAE-only params absent
@@ -211,4 +297,5 @@ def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
     # (c) the sample grid the train stage logged is listed and shown (fetched by the app as a blob)
     assert "samples" in artifact_page.texts and "figures" in artifact_page.texts
     assert any(alt == SAMPLE and src.startswith("blob:") for alt, src in artifact_page.images), (
-        f"{SAMPLE} not shown: images {artifact_page.images[:5]}; page: {artifact_page.summary()}")
+        f"{SAMPLE} not shown: images {artifact_page.images[:5]}; page: {artifact_page.summary()}"
+    )

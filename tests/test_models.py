@@ -1,9 +1,10 @@
 """The objectives: VAE KL and reparameterisation, WGAN gradient penalties, and that every model learns."""
+
 import pytest
 import torch
+from helpers import tiny
 from torch import nn
 
-from helpers import tiny
 from mnistgen.models import FAMILIES, build_model
 from mnistgen.models.vae import kl_divergence, reparameterize
 from mnistgen.models.wgan import autograd_norm, difference_quotient, penalty, per_sample_uniform
@@ -134,8 +135,9 @@ def test_decoder_starts_at_the_data_mean(family, arch):
     torch.testing.assert_close(torch.sigmoid(last.bias), mean, atol=1e-5, rtol=1e-4)
     if arch == "mlp":  # with zero weights into the last layer, the decoder outputs the mean image
         nn.init.zeros_(last.weight)
-        torch.testing.assert_close(model.decode(torch.randn(2, model.latent_dim)), mean.view(1, 1, 28, 28).expand(2, -1, -1, -1),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model.decode(torch.randn(2, model.latent_dim)), mean.view(1, 1, 28, 28).expand(2, -1, -1, -1), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_init_from_data_leaves_a_gan_as_built():

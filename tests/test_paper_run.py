@@ -1,4 +1,5 @@
 """benchmarks/paper_run.py: dvc.yaml's stages without dvc or mlflow, as the paper-grade run on a bare GPU box needs."""
+
 import json
 import os
 import subprocess
@@ -22,10 +23,24 @@ TINY_PROFILE = {
     "evaluator": {"epochs": 2, "min_test_accuracy": 0.0},
     "evaluator2": {"epochs": 2, "min_test_accuracy": 0.0},
     "models": {name: {"epochs": 1} for name in model_names(ROOT / "params.yaml")},
-    "evaluate": {"num_samples": 500, "per_class_samples": 50, "num_real": 500, "batch_size": 250, "kid_subsets": 5,
-                 "kid_subset_size": 100, "is_splits": 2, "interp_pairs": 10, "iwae_k": 10, "iwae_images": 50, "bootstrap": 10},
+    "evaluate": {
+        "num_samples": 500,
+        "per_class_samples": 50,
+        "num_real": 500,
+        "batch_size": 250,
+        "kid_subsets": 5,
+        "kid_subset_size": 100,
+        "is_splits": 2,
+        "interp_pairs": 10,
+        "iwae_k": 10,
+        "iwae_images": 50,
+        "bootstrap": 10,
+    },
 }
-BLOCKED = ("mlflow", "dvc")  # what the GPU box lacks and does not get (great_expectations, pydantic and ruamel.yaml travel as wheels)
+BLOCKED = (
+    "mlflow",
+    "dvc",
+)  # what the GPU box lacks and does not get (great_expectations, pydantic and ruamel.yaml travel as wheels)
 
 
 def test_the_runner_runs_dvc_yamls_own_commands_in_an_order_dvc_allows():
@@ -56,10 +71,28 @@ def run_paper(tmp_path: Path, profile: dict, deadline: float = 600) -> tuple[sub
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU box')\n")
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(profile))
     work, out = tmp_path / "work", tmp_path / "out"
-    result = subprocess.run([sys.executable, "benchmarks/paper_run.py", "--profile", str(tmp_path / "profile.yaml"),
-                             "--work", str(work), "--out", str(out), "--jobs", "2", "--deadline", str(deadline)],
-                            check=False, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "PYTHONPATH": str(blocked)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/paper_run.py",
+            "--profile",
+            str(tmp_path / "profile.yaml"),
+            "--work",
+            str(work),
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--deadline",
+            str(deadline),
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(blocked)},
+    )
     return result, work, out
 
 
@@ -85,7 +118,9 @@ def test_every_stage_runs_without_dvc_or_mlflow_and_the_floors_decide(tmp_path, 
     assert [column.strip() for column in header.split("|")[2:-1]] == [name.upper() for name in models] + ["real data"]
 
     decisions = json.loads((work / "reports" / "gate_floors.json").read_text())["models"]
-    assert {name: d["decision"] for name, d in decisions.items()} == {name: "reject" if name == "gan" else "promote" for name in models}
+    assert {name: d["decision"] for name, d in decisions.items()} == {
+        name: "reject" if name == "gan" else "promote" for name in models
+    }
     with tarfile.open(out / "paper_run.tar.gz") as tar:
         packed = set(tar.getnames())
     assert {"paper_run.json", "params.yaml", "metrics/vae.json", "reports/gate_floors.md", "logs/train@cwgan.log"} <= packed
@@ -100,7 +135,8 @@ def test_a_failing_stage_stops_the_run_and_its_results_still_come_back(tmp_path,
     ran = {row["stage"]: row["status"] for row in json.loads((work / "paper_run.json").read_text())["stages"]}
     assert ran["prepare"] == ran["validate"] == "ok" and ran["train_evaluator"] == "failed (exit 1)"
     assert {status for name, status in ran.items() if name not in ("prepare", "validate", "train_evaluator")} == {
-        "not run (an earlier stage did not succeed)"}
+        "not run (an earlier stage did not succeed)"
+    }
     assert "below evaluator.min_test_accuracy" in result.stdout  # the failed stage's log is shown
     with tarfile.open(out / "paper_run.tar.gz") as tar:
         assert "below evaluator.min_test_accuracy" in tar.extractfile("logs/train_evaluator.log").read().decode()
@@ -115,6 +151,6 @@ def test_the_deadline_kills_the_stage_in_flight_and_the_results_still_come_back(
     summary = json.loads((work / "paper_run.json").read_text())
     statuses = [row["status"] for row in summary["stages"]]
     killed = statuses.index("killed (deadline passed)")
-    assert set(statuses[:killed]) <= {"ok"} and all(s.startswith("not run") for s in statuses[killed + 1:]), statuses
+    assert set(statuses[:killed]) <= {"ok"} and all(s.startswith("not run") for s in statuses[killed + 1 :]), statuses
     assert summary["seconds"] < 45  # killed at the deadline, not when the stage would have ended
     assert (out / "paper_run.tar.gz").exists()

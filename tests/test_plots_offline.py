@@ -12,6 +12,7 @@ pass forces vega-embed's SVG renderer (DVC's page uses canvas) so the titles, ax
 entries and line paths can be read from the DOM. The screenshot of the page as DVC wrote it is kept in
 artifacts/dvc-plots.png. Skipped where no chromium binary is installed.
 """
+
 import configparser
 import os
 import re
@@ -24,7 +25,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, chromium_binary, headless_chromium
 
 SCREENSHOT = ROOT / "artifacts" / "dvc-plots.png"
@@ -37,17 +37,23 @@ PLOTS = {
     "ae.csv": ("AE validation reconstruction", ["val_loss"]),
 }
 # Makes vega-embed draw SVG (text and paths readable in the DOM); only used on a test copy of the page.
-SVG_PROBE = ('<script>if (window.vegaEmbed) { const embed = window.vegaEmbed; '
-             'window.vegaEmbed = (el, spec, opts) => embed(el, spec, {...opts, renderer: "svg"}); }</script>\n')
+SVG_PROBE = (
+    "<script>if (window.vegaEmbed) { const embed = window.vegaEmbed; "
+    'window.vegaEmbed = (el, spec, opts) => embed(el, spec, {...opts, renderer: "svg"}); }</script>\n'
+)
 
 
 def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "DVC_GLOBAL_CONFIG_DIR": str(repo.parent / "dvc-global"),  # no user/system config can interfere
-           "DVC_SYSTEM_CONFIG_DIR": str(repo.parent / "dvc-system"),
-           "DVC_SITE_CACHE_DIR": str(repo.parent / "dvc-site-cache")}
-    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_GLOBAL_CONFIG_DIR": str(repo.parent / "dvc-global"),  # no user/system config can interfere
+        "DVC_SYSTEM_CONFIG_DIR": str(repo.parent / "dvc-system"),
+        "DVC_SITE_CACHE_DIR": str(repo.parent / "dvc-site-cache"),
+    }
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("dvc")), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -84,7 +90,7 @@ class _Page(HTMLParser):
         self.remote = []  # src/href of <script>/<link> elements
         self.marks = {i: [] for i in plot_ids}  # tag of each <svg|canvas class="marks">
         self.texts = {i: [] for i in plot_ids}
-        self.lines = {i: 0 for i in plot_ids}  # <path d="..."> (non-empty) inside a mark-line group
+        self.lines = dict.fromkeys(plot_ids, 0)  # <path d="..."> (non-empty) inside a mark-line group
         self._stack = []  # open elements: (tag, plot id or None, inside a mark-line group)
 
     def handle_starttag(self, tag, attrs):
@@ -155,8 +161,10 @@ def test_dvc_plots_show_renders_offline(tmp_path):
     static = _Page(ids)
     static.feed(html)
     remote = [u for u in static.remote if not u.startswith(("data:", "#"))]
-    assert not remote, (f"the plots page loads {remote}: `plots.html_template` in .dvc/config must name a "
-                        "template with the scripts inlined (scripts/make_plots_template.py)")
+    assert not remote, (
+        f"the plots page loads {remote}: `plots.html_template` in .dvc/config must name a "
+        "template with the scripts inlined (scripts/make_plots_template.py)"
+    )
     assert "cdn.jsdelivr.net" not in html
     for plot_id in ids:
         assert f'<div id = "{plot_id}">' in html, f"no div for plot {plot_id} in the page"
@@ -171,7 +179,8 @@ def test_dvc_plots_show_renders_offline(tmp_path):
             break
     assert sum(len(m) for m in drawn.marks.values()) == len(PLOTS), (
         f"drawn plots per div {drawn.marks}, expected one each for {len(PLOTS)} plots: "
-        "vega/vega-lite/vega-embed did not load or failed (offline?)")
+        "vega/vega-lite/vega-embed did not load or failed (offline?)"
+    )
 
     # 2. Same page drawn as SVG: titles, axis title, every y column, a line path per curve.
     svg_page = index.with_name("index-svg.html")

@@ -1,18 +1,22 @@
 """A queue of DVC experiments (`dvc exp run --queue -S ...`, `dvc queue start -j 2`) on a small real-MNIST
 profile: DVC's own queue, no broker server. Each experiment's MLflow run is tagged with its DVC name and baseline
 commit, so `dvc exp show` and MLflow's compare view list the same runs."""
+
 import json
 import subprocess
 import time
 
 import pytest
 import yaml
-
 from helpers import ROOT, load_script
 
 smoke_pipeline = load_script("scripts/smoke_pipeline.py")
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-LEARNING_RATES = ("0.001", "0.002", "0.008")  # not the baseline's 0.004: an unchanged stage is restored from the run cache, no new run
+LEARNING_RATES = (
+    "0.001",
+    "0.002",
+    "0.008",
+)  # not the baseline's 0.004: an unchanged stage is restored from the run cache, no new run
 
 
 def shrink(params: dict) -> dict:
@@ -38,7 +42,11 @@ def exp_rows(shown: list) -> dict:
         for group in baseline.get("experiments") or []:
             for rev in group["revs"]:
                 data = rev["data"]
-                rows[rev["name"]] = (rev["rev"], data["params"]["params.yaml"]["data"], data["metrics"]["metrics/ae.json"]["data"])
+                rows[rev["name"]] = (
+                    rev["rev"],
+                    data["params"]["params.yaml"]["data"],
+                    data["metrics"]["metrics/ae.json"]["data"],
+                )
     return rows
 
 
@@ -65,13 +73,24 @@ def test_three_queued_experiments_are_three_tagged_mlflow_runs(tmp_path, mnist_m
         dvc("queue", "stop", cwd=work, check=False)
     seconds = time.monotonic() - started
     failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
-    assert status.count("Success") == 3, status + "".join(dvc("queue", "logs", task, cwd=work, check=False).stdout[-3000:] for task in failed)
+    assert status.count("Success") == 3, status + "".join(
+        dvc("queue", "logs", task, cwd=work, check=False).stdout[-3000:] for task in failed
+    )
 
     rows = exp_rows(json.loads(dvc("exp", "show", "--json", cwd=work).stdout))
     assert len(rows) == 3 and sorted(str(p["models"]["ae"]["lr"]) for _, p, _ in rows.values()) == list(LEARNING_RATES)
     assert all(m["recon_mse"] > 0 and m["fid_cls"] > 0 for _, _, m in rows.values())
-    table = dvc("exp", "show", "--md", "--no-pager", "--drop", ".*", "--keep",
-                "^Experiment$|^State$|^fid_cls$|^precision$|^recall$|^recon_mse$|^models.ae.lr$", cwd=work).stdout
+    table = dvc(
+        "exp",
+        "show",
+        "--md",
+        "--no-pager",
+        "--drop",
+        ".*",
+        "--keep",
+        "^Experiment$|^State$|^fid_cls$|^precision$|^recall$|^recon_mse$|^models.ae.lr$",
+        cwd=work,
+    ).stdout
     assert all(f"[{name}]" in table for name in rows)
     (tmp_path / "exp_show.txt").write_text(table)
     print(f"\n3 experiments, queue -j 2: {seconds:.0f} s\n{table}")
@@ -88,6 +107,11 @@ def test_three_queued_experiments_are_three_tagged_mlflow_runs(tmp_path, mnist_m
         assert run.data.tags["git_commit"].startswith(baseline)  # the experiment runs on its baseline with -S applied
         assert float(run.data.params["model.lr"]) == params["models"]["ae"]["lr"]
         assert run.data.metrics["eval_fid_cls"] == pytest.approx(metrics["fid_cls"])  # evaluate logged into the same run
-        ref = subprocess.run(["git", "rev-parse", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"], cwd=work, capture_output=True,
-                             text=True, check=True).stdout.strip()
+        ref = subprocess.run(
+            ["git", "rev-parse", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert ref == rev  # the two tags name the experiment's git ref

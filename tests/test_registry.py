@@ -4,6 +4,7 @@ Every test has its own workspace and store, builds the registry state it needs i
 only the models it needs in params.yaml), and asserts relative to what it created, so the
 tests run alone, in any order, or in parallel.
 """
+
 import importlib.metadata
 import json
 import os
@@ -33,8 +34,17 @@ GOOD = {
     "wgan": {"fid_cls": 20.0, "precision": 0.6, "recall": 0.5, "classes_present": 10},
 }
 GATE = {  # the tests' own gate, independent of the repo's floors
-    name: {"primary": "fid_cls", "higher_is_better": False, "min_improvement": 0.0, "tolerance": 0.5, "agree_in_both_spaces": True,
-           "floors": [{"metric": "fid_cls", "max": 60.0}, *([{"metric": "classes_present", "min": 8}] if name in ("gan", "wgan") else [])]}
+    name: {
+        "primary": "fid_cls",
+        "higher_is_better": False,
+        "min_improvement": 0.0,
+        "tolerance": 0.5,
+        "agree_in_both_spaces": True,
+        "floors": [
+            {"metric": "fid_cls", "max": 60.0},
+            *([{"metric": "classes_present", "min": 8}] if name in ("gan", "wgan") else []),
+        ],
+    }
     for name in GOOD
 }
 PROMOTE_ARGS = ["--metrics", "metrics", "--models", "models", "--out", "reports"]
@@ -68,7 +78,9 @@ def candidate(name: str, **changes) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(build_model(tiny(name)).state_dict(), folder / "weights.pt")
     (folder / "config.json").write_text(json.dumps(tiny_model_params(name)))
-    with tracking.Run.start("registry-test", name, {"git_commit": "abc", "params_hash": "p", "device": "cpu", "torch_version": "t"}) as run:
+    with tracking.Run.start(
+        "registry-test", name, {"git_commit": "abc", "params_hash": "p", "device": "cpu", "torch_version": "t"}
+    ) as run:
         uri = run.log_generator(folder / "weights.pt", folder / "config.json", 4, np.zeros((1, 4), dtype=np.float32))
     tracking.write_run_file(folder / "run.json", run, uri)
     write_json(f"metrics/{name}.json", {**GOOD[name], **changes, "evaluator_hash": "e" * 64})
@@ -83,9 +95,13 @@ def promote_now() -> tuple[int, dict]:
 def snapshot() -> dict:
     """The whole registry: every registered model's live versions and its aliases."""
     client = tracking.client()
-    return {m.name: {"versions": sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'")),
-                     "aliases": {k: str(v) for k, v in m.aliases.items()}}
-            for m in client.search_registered_models()}
+    return {
+        m.name: {
+            "versions": sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'")),
+            "aliases": {k: str(v) for k, v in m.aliases.items()},
+        }
+        for m in client.search_registered_models()
+    }
 
 
 def aliases(name: str) -> dict[str, str]:
@@ -103,8 +119,14 @@ def champion_of(*names: str) -> dict:
 
 
 def test_gate_rules_without_a_registry():
-    rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=1.0, tolerance=0.5, agree_in_both_spaces=False,
-                      floors=(Floor(metric="fid_cls", max=50.0),))
+    rule = GateParams(
+        primary="fid_cls",
+        higher_is_better=False,
+        min_improvement=1.0,
+        tolerance=0.5,
+        agree_in_both_spaces=False,
+        floors=(Floor(metric="fid_cls", max=50.0),),
+    )
     assert gate.decide("m", {"fid_cls": 40.0}, None, rule).decision == gate.PROMOTE
     assert gate.decide("m", {"fid_cls": 38.6}, {"fid_cls": 40.0}, rule).decision == gate.KEEP  # 1.4 < 1.5
     assert gate.decide("m", {"fid_cls": 38.0}, {"fid_cls": 40.0}, rule).decision == gate.PROMOTE
@@ -121,8 +143,14 @@ def _banded(fid, half, fid_e2=None, half_e2=None):
 
 def test_gate_tolerance_from_the_bands():
     """tolerance: band: the candidate must win by more than the two bands' facing half-widths (min_improvement 0: no overlap)."""
-    rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=0.0, tolerance="band", agree_in_both_spaces=False,
-                      floors=(Floor(metric="fid_cls", max=50.0),))
+    rule = GateParams(
+        primary="fid_cls",
+        higher_is_better=False,
+        min_improvement=0.0,
+        tolerance="band",
+        agree_in_both_spaces=False,
+        floors=(Floor(metric="fid_cls", max=50.0),),
+    )
     champion = _banded(20.0, 0.3)
     assert gate.decide("m", _banded(19.5, 0.3), champion, rule).decision == gate.KEEP  # 0.5 < 0.3 + 0.3: bands overlap
     promoted = gate.decide("m", _banded(19.3, 0.3), champion, rule)
@@ -134,19 +162,30 @@ def test_gate_tolerance_from_the_bands():
     assert old_champion.decision == gate.PROMOTE and "the champion has no band" in old_champion.reason
     with pytest.raises(KeyError, match="no band"):
         gate.decide("m", {"fid_cls": 10.0}, champion, rule)
-    higher = GateParams(primary="nll", higher_is_better=True, min_improvement=0.0, tolerance="band", agree_in_both_spaces=False, floors=())
-    assert gate.decide("m", {"nll": 5.0, "nll_stderr": 0.1}, {"nll": 4.5, "nll_stderr": 0.1}, higher).decision == gate.PROMOTE  # 0.5 > 0.39
-    assert gate.decide("m", {"nll": 5.0, "nll_stderr": 0.2}, {"nll": 4.5, "nll_stderr": 0.2}, higher).decision == gate.KEEP  # 0.5 < 0.78
+    higher = GateParams(
+        primary="nll", higher_is_better=True, min_improvement=0.0, tolerance="band", agree_in_both_spaces=False, floors=()
+    )
+    assert (
+        gate.decide("m", {"nll": 5.0, "nll_stderr": 0.1}, {"nll": 4.5, "nll_stderr": 0.1}, higher).decision == gate.PROMOTE
+    )  # 0.5 > 0.39
+    assert (
+        gate.decide("m", {"nll": 5.0, "nll_stderr": 0.2}, {"nll": 4.5, "nll_stderr": 0.2}, higher).decision == gate.KEEP
+    )  # 0.5 < 0.78
 
 
 def test_gate_decision_says_whether_it_holds_in_both_spaces():
-    rule = GateParams(primary="fid_cls", higher_is_better=False, min_improvement=0.0, tolerance="band", agree_in_both_spaces=True,
-                      floors=())
+    rule = GateParams(
+        primary="fid_cls", higher_is_better=False, min_improvement=0.0, tolerance="band", agree_in_both_spaces=True, floors=()
+    )
     champion = _banded(20.0, 0.3, 10.0, 0.3)
     both = gate.decide("m", _banded(18.0, 0.3, 8.0, 0.3), champion, rule)
     assert both.decision == gate.PROMOTE and "holds in both feature spaces" in both.reason
     flips = gate.decide("m", _banded(18.0, 0.3, 11.0, 0.3), champion, rule)  # better in space 1, worse in space 2
-    assert flips.decision == gate.KEEP and "does not hold in both feature spaces" in flips.reason and "fid_cls_e2 better by -1" in flips.reason
+    assert (
+        flips.decision == gate.KEEP
+        and "does not hold in both feature spaces" in flips.reason
+        and "fid_cls_e2 better by -1" in flips.reason
+    )
     one_space = gate.decide("m", _banded(18.0, 0.3, 8.0, 0.3), _banded(20.0, 0.3), rule)
     assert one_space.decision == gate.PROMOTE and "decided in one feature space" in one_space.reason
     md = gate.to_markdown([flips], 0)
@@ -159,7 +198,7 @@ def test_first_candidates_passing_floors_become_champions(workspace):
     run_ids = {name: candidate(name) for name in models}
     code, report = promote_now()
     assert code == 0
-    assert {m: report["models"][m]["decision"] for m in models} == {m: gate.PROMOTE for m in models}
+    assert {m: report["models"][m]["decision"] for m in models} == dict.fromkeys(models, gate.PROMOTE)
     for name in models:
         version = report["models"][name]["candidate_version"]
         assert aliases(name) == {"champion": version, "challenger": version}
@@ -203,8 +242,14 @@ def test_candidate_under_a_floor_exits_1_and_moves_nothing(workspace):
     """Through the real script in its own process: exit status 1 is what CI sees."""
     before = champion_of("wgan")
     candidate("wgan", fid_cls=500.0, classes_present=3)
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "promote.py"), *PROMOTE_ARGS], cwd=workspace,
-                            env=os.environ, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "promote.py"), *PROMOTE_ARGS],
+        cwd=workspace,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     report = json.loads((workspace / "reports" / "promotion.json").read_text())
     assert report["models"]["wgan"]["decision"] == gate.REJECT
@@ -305,7 +350,7 @@ def test_mlflow_models_serve_answers_with_digits_and_survives_garbage(workspace)
         status, body = post_invocation(port, {"inputs": np.zeros((2, 4)).tolist()})
         assert status == 200, body
         images = np.asarray(json.loads(body)["predictions"])
-        assert images.shape == (2, 28, 28) and 0 <= images.min() and images.max() <= 1
+        assert images.shape == (2, 28, 28) and images.min() >= 0 and images.max() <= 1
         status, body = post_invocation(port, {"inputs": [[0.0] * 4], "params": {"count": 3}})
         assert status == 200 and np.asarray(json.loads(body)["predictions"]).shape == (3, 28, 28)
         for garbage in (b"\x00\xffnot json", b'{"inputs": [[1, 2, 3]]}', b'{"inputs": "hello"}', b'{"nothing": 1}'):

@@ -1,5 +1,6 @@
 """The shared Optuna sweep (python -m mnistgen.sweep): typed search space, validation-only objective,
 pruning, -S overrides that `dvc exp run` applies, and workers sharing one study."""
+
 import json
 import os
 import shutil
@@ -8,14 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
 from helpers import ROOT, tiny_model_params, write_params, write_prepared
+
 from mnistgen.config import ParamsError, read_params
 from mnistgen.models import load_model_params
 
-SPACE = {"lr": {"type": "float", "low": 0.000001, "high": 0.01, "log": True},
-         "beta": {"type": "float", "low": 0.5, "high": 2.0, "log": False}}
+SPACE = {
+    "lr": {"type": "float", "low": 0.000001, "high": 0.01, "log": True},
+    "beta": {"type": "float", "low": 0.5, "high": 2.0, "log": False},
+}
 
 
 def sweep_section(**changes) -> dict:
@@ -41,14 +43,26 @@ def test_the_repo_sweep_space_is_valid_for_its_models():
         sweep.load_space(params, model)
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"lr": {"type": "float", "low": 0.01, "high": 0.001, "log": True}}, "sweep.space.vae.lr.float: value error, needs low < high"),
-    ({"lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True, "step": 2}}, "sweep.space.vae.lr.float.step: unknown key"),
-    ({"lr": {"type": "float", "low": 0.001, "high": 0.01}}, "sweep.space.vae.lr.float.log: missing key"),
-    ({"n_critic": {"type": "int", "low": 1, "high": 5, "log": False}}, "sweep.space.vae.n_critic: not a key of models.vae"),
-    ({"epochs": {"type": "float", "low": 1.0, "high": 5.0, "log": False}}, "sweep.space.vae.epochs: input should be a valid integer"),
-    ({"arch": {"type": "choice", "choices": ["mlp", "rnn"]}}, "sweep.space.vae.arch: input should be 'conv' or 'mlp'"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        (
+            {"lr": {"type": "float", "low": 0.01, "high": 0.001, "log": True}},
+            "sweep.space.vae.lr.float: value error, needs low < high",
+        ),
+        (
+            {"lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True, "step": 2}},
+            "sweep.space.vae.lr.float.step: unknown key",
+        ),
+        ({"lr": {"type": "float", "low": 0.001, "high": 0.01}}, "sweep.space.vae.lr.float.log: missing key"),
+        ({"n_critic": {"type": "int", "low": 1, "high": 5, "log": False}}, "sweep.space.vae.n_critic: not a key of models.vae"),
+        (
+            {"epochs": {"type": "float", "low": 1.0, "high": 5.0, "log": False}},
+            "sweep.space.vae.epochs: input should be a valid integer",
+        ),
+        ({"arch": {"type": "choice", "choices": ["mlp", "rnn"]}}, "sweep.space.vae.arch: input should be 'conv' or 'mlp'"),
+    ],
+)
 def test_a_bad_search_space_is_refused_with_its_key_named(space, message):
     from mnistgen import sweep
 
@@ -65,8 +79,12 @@ def test_best_params_become_overrides_that_dvc_applies_to_params_yaml(tmp_path):
 
     best = {"lr": 1.2345678e-05, "n_critic": 3, "gp_weight": 2.0, "penalty": "one_sided"}
     overrides = sweep.overrides("wgan", best)
-    assert overrides == ["models.wgan.lr=0.0000123457", "models.wgan.n_critic=3", "models.wgan.gp_weight=2.0",
-                         "models.wgan.penalty=one_sided"]
+    assert overrides == [
+        "models.wgan.lr=0.0000123457",
+        "models.wgan.n_critic=3",
+        "models.wgan.gp_weight=2.0",
+        "models.wgan.penalty=one_sided",
+    ]
     assert sweep.exp_run_command("wgan", best).startswith("dvc exp run -S 'models.wgan.lr=0.0000123457' -S ")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(tmp_path / "params.yaml", overrides)
@@ -115,8 +133,12 @@ def test_a_gan_is_scored_by_fid_against_validation_images(tmp_path, monkeypatch)
     evaluator = tmp_path / "evaluator"
     evaluator.mkdir()
     torch.manual_seed(0)
-    torch.save(Classifier(8, "strided").state_dict(), evaluator / "classifier.pt")  # an untrained feature space is a feature space
-    (evaluator / "spaces.json").write_text(json.dumps([{"suffix": "", "classifier": "classifier.pt", "arch": "strided", "width": 8}]))
+    torch.save(
+        Classifier(8, "strided").state_dict(), evaluator / "classifier.pt"
+    )  # an untrained feature space is a feature space
+    (evaluator / "spaces.json").write_text(
+        json.dumps([{"suffix": "", "classifier": "classifier.pt", "arch": "strided", "width": 8}])
+    )
     objective = sweep.Objective("gan", params["models"]["gan"], settings, run_params, Path("prepared"), evaluator, None, "s")
     assert objective.name == "val_fid_cls" and len(objective.fid.val_feats) == 128  # the validation split's features
     torch.manual_seed(0)
@@ -132,10 +154,31 @@ def test_a_gan_is_scored_by_fid_against_validation_images(tmp_path, monkeypatch)
 
 
 def run_workers(work: Path, storage: str, study: str, trials: int, env: dict) -> list[subprocess.CompletedProcess]:
-    cmd = [sys.executable, "-m", "mnistgen.sweep", "vae", "--trials", str(trials), "--storage", storage, "--study", study,
-           "--data", "prepared"]
-    procs = [subprocess.Popen([*cmd, "--worker", str(k), "--out", f"best{k}.json"], cwd=work, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for k in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mnistgen.sweep",
+        "vae",
+        "--trials",
+        str(trials),
+        "--storage",
+        storage,
+        "--study",
+        study,
+        "--data",
+        "prepared",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--worker", str(k), "--out", f"best{k}.json"],
+            cwd=work,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for k in range(2)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
@@ -187,7 +230,10 @@ def test_two_workers_share_one_sqlite_study(tmp_path, empty_store):
 
     apply_overrides(work / "params.yaml", best["overrides"])  # the best trial's params, applied as `dvc exp run -S` does
     applied = load_model_params("vae", work / "params.yaml")
-    assert (applied.lr, applied.beta) == (pytest.approx(study.best_params["lr"], rel=1e-5), pytest.approx(study.best_params["beta"], rel=1e-5))
+    assert (applied.lr, applied.beta) == (
+        pytest.approx(study.best_params["lr"], rel=1e-5),
+        pytest.approx(study.best_params["beta"], rel=1e-5),
+    )
     states = {name: [t.state.name for t in study.trials].count(name) for name in ("COMPLETE", "PRUNED")}
     print(f"two workers, sqlite: {len(study.trials)} trials {states}, best {study.best_value:.3f} {study.best_params}")
 

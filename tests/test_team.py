@@ -4,6 +4,7 @@ passwords, the champion loaded by alias in a folder outside the checkout, and a 
 The registry and gate tests themselves run against the team server too: tests/test_registry.py's
 `workspace` fixture is parametrized over the embedded SQLite store and the team server.
 """
+
 import json
 import os
 import subprocess
@@ -40,9 +41,11 @@ def test_reader_gets_403_and_its_promote_exits_2_changing_nothing(team, monkeypa
     reader = tracking.client()
     assert reader.get_model_version_by_alias("mnist-vae", "champion").version == version  # reading is allowed
     model_uri = json.loads(Path("models/vae/run.json").read_text())["model_uri"]
-    for action in (lambda: reader.set_registered_model_alias("mnist-vae", "champion", version),
-                   lambda: reader.delete_model_version("mnist-vae", version),
-                   lambda: reader.create_model_version("mnist-vae", model_uri, run_id=run_id, model_id=model_uri[len("models:/"):])):
+    for action in (
+        lambda: reader.set_registered_model_alias("mnist-vae", "champion", version),
+        lambda: reader.delete_model_version("mnist-vae", version),
+        lambda: reader.create_model_version("mnist-vae", model_uri, run_id=run_id, model_id=model_uri[len("models:/") :]),
+    ):
         with pytest.raises(MlflowException) as denied:
             action()
         assert denied.value.get_http_status_code() == 403
@@ -63,8 +66,10 @@ def test_wrong_password_promote_exits_2_with_one_line(team, monkeypatch, capsys)
     code, _ = promote_now()
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == [f"error: MLflow tracking server {team.tracking_uri} refused user 'ci' (401): set MLFLOW_TRACKING_USERNAME "
-                   "and MLFLOW_TRACKING_PASSWORD to a valid account"]
+    assert err == [
+        f"error: MLflow tracking server {team.tracking_uri} refused user 'ci' (401): set MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD to a valid account"
+    ]
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team["TEAM_CI_PASSWORD"])
     assert snapshot() == before
 
@@ -75,10 +80,30 @@ def test_wrong_password_stops_train_before_it_starts(team, tmp_path, monkeypatch
 
     write_params(tmp_path, models={"vae": tiny_model_params("vae", epochs=50)})
     env = {**os.environ, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), "vae", "--data", "data/prepared", "--out", "models/vae",
-                             "--curves", "curves/vae"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "train.py"),
+            "vae",
+            "--data",
+            "data/prepared",
+            "--out",
+            "models/vae",
+            "--curves",
+            "curves/vae",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: MLflow tracking server {team.tracking_uri} refused user 'ci' (401)")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: MLflow tracking server {team.tracking_uri} refused user 'ci' (401)")
+    )
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()  # no training, no output
 
 
@@ -100,7 +125,9 @@ def test_champion_loads_by_alias_in_a_fresh_folder_without_the_checkout(team, tm
 
 
 def dvc(*args, cwd, env) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout}{result.stderr}"
     return result
 
@@ -116,9 +143,12 @@ def test_dvc_push_then_a_fresh_clone_pulls_and_reproduces_nothing(team_stack, tm
     origin.mkdir()
     git("init", "-q", cwd=origin)
     dvc("init", "-q", cwd=origin, env=env)
-    (origin / "make.py").write_text("import sys, pathlib; pathlib.Path(sys.argv[2]).write_text(pathlib.Path(sys.argv[1]).read_text() * 1000)\n")
+    (origin / "make.py").write_text(
+        "import sys, pathlib; pathlib.Path(sys.argv[2]).write_text(pathlib.Path(sys.argv[1]).read_text() * 1000)\n"
+    )
     (origin / "seed.txt").write_text("digits\n")
-    (origin / "dvc.yaml").write_text(textwrap.dedent(f"""
+    (origin / "dvc.yaml").write_text(
+        textwrap.dedent(f"""
         stages:
           first:
             cmd: {sys.executable} make.py seed.txt big.txt
@@ -128,7 +158,8 @@ def test_dvc_push_then_a_fresh_clone_pulls_and_reproduces_nothing(team_stack, tm
             cmd: {sys.executable} make.py big.txt bigger.txt
             deps: [make.py, big.txt]
             outs: [bigger.txt]
-    """))
+    """)
+    )
     prefix = f"s3://{team_stack['TEAM_BUCKET']}/dvc-test-{uuid.uuid4().hex[:8]}"
     dvc("remote", "add", "-d", "team", prefix, cwd=origin, env=env)
     dvc("remote", "modify", "team", "endpointurl", team_stack.s3_endpoint, cwd=origin, env=env)

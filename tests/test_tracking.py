@@ -1,5 +1,6 @@
 """The MLflow side against real SQLite stores in temp folders: the train stage's run, the logged
 pyfunc model, the Run context manager, big batches, tracking off and the experiment kind tag."""
+
 import json
 import os
 import shutil
@@ -14,7 +15,14 @@ from mlflow import MlflowClient
 
 from mnistgen import tracking
 
-RUN_SECTION = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "test-exp", "sample_every": 1, "dist_timeout_s": 60}
+RUN_SECTION = {
+    "seed": 0,
+    "device": "cpu",
+    "deterministic": True,
+    "experiment": "test-exp",
+    "sample_every": 1,
+    "dist_timeout_s": 60,
+}
 
 
 def train_args(model: str) -> list[str]:
@@ -29,8 +37,14 @@ def trained(tmp_path_factory, empty_store):
     write_prepared(work / "data" / "prepared")
     write_params(work, train=RUN_SECTION, models={"vae": tiny_model_params("vae", epochs=2)})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("vae")], cwd=work, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("vae")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return work, result
 
@@ -85,7 +99,7 @@ def test_logged_model_has_signature_and_predicts_images(trained):
     assert model.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] in ([-1, 4], (-1, 4))
     images = model.predict(np.zeros((3, 4), dtype=np.float32))
     assert images.shape == (3, 28, 28) and images.dtype == np.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
     sampled = model.predict(np.zeros((1, 4), dtype=np.float32), params={"count": 5, "seed": 1})
     assert sampled.shape == (5, 28, 28)
     model_dir = mlflow.artifacts.download_artifacts(uri)
@@ -96,11 +110,18 @@ def test_unreachable_tracking_store_fails_before_training(tmp_path):
     write_prepared(tmp_path / "data" / "prepared")
     write_params(tmp_path, models={"ae": tiny_model_params("ae")})
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:////nonexistent/folder/mlflow.db"}
-    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("ae")], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("ae")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: MLflow tracking store sqlite:////nonexistent/folder/mlflow.db cannot be reached: folder /nonexistent/folder does not exist")
+        "error: MLflow tracking store sqlite:////nonexistent/folder/mlflow.db cannot be reached: folder /nonexistent/folder does not exist"
+    )
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
 
 
@@ -192,10 +213,12 @@ def test_store_lost_mid_stage_ends_it_in_one_line_and_the_next_start_marks_the_r
     def store_down(self, *args, **kwargs):
         raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/update failed: Connection refused")
 
-    with pytest.raises(StageError, match="failed during the stage .*will be marked FAILED by the next stage"):
-        with tracking.Run.start("lost", "ae", {}) as run:
-            monkeypatch.setattr(MlflowClient, "set_terminated", store_down)
-            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed: Connection refused")
+    with (
+        pytest.raises(StageError, match="failed during the stage .*will be marked FAILED by the next stage"),
+        tracking.Run.start("lost", "ae", {}) as run,
+    ):
+        monkeypatch.setattr(MlflowClient, "set_terminated", store_down)
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed: Connection refused")
     monkeypatch.setattr(MlflowClient, "set_terminated", real_end)
     assert tracking.client().get_run(run.run_id).info.status == "RUNNING"
     with tracking.Run.start("lost", "vae", {}):
@@ -239,11 +262,19 @@ def test_the_code_shipped_with_a_logged_model_imports_on_its_own(tmp_path):
             shutil.copytree(source, package / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, package / name)
-    script = ("import mnistgen, mnistgen.models as m, yaml, pathlib\n"
-              f"assert pathlib.Path(mnistgen.__file__).parent == pathlib.Path({str(package)!r})\n"
-              f"params = yaml.safe_load(open({str(ROOT / 'params.yaml')!r}))['models']\n"
-              "from mnistgen.models import model_params\n"
-              "for name, section in params.items(): m.build_model(model_params(section, name))\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(package.parent)},
-                            capture_output=True, text=True, timeout=120)
+    script = (
+        "import mnistgen, mnistgen.models as m, yaml, pathlib\n"
+        f"assert pathlib.Path(mnistgen.__file__).parent == pathlib.Path({str(package)!r})\n"
+        f"params = yaml.safe_load(open({str(ROOT / 'params.yaml')!r}))['models']\n"
+        "from mnistgen.models import model_params\n"
+        "for name, section in params.items(): m.build_model(model_params(section, name))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(package.parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,9 +1,10 @@
 """The shared training loop: divergence, checkpoints, resume, determinism."""
+
 import pytest
 import torch
+from helpers import tiny
 
 from mnistgen import training
-from helpers import tiny
 from mnistgen.models import build_model
 from mnistgen.utils import StageError, seed_everything
 
@@ -35,13 +36,23 @@ def test_nan_loss_stops_with_the_documented_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "train_step", poisoned)
     ckpt = training.Checkpoint(tmp_path / "last.pt", {})
-    with pytest.raises(training.DivergenceError, match="ae: training diverged: loss is nan in epoch 1; stopped, no model was saved or registered"):
+    with pytest.raises(
+        training.DivergenceError, match="ae: training diverged: loss is nan in epoch 1; stopped, no model was saved or registered"
+    ):
         training.train(model, images(), images(32), seed=0, checkpoint=ckpt, progress=False)
     assert not ckpt.path.exists()  # the diverged epoch was not checkpointed
 
 
-@pytest.mark.parametrize("family, schedule", [("vae", {}), ("wgan", {}), ("ae", {"lr_warmup": 1.5, "lr_decay": True}),
-                                              ("gan", {"ema_decay": 0.9}), ("vae", {"ema_decay": 0.9})])
+@pytest.mark.parametrize(
+    "family, schedule",
+    [
+        ("vae", {}),
+        ("wgan", {}),
+        ("ae", {"lr_warmup": 1.5, "lr_decay": True}),
+        ("gan", {"ema_decay": 0.9}),
+        ("vae", {"ema_decay": 0.9}),
+    ],
+)
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, family, schedule):
     reference, ref_history = run(family, tmp_path / "a", **schedule)
 

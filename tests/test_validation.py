@@ -4,6 +4,7 @@ Great Expectations is imported once (by the first `validate` call, in a module-s
 fixture); every later call only builds a new ephemeral context. The markdown report is
 checked cell by cell (`md_rows`), not by its column padding.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,15 +18,22 @@ import pytest
 import torch
 import yaml
 
-from mnistgen.utils import sha256_file
 from mnistgen import data, validation
 from mnistgen.config import ValidateParams
+from mnistgen.utils import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 400, "val": 100, "test": 200}
 # params.yaml's validate section, spelled out: the synthetic splits below are made to pass these bands
-VALUES = dict(class_fraction_min=0.08, class_fraction_max=0.12, image_mean_min=5.0, image_mean_max=120.0,
-              split_mean_min=25.0, split_mean_max=40.0, max_train_test_duplicates=10)
+VALUES = {
+    "class_fraction_min": 0.08,
+    "class_fraction_max": 0.12,
+    "image_mean_min": 5.0,
+    "image_mean_max": 120.0,
+    "split_mean_min": 25.0,
+    "split_mean_max": 40.0,
+    "max_train_test_duplicates": 10,
+}
 PARAMS = ValidateParams(**VALUES)
 
 
@@ -74,8 +82,14 @@ def good_result(good_table) -> validation.ValidationResult:
 
 def test_library_import_does_not_import_great_expectations():
     code = "import sys; import mnistgen.validation, mnistgen.data; print('great_expectations' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -97,8 +111,17 @@ def test_good_data_passes(good_result):
     assert good_result.success, good_result.failure_lines()
     names = good_result.checks["name"].tolist()
     for split in SIZES:
-        for check_name in ("labels in 0..9", "height == 28", "width == 28", "dtype uint8", "pixel min >= 0",
-                           "pixel max <= 255", "image mean intensity", "row count", "split mean intensity"):
+        for check_name in (
+            "labels in 0..9",
+            "height == 28",
+            "width == 28",
+            "dtype uint8",
+            "pixel min >= 0",
+            "pixel max <= 255",
+            "image mean intensity",
+            "row count",
+            "split mean intensity",
+        ):
             assert f"{check_name} [{split}]" in names
     assert "class fractions" in names and "train/val vs test duplicates" in names
     assert check(good_result, "row count [val]")["observed"] == SIZES["val"]
@@ -141,7 +164,9 @@ def test_label_out_of_range_fails(good_table):
     md = result.to_markdown()
     assert "**FAILED**" in md
     assert md_table(md, "Failed expectations")["labels in 0..9 [val]"] == [
-        "expect_column_values_to_be_between", f"val: 1 of {SIZES['val']} images, e.g. 11"]
+        "expect_column_values_to_be_between",
+        f"val: 1 of {SIZES['val']} images, e.g. 11",
+    ]
     per_split = md_table(md, "Per-split")
     assert per_split["labels in 0..9"][per_split["check"].index("val")] == f"**FAIL** 1 of {SIZES['val']} unexpected, e.g. 11"
 
@@ -265,7 +290,9 @@ def _write_prepared(root: Path, splits: dict[str, data.Split], sizes: dict[str, 
     prepared.mkdir(parents=True)
     for name, split in splits.items():
         data.save_split(split, prepared / f"{name}.pt")
-    (prepared / "meta.json").write_text(json.dumps({"sizes": sizes, "sha256": {name: sha256_file(prepared / f"{name}.pt") for name in splits}}))
+    (prepared / "meta.json").write_text(
+        json.dumps({"sizes": sizes, "sha256": {name: sha256_file(prepared / f"{name}.pt") for name in splits}})
+    )
     write_params(root)
 
 
@@ -276,7 +303,9 @@ def write_params(root: Path, **changes) -> None:
 @pytest.fixture
 def stage_argv(monkeypatch):
     """The stage's command line as dvc.yaml gives it (run with the test's tmp_path as cwd)."""
-    monkeypatch.setattr(sys, "argv", ["validate.py", "--data", "data/prepared", "--out", "data/validation", "--passed", "data/validated.json"])
+    monkeypatch.setattr(
+        sys, "argv", ["validate.py", "--data", "data/prepared", "--out", "data/validation", "--passed", "data/validated.json"]
+    )
 
 
 def test_stage_passes_and_writes_report(tmp_path, monkeypatch, capsys, stage_argv, good_result):

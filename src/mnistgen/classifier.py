@@ -5,6 +5,7 @@ Two architectures give two feature spaces (a metric that flips between them is n
 `strided` (the first evaluator: strided convs) and `maxpool` (the second: convs at full
 resolution, each followed by 2x2 max-pooling, a different seed).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,15 +23,18 @@ class Classifier(nn.Module):
             if arch == "strided":  # strided convs: as accurate as max-pooling here, 3x faster on a CPU
                 return nn.Sequential(nn.Conv2d(cin, cout, kernel, 2, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
             if arch == "maxpool":
-                return nn.Sequential(nn.Conv2d(cin, cout, kernel, 1, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                     nn.MaxPool2d(2))
+                return nn.Sequential(
+                    nn.Conv2d(cin, cout, kernel, 1, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)
+                )
             raise ValueError(f"unknown evaluator arch {arch!r} (strided | maxpool)")
 
         self.body = nn.Sequential(
             block(1, width, 5),  # 28 -> 14
             block(width, 2 * width, 3),  # 14 -> 7
             nn.Flatten(),
-            nn.Linear(2 * width * 49, FEATURE_DIM, bias=False), nn.BatchNorm1d(FEATURE_DIM), nn.ReLU(),
+            nn.Linear(2 * width * 49, FEATURE_DIM, bias=False),
+            nn.BatchNorm1d(FEATURE_DIM),
+            nn.ReLU(),
         )
         self.head = nn.Linear(FEATURE_DIM, 10)
 

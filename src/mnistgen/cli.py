@@ -14,6 +14,7 @@ MLproject entry points call `dvc repro` too. Everything else starts here:
 `smoke`, `bench` and `paper` run scripts of the repository this package is installed from
 (pip install -e .), since they drive its dvc.yaml, params files and data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,10 @@ def repo_script(relative: str, argv: list[str]) -> int:
     """Run a script of the repository as `python <script> argv...` would, in this process."""
     script = REPO / relative
     if not script.exists():
-        print(f"error: {script} not found: `mnistgen {argv[0] if argv else ''}` needs the repository (pip install -e .)", file=sys.stderr)
+        print(
+            f"error: {script} not found: `mnistgen {argv[0] if argv else ''}` needs the repository (pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     sys.argv = [str(script), *argv]
     try:
@@ -59,8 +63,19 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=5001)
     args = parser.parse_args(argv)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    command = [mlflow, "models", "serve", "-m", f"models:/mnist-{args.model}@{args.alias}", "--env-manager", "local",
-               "--host", args.host, "--port", str(args.port)]
+    command = [
+        mlflow,
+        "models",
+        "serve",
+        "-m",
+        f"models:/mnist-{args.model}@{args.alias}",
+        "--env-manager",
+        "local",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     os.execv(command[0], command)  # the server replaces this process, so signals reach it directly
     return 0  # not reached
 
@@ -71,8 +86,9 @@ COMMANDS = {
     "profile": profiles.main,
     "serve": serve,
     "smoke": lambda argv: repo_script("scripts/smoke_pipeline.py", argv),
-    "bench": lambda argv: repo_script(f"benchmarks/{BENCHMARKS[argv[0]]}", argv[1:]) if argv[:1] and argv[0] in BENCHMARKS
-    else bench_usage(),
+    "bench": lambda argv: (
+        repo_script(f"benchmarks/{BENCHMARKS[argv[0]]}", argv[1:]) if argv[:1] and argv[0] in BENCHMARKS else bench_usage()
+    ),
     "paper": lambda argv: repo_script("benchmarks/paper_run.py", argv),
 }
 

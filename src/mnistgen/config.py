@@ -10,13 +10,24 @@ mnistgen.models.model_params validates a section against that union, so `n_criti
 AE or `beta` under a GAN is refused with the key named, and adding a family needs no change
 here. This module imports nothing of the package.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 PARAMS_FILE = Path("params.yaml")
 

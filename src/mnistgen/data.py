@@ -5,6 +5,7 @@ by the MNIST_MIRROR environment variable (these machines are offline: CI points 
 ../shared/mnist). Prepared splits are saved as plain tensors (uint8 images, int64
 labels) and loaded back as one float tensor on the device.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -137,8 +138,12 @@ def make_splits(train: Split, test: Split, params: PrepareParams) -> dict[str, S
     test_idx = torch.arange(len(test.labels))
     if n_test < len(test.labels):
         test_idx = torch.randperm(len(test.labels), generator=generator)[:n_test].sort().values
-    pick = lambda s, i: Split(s.images[i].contiguous(), s.labels[i].contiguous())  # noqa: E731
-    return {"train": pick(train, train_idx.sort().values), "val": pick(train, val_idx.sort().values), "test": pick(test, test_idx)}
+    pick = lambda s, i: Split(s.images[i].contiguous(), s.labels[i].contiguous())
+    return {
+        "train": pick(train, train_idx.sort().values),
+        "val": pick(train, val_idx.sort().values),
+        "test": pick(test, test_idx),
+    }
 
 
 def save_split(split: Split, path: Path) -> None:
@@ -152,7 +157,7 @@ def load_split(prepared: str | Path, name: str) -> Split:
         return Split(data["images"], data["labels"])
     except FileNotFoundError as err:
         raise StageError(f"{path}: not found; run `dvc repro prepare` first") from err
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+    except Exception as err:
         raise StageError(f"{path}: cannot load prepared split ({err})") from err
 
 

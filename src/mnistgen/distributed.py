@@ -20,6 +20,7 @@ on that global batch, to float rounding:
 
 Without a process group (a plain `python pipelines/train.py`) every helper here is the identity.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,8 +54,11 @@ def start(device: torch.device, timeout_s: float) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
     return device
 
 
@@ -81,8 +85,9 @@ def local_rows(batch: torch.Tensor) -> torch.Tensor:
     ranks 0, 1, ... concatenated are the batch, in the order `rows` draws its noise."""
     n = len(batch)
     if n % world_size():
-        raise StageError(f"batch_size {n} is not divisible by the {world_size()} processes: "
-                         f"each needs the same share of the global batch")
+        raise StageError(
+            f"batch_size {n} is not divisible by the {world_size()} processes: each needs the same share of the global batch"
+        )
     share = n // world_size()
     return batch[rank() * share : (rank() + 1) * share]
 
@@ -239,8 +244,10 @@ def session(device: torch.device, timeout_s: float):
     except RuntimeError as err:  # gloo raises RuntimeError, NCCL DistBackendError (a RuntimeError too)
         if not from_collective(err):
             raise
-        raise StageError(f"rank {rank()} of {world_size()}: lost the other processes of the run ({brief(err)}); "
-                         f"running the command again resumes from the last checkpoint") from err
+        raise StageError(
+            f"rank {rank()} of {world_size()}: lost the other processes of the run ({brief(err)}); "
+            f"running the command again resumes from the last checkpoint"
+        ) from err
     finally:
         stop()
 

@@ -10,6 +10,7 @@ distance comes with a bootstrap noise band `<name>_lo` .. `<name>_hi` (metrics.b
 A conditional model is also asked for each digit in turn (label fidelity, per-class FID_cls);
 its unconditional metrics are those of a label-balanced mix, so they sit in the same table.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,14 +60,17 @@ def read_spaces(folder: Path) -> list[dict]:
 
 def load_classifiers(folder: Path, device="cpu") -> dict[str, Classifier]:
     """{suffix: Classifier} for every feature space the train_evaluator stage wrote."""
-    return {s["suffix"]: load_classifier(Path(folder) / s["classifier"], s["arch"], s["width"], device)
-            for s in read_spaces(folder)}
+    return {
+        s["suffix"]: load_classifier(Path(folder) / s["classifier"], s["arch"], s["width"], device) for s in read_spaces(folder)
+    }
 
 
 def load_references(folder: Path, device="cpu") -> dict[str, Reference]:
     """{suffix: Reference} for every feature space the train_evaluator stage wrote."""
-    return {s["suffix"]: Reference(**torch.load(Path(folder) / s["reference"], map_location=device, weights_only=True))
-            for s in read_spaces(folder)}
+    return {
+        s["suffix"]: Reference(**torch.load(Path(folder) / s["reference"], map_location=device, weights_only=True))
+        for s in read_spaces(folder)
+    }
 
 
 @torch.no_grad()
@@ -99,7 +103,9 @@ def distances(feats, ref: Reference, p: EvaluateParams, suffix: str = "") -> dic
     return out
 
 
-def sample_quality(embedded: dict[str, tuple], refs: dict[str, Reference], p: EvaluateParams) -> tuple[dict[str, float], list[int]]:
+def sample_quality(
+    embedded: dict[str, tuple], refs: dict[str, Reference], p: EvaluateParams
+) -> tuple[dict[str, float], list[int]]:
     """Every sample-quality metric of one image set: distances (with bands) in each feature space
     (`embedded[suffix] = (feats, probs)`), and from the first evaluator's classes IS_cls, class
     coverage and confidence. Returns the metrics and the class histogram."""
@@ -109,11 +115,15 @@ def sample_quality(embedded: dict[str, tuple], refs: dict[str, Reference], p: Ev
     probs = embedded[""][1]
     score = metrics.inception_score(probs, p.is_splits)
     coverage = metrics.class_coverage(probs.argmax(1))
-    out.update({
-        "is_cls": score["mean"], "is_cls_std": score["std"],
-        "classes_present": coverage["classes_present"], "class_tv_to_uniform": coverage["tv_to_uniform"],
-        "confidence": probs.max(1).values.mean().item(),
-    })
+    out.update(
+        {
+            "is_cls": score["mean"],
+            "is_cls_std": score["std"],
+            "classes_present": coverage["classes_present"],
+            "class_tv_to_uniform": coverage["tv_to_uniform"],
+            "confidence": probs.max(1).values.mean().item(),
+        }
+    )
     return {k: float(v) for k, v in out.items()}, coverage["histogram"]
 
 
@@ -161,8 +171,9 @@ def interpolation_pairs(labels: torch.Tensor, n: int, generator: torch.Generator
 class Evaluation:
     """Evaluate one trained model; fills `self.metrics` and writes figures into `out`."""
 
-    def __init__(self, model: GenerativeModel, classifiers: dict[str, Classifier], refs: dict[str, Reference],
-                 p: EvaluateParams, out: Path):
+    def __init__(
+        self, model: GenerativeModel, classifiers: dict[str, Classifier], refs: dict[str, Reference], p: EvaluateParams, out: Path
+    ):
         """`classifiers` and `refs` map each feature space's suffix (SPACES) to its evaluator and reference."""
         if set(classifiers) != set(refs) or "" not in refs:
             raise ValueError(f"one classifier per reference, the first space included: {sorted(classifiers)} vs {sorted(refs)}")
@@ -218,8 +229,9 @@ class Evaluation:
         n = min(5000, len(test_x))
         codes = torch.cat([self.model.encode(test_x[i : min(i + self.p.batch_size, n)]) for i in range(0, n, self.p.batch_size)])
         means = self.model.class_latent_means()
-        figures.latent_scatter(codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits",
-                               means=means)
+        figures.latent_scatter(
+            codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits", means=means
+        )
         silhouette = torch.as_tensor(silhouette_samples(codes.double().cpu().numpy(), test_y[:n].cpu().numpy()))
         self.metrics["latent_silhouette"] = silhouette.mean().item()
         self.metrics["latent_silhouette_stderr"] = (silhouette.std() / math.sqrt(len(silhouette))).item()
@@ -285,8 +297,13 @@ class Evaluation:
             embedded = self.embed(images[:, 1:-1].flatten(0, 1))
             for suffix, (feats, _) in embedded.items():
                 stats = self.refs[suffix].test_stats
-                with_band(self.metrics, f"interp_{name}_fid_cls{suffix}", metrics.fid_from_stats(*metrics.gaussian_stats(feats), *stats),
-                          metrics.fid_replicates(feats, *stats, counts), p)
+                with_band(
+                    self.metrics,
+                    f"interp_{name}_fid_cls{suffix}",
+                    metrics.fid_from_stats(*metrics.gaussian_stats(feats), *stats),
+                    metrics.fid_replicates(feats, *stats, counts),
+                    p,
+                )
             self.metrics[f"interp_{name}_confidence"] = embedded[""][1].max(1).values.mean().item()
             for suffix, (_, probs) in embedded.items():  # how recognisable the midpoint is, to each evaluator
                 midpoint = probs.view(len(z_a), -1, 10)[:, (p.interp_steps - 2) // 2].max(1).values  # one per pair
@@ -301,7 +318,9 @@ class Evaluation:
         all three on the same test images (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed).
         The CVAE's are bounds on -log p(x | y), given each image's label."""
         p = self.p
-        binarised_all = binarize(test_x, p.binarize_seed)  # binarise every image once, then pick: an image's draw does not depend on the subset
+        binarised_all = binarize(
+            test_x, p.binarize_seed
+        )  # binarise every image once, then pick: an image's draw does not depend on the subset
         idx = likelihood_subset(len(test_x), p.iwae_images, p.seed + 3).to(test_x.device)
         grey, binarised = test_x[idx], binarised_all[idx]
         y = test_y[idx] if self.model.conditional else None
@@ -310,27 +329,46 @@ class Evaluation:
         def labels(i, count):
             return None if y is None else y[i : i + count]
 
-        nelbo_grey = torch.cat([self.model.negative_elbo(grey[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)])
-        nelbo_bin = torch.cat([self.model.negative_elbo(binarised[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)])
+        nelbo_grey = torch.cat(
+            [
+                self.model.negative_elbo(grey[i : i + p.batch_size], y=labels(i, p.batch_size))[2]
+                for i in range(0, n, p.batch_size)
+            ]
+        )
+        nelbo_bin = torch.cat(
+            [
+                self.model.negative_elbo(binarised[i : i + p.batch_size], y=labels(i, p.batch_size))[2]
+                for i in range(0, n, p.batch_size)
+            ]
+        )
         images_per_call = 100
         chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
-        nll = torch.cat([
-            self.model.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk, y=labels(i, images_per_call))  # slices stop at n: no image past the subset
-            for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")
-        ])
+        nll = torch.cat(
+            [
+                self.model.iwae_nll(
+                    binarised[i : i + images_per_call], p.iwae_k, chunk, y=labels(i, images_per_call)
+                )  # slices stop at n: no image past the subset
+                for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")
+            ]
+        )
 
         def stderr(values):
             return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
 
-        self.metrics.update({
-            "nelbo_grey": nelbo_grey.mean().item(), "nelbo_grey_stderr": stderr(nelbo_grey),
-            "nelbo_binarized": nelbo_bin.mean().item(), "nelbo_binarized_stderr": stderr(nelbo_bin),
-            "iwae_nll": nll.mean().item(), "iwae_nll_stderr": stderr(nll),
-            "iwae_images": float(len(nll)),
-            "likelihood_images": float(n),
-            "likelihood_all_test_images": float(n == len(test_x)),
-            "iwae_k": float(p.iwae_k),
-        })
+        self.metrics.update(
+            {
+                "nelbo_grey": nelbo_grey.mean().item(),
+                "nelbo_grey_stderr": stderr(nelbo_grey),
+                "nelbo_binarized": nelbo_bin.mean().item(),
+                "nelbo_binarized_stderr": stderr(nelbo_bin),
+                "iwae_nll": nll.mean().item(),
+                "iwae_nll_stderr": stderr(nll),
+                "iwae_images": float(len(nll)),
+                "likelihood_images": float(n),
+                "likelihood_all_test_images": float(n == len(test_x)),
+                "iwae_k": float(p.iwae_k),
+            }
+        )
 
     def run(self, test_x: torch.Tensor, test_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor) -> dict[str, float]:
         """Every metric; val_x/val_y (held out from training and from the FID reference) start the AE/VAE interpolations."""

@@ -1,4 +1,5 @@
 """Train the evaluator classifier and compute the reference features every metric compares against."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import time
 import torch
 from torch.nn import functional as F
 
-from .config import EvaluatorParams
 from .classifier import Classifier
+from .config import EvaluatorParams
 from .utils import StageError, progress_bar
 
 

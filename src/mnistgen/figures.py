@@ -1,4 +1,5 @@
 """Figures a user would rather look at than read: image grids, curves, latent scatter, histograms."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,7 +45,9 @@ def plot_curves(history: list[dict], path: str | Path, title: str) -> Path:
     return Path(path)
 
 
-def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str, means: torch.Tensor | None = None) -> Path:
+def latent_scatter(
+    codes: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str, means: torch.Tensor | None = None
+) -> Path:
     """2-D scatter of latent codes coloured by digit (PCA to 2-D when the latent is larger); `means` [10, latent]
     (the CVAE's learned class means) are marked with their digit, in the same projection."""
     plt = _pyplot()
@@ -59,8 +62,19 @@ def latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path, 
     fig, ax = plt.subplots(figsize=(5, 4.5))
     points = ax.scatter(codes[:, 0], codes[:, 1], c=labels.cpu(), cmap="tab10", s=2, alpha=0.6)
     if means is not None:
-        ax.scatter(means[:, 0], means[:, 1], c=range(len(means)), cmap="tab10", vmin=0, vmax=9, s=120, marker="X",
-                   edgecolors="black", linewidths=1.0, label="learned class means")
+        ax.scatter(
+            means[:, 0],
+            means[:, 1],
+            c=range(len(means)),
+            cmap="tab10",
+            vmin=0,
+            vmax=9,
+            s=120,
+            marker="X",
+            edgecolors="black",
+            linewidths=1.0,
+            label="learned class means",
+        )
         for digit, (x, y) in enumerate(means.tolist()):
             ax.annotate(str(digit), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9, weight="bold")
         ax.legend(fontsize=7, loc="best")

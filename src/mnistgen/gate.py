@@ -10,6 +10,7 @@ not overlap). With agree_in_both_spaces the same must hold for the metric in the
 evaluator's feature space (`<primary>_e2`) whenever both versions have it; every reason
 says what each space says.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -97,7 +98,9 @@ def decide(model: str, candidate: dict[str, float], champion: dict[str, float] |
     broken = [f for f in floors if not f.ok]
     if broken:
         decision.decision = REJECT
-        decision.reason = "breaks floor " + "; ".join(f"{f.metric} = {'missing' if f.value is None else _fmt(f.value)} (needs {f.limit})" for f in broken)
+        decision.reason = "breaks floor " + "; ".join(
+            f"{f.metric} = {'missing' if f.value is None else _fmt(f.value)} (needs {f.limit})" for f in broken
+        )
         return decision
     if gate.primary not in candidate:
         raise KeyError(f"gate.{model}.primary: metric {gate.primary!r} is not in the candidate's metrics")
@@ -119,13 +122,18 @@ def decide(model: str, candidate: dict[str, float], champion: dict[str, float] |
         gain = improvement(candidate[key], champion[key], gate.higher_is_better)
         needed, how = required_gain(key, candidate, champion, gate)
         wins.append(gain > needed)
-        parts.append(f"{key} better by {gain:.4g} ({direction} is better), {'more' if wins[-1] else 'not more'} than the "
-                     f"{needed:.4g} required ({how})")
+        parts.append(
+            f"{key} better by {gain:.4g} ({direction} is better), {'more' if wins[-1] else 'not more'} than the "
+            f"{needed:.4g} required ({how})"
+        )
     decision.decision = PROMOTE if all(wins) else KEEP
     spaces = ""
     if len(keys) == 2:
-        spaces = "; holds in both feature spaces" if all(wins) else ("; holds in neither feature space" if not any(wins)
-                                                                      else "; does not hold in both feature spaces")
+        spaces = (
+            "; holds in both feature spaces"
+            if all(wins)
+            else ("; holds in neither feature space" if not any(wins) else "; does not hold in both feature spaces")
+        )
     decision.reason = "; ".join(parts) + spaces + note
     return decision
 
@@ -138,13 +146,27 @@ def _fmt(value) -> str:
 
 def to_markdown(decisions: list[Decision], exit_code: int) -> str:
     verdict = {0: "decided", 1: "REGRESSION: a candidate breaks a floor; no alias moved", 2: "error; no alias moved"}[exit_code]
-    lines = [f"# Promotion gate: {verdict}", "", "| model | decision | candidate | champion | why |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Promotion gate: {verdict}",
+        "",
+        "| model | decision | candidate | champion | why |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for d in decisions:
-        lines.append(f"| {d.model} | **{d.decision}** | v{d.candidate_version or '-'} | "
-                     f"{'v' + d.champion_version if d.champion_version else 'none'} | {d.reason} |")
+        lines.append(
+            f"| {d.model} | **{d.decision}** | v{d.candidate_version or '-'} | "
+            f"{'v' + d.champion_version if d.champion_version else 'none'} | {d.reason} |"
+        )
     for d in decisions:
-        lines += ["", f"## {d.model}: {d.decision}", "", f"{d.reason}. Primary metric: `{d.primary}`.", "",
-                  "| metric | candidate | champion | floor | ok |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"## {d.model}: {d.decision}",
+            "",
+            f"{d.reason}. Primary metric: `{d.primary}`.",
+            "",
+            "| metric | candidate | champion | floor | ok |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         floors = {f.metric: f for f in d.floors}
         shown = [d.primary] + [m for m in (d.primary + SECOND_SPACE,) if m in d.candidate] + [m for m in floors if m != d.primary]
         for metric in shown:
@@ -160,9 +182,13 @@ def to_json(decisions: list[Decision], exit_code: int) -> dict:
         "exit_code": exit_code,
         "models": {
             d.model: {
-                "decision": d.decision, "reason": d.reason, "primary": d.primary,
-                "candidate_version": d.candidate_version, "champion_version": d.champion_version,
-                "candidate": d.candidate, "champion": d.champion,
+                "decision": d.decision,
+                "reason": d.reason,
+                "primary": d.primary,
+                "candidate_version": d.candidate_version,
+                "champion_version": d.champion_version,
+                "candidate": d.candidate,
+                "champion": d.champion,
                 "floors": [vars(f) for f in d.floors],
             }
             for d in decisions

@@ -78,7 +78,7 @@ def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
     """Unbiased estimate of MMD^2 between two equal-size samples."""
     m = len(x)
     k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
-    within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum())
+    within = k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()
     return within / (m * (m - 1)) - 2 * k_xy.sum() / (m * m)
 
 
@@ -206,7 +206,9 @@ def bootstrap_counts(n: int, rounds: int, seed: int, groups: int = 1) -> Tensor:
     blocks = n // groups
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(blocks, (rounds, blocks), generator=gen)
-    counts = torch.zeros(rounds, blocks, dtype=torch.float64).scatter_add_(1, idx, torch.ones(rounds, blocks, dtype=torch.float64))
+    counts = torch.zeros(rounds, blocks, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(rounds, blocks, dtype=torch.float64)
+    )
     return counts.repeat_interleave(groups, dim=1)
 
 
@@ -236,8 +238,7 @@ def fid_replicates(feats: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Ten
     return out
 
 
-def kid_with_replicates(feats_a: Tensor, feats_b: Tensor, subsets: int, subset_size: int, seed: int,
-                        counts: Tensor) -> dict:
+def kid_with_replicates(feats_a: Tensor, feats_b: Tensor, subsets: int, subset_size: int, seed: int, counts: Tensor) -> dict:
     """`kid(feats_a, feats_b, ...)` (the same subsets, so the same mean) and its bootstrap replicates.
 
     Round r weights each sample i of feats_a by counts[r, i]; within a subset the unbiased
@@ -267,8 +268,11 @@ def kid_with_replicates(feats_a: Tensor, feats_b: Tensor, subsets: int, subset_s
         xy = w @ k_xy.sum(1) / (total * m).clamp_min(1)
         reps.append(xx + yy - 2 * xy)
     values = torch.stack(values)
-    return {"mean": float(values.mean()), "std": float(values.std(unbiased=False)),
-            "replicates": torch.stack(reps).mean(0).tolist()}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(unbiased=False)),
+        "replicates": torch.stack(reps).mean(0).tolist(),
+    }
 
 
 def inside_flags(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ an override cannot silently miss. Lists (such as a gate's floors) are replaced w
     python -m mnistgen.profiles params-smoke.yaml              # rewrite params.yaml in place
     python -m mnistgen.profiles params-paper.yaml -o other.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,9 @@ def load_profiled(profile: str | Path | None, params: str | Path = "params.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mnistgen profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mnistgen profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("profile", type=Path)
     parser.add_argument("params", type=Path, nargs="?", default=Path("params.yaml"))
     parser.add_argument("-o", "--out", type=Path, help="write here instead of over PARAMS")

@@ -11,6 +11,7 @@ gives 16 sevens (without a digit, count gives the digits 0..9 in turn), and expl
 rows are the noise followed by the digit, [N, latent_dim + 1] (the digit's column holds 0..9).
 A digit outside 0-9 is refused with INVALID_PARAMETER_VALUE (HTTP 400 from `mlflow models serve`).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ class MnistGenerator(mlflow.pyfunc.PythonModel):
         count = int(params.get("count") or 0)
         digit = params.get("digit")
         if digit is not None and not self.model.conditional:
-            raise MlflowException(f"digit: {self.model.family} is not a conditional model and takes no digit", INVALID_PARAMETER_VALUE)
+            raise MlflowException(
+                f"digit: {self.model.family} is not a conditional model and takes no digit", INVALID_PARAMETER_VALUE
+            )
         if self.model.conditional:
             return self.predict_digits(model_input, count, digit, int(params.get("seed") or 0))
         with torch.no_grad():
@@ -80,7 +83,9 @@ class MnistGenerator(mlflow.pyfunc.PythonModel):
         eps, column = rows[:, :-1], rows[:, -1]
         bad = (column != column.round()) | (column < 0) | (column > 9)
         if bad.any():
-            raise MlflowException(f"digit column (the last) must hold integers 0-9, got {column[bad][0].item():g}", INVALID_PARAMETER_VALUE)
+            raise MlflowException(
+                f"digit column (the last) must hold integers 0-9, got {column[bad][0].item():g}", INVALID_PARAMETER_VALUE
+            )
         labels = column.long() if digit is None else torch.full((len(rows),), int(digit))
         return self.model.decode_noise(eps, labels).squeeze(1).numpy().astype(np.float32)
 

@@ -4,6 +4,7 @@ Registered models are `mnist-<model>` for each model in params.yaml; @challenger
 candidate and @champion is moved only by the promotion gate. Every change a promotion makes is
 recorded so that `rollback` can put the registry back as it was when a later step fails.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,7 +63,9 @@ class Registry:
         except MlflowException as err:
             if not (tracking.not_found(err) or tracking.permission_denied(err)):  # basic-auth hides a missing model behind 403
                 raise
-            self.client.create_registered_model(name, description=f"MNIST {name.split('-')[-1].upper()} generator: latent vectors -> 28x28 digits")
+            self.client.create_registered_model(
+                name, description=f"MNIST {name.split('-')[-1].upper()} generator: latent vectors -> 28x28 digits"
+            )
             self.undo.append(("delete_model", name))
         self.check_artifacts(model_uri)
         all_tags = {**tags, **{f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))}}
@@ -85,7 +88,7 @@ class Registry:
                 download_artifacts(artifact_uri=model_uri, dst_path=tmp)
                 if not (Path(tmp) / "MLmodel").exists():
                     raise FileNotFoundError("no MLmodel file among them")
-            except Exception as err:  # noqa: BLE001 - whatever the store says, the version would be unusable
+            except Exception as err:
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
                 raise ArtifactsUnavailable(f"the artifacts of {model_uri} cannot be read ({first}); not registering it") from err
 

@@ -1,5 +1,6 @@
 """The comparison report: one table for every model plus the real-data column, the design's
 claims checked against the numbers, and the figures (markdown + a static HTML page)."""
+
 from __future__ import annotations
 
 import base64
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 from scipy.stats import kendalltau
-
 
 SPACES = {"": "evaluator 1", "_e2": "evaluator 2"}  # metric-name suffix -> feature space (evaluation.SPACES)
 DISTANCES = ["fid_cls", "kid_cls", "precision", "recall"]  # measured in both feature spaces, each with a band
@@ -47,8 +47,16 @@ COLUMNS = [
     ("label_fidelity", "label fidelity", True),
     ("fid_cls_per_class_mean", "per-class FID_cls (mean of 10)", False),
 ]
-FIGURES = ["samples.png", "interpolation_linear.png", "interpolation_slerp.png", "reconstructions.png",
-           "latent_scatter.png", "class_histogram.png", "digit_grid.png", "samples_by_class.png"]
+FIGURES = [
+    "samples.png",
+    "interpolation_linear.png",
+    "interpolation_slerp.png",
+    "reconstructions.png",
+    "latent_scatter.png",
+    "class_histogram.png",
+    "digit_grid.png",
+    "samples_by_class.png",
+]
 FIDELITY_BAR = 0.9  # "keeps the requested digit": at least 9 samples in 10 are read as the digit asked for
 
 
@@ -167,20 +175,35 @@ def conditional_claims(results: dict[str, dict]) -> list[tuple[str, str, str]]:
     vae, cvae = results.get("vae", {}), results.get("cvae", {})
     key = "latent_silhouette"
     if key in vae and key in cvae:
-        out.append(("The CVAE's latent codes cluster by digit more than the VAE's", by_band(cvae, vae, key, a_larger=True),
-                    f"silhouette of test codes by their label CVAE {fmt(cvae[key])} vs VAE {fmt(vae[key])} "
-                    f"(standard errors {fmt(cvae.get(key + '_stderr', 0.0))} and {fmt(vae.get(key + '_stderr', 0.0))} over the codes)"))
+        out.append(
+            (
+                "The CVAE's latent codes cluster by digit more than the VAE's",
+                by_band(cvae, vae, key, a_larger=True),
+                f"silhouette of test codes by their label CVAE {fmt(cvae[key])} vs VAE {fmt(vae[key])} "
+                f"(standard errors {fmt(cvae.get(key + '_stderr', 0.0))} and {fmt(vae.get(key + '_stderr', 0.0))} over the codes)",
+            )
+        )
     conditional = {m: r for m, r in results.items() if "label_fidelity" in r}
     if conditional:
         bar = {"label_fidelity": FIDELITY_BAR}
         outcome = combine(by_band(r, bar, "label_fidelity", a_larger=True) for r in conditional.values())
-        mix = [f"{m.upper()} {fmt(r['class_tv_to_uniform'])}" for m, r in results.items() if m not in conditional and "class_tv_to_uniform" in r]
-        out.append((f"Conditional samples keep their requested digit (label fidelity above {FIDELITY_BAR}), while an unconditional "
-                    "model's class mix is what it is", outcome,
-                    "label fidelity " + ", ".join(f"{m.upper()} {fmt(r['label_fidelity'])}" for m, r in conditional.items())
-                    + " (the evaluator's accuracy on samples asked for each digit, first feature space); an unconditional model "
-                    "asked for a digit gives it only at that digit's share of its samples, about 0.1"
-                    + (f" (class mix TV to uniform {', '.join(mix)})" if mix else "")))
+        mix = [
+            f"{m.upper()} {fmt(r['class_tv_to_uniform'])}"
+            for m, r in results.items()
+            if m not in conditional and "class_tv_to_uniform" in r
+        ]
+        out.append(
+            (
+                f"Conditional samples keep their requested digit (label fidelity above {FIDELITY_BAR}), while an unconditional "
+                "model's class mix is what it is",
+                outcome,
+                "label fidelity "
+                + ", ".join(f"{m.upper()} {fmt(r['label_fidelity'])}" for m, r in conditional.items())
+                + " (the evaluator's accuracy on samples asked for each digit, first feature space); an unconditional model "
+                "asked for a digit gives it only at that digit's share of its samples, about 0.1"
+                + (f" (class mix TV to uniform {', '.join(mix)})" if mix else ""),
+            )
+        )
     return out
 
 
@@ -195,42 +218,78 @@ def claims(results: dict[str, dict], curves: dict[str, dict[str, list[float]]]) 
     ae, vae = results.get("ae", {}), results.get("vae", {})
     out = []
     if (both := in_both_spaces(ae, vae, "fid_cls", a_larger=True)) is not None:
-        out.append(("AE prior samples (Gaussian fitted to its codes) are worse than VAE prior samples", both[0],
-                    f"FID_cls {_pair(ae, vae, 'fid_cls', 'AE', 'VAE')}; {both[1]}"))
+        out.append(
+            (
+                "AE prior samples (Gaussian fitted to its codes) are worse than VAE prior samples",
+                both[0],
+                f"FID_cls {_pair(ae, vae, 'fid_cls', 'AE', 'VAE')}; {both[1]}",
+            )
+        )
     key = "interp_linear_midpoint_confidence"
     if (both := in_both_spaces(ae, vae, key, a_larger=False)) is not None:
-        out.append(("AE interpolation midpoints are less recognisable than VAE midpoints", both[0],
-                    f"evaluator confidence at the midpoint (standard error over the pairs) {_pair(ae, vae, key, 'AE', 'VAE')}; {both[1]}"))
+        out.append(
+            (
+                "AE interpolation midpoints are less recognisable than VAE midpoints",
+                both[0],
+                f"evaluator confidence at the midpoint (standard error over the pairs) {_pair(ae, vae, key, 'AE', 'VAE')}; {both[1]}",
+            )
+        )
     key = "interp_linear_fid_cls"
     if (both := in_both_spaces(ae, vae, key, a_larger=True)) is not None:
-        out.append(("AE interpolation paths leave the data manifold more than VAE paths", both[0],
-                    f"FID_cls of interior points (same count per model, paths from held-out digits) {_pair(ae, vae, key, 'AE', 'VAE')}; {both[1]}"))
+        out.append(
+            (
+                "AE interpolation paths leave the data manifold more than VAE paths",
+                both[0],
+                f"FID_cls of interior points (same count per model, paths from held-out digits) {_pair(ae, vae, key, 'AE', 'VAE')}; {both[1]}",
+            )
+        )
     gans = [m for m in ("gan", "wgan") if "grad_mag" in results.get(m, {})]
     if "grad_mag" in vae and gans:
         checks, evidence = [], []
         for m in gans:
             g = results[m]
-            checks += [by_band(g, vae, "grad_mag", True), by_band(g, vae, "laplacian_var", True), by_band(g, vae, "grey_fraction", False)]
-            evidence.append(f"{m.upper()} gradient magnitude {cell(g, 'grad_mag')}, Laplacian variance {cell(g, 'laplacian_var')}, "
-                            f"grey pixels {cell(g, 'grey_fraction')}")
+            checks += [
+                by_band(g, vae, "grad_mag", True),
+                by_band(g, vae, "laplacian_var", True),
+                by_band(g, vae, "grey_fraction", False),
+            ]
+            evidence.append(
+                f"{m.upper()} gradient magnitude {cell(g, 'grad_mag')}, Laplacian variance {cell(g, 'laplacian_var')}, "
+                f"grey pixels {cell(g, 'grey_fraction')}"
+            )
         evidence.append(f"VAE {cell(vae, 'grad_mag')}, {cell(vae, 'laplacian_var')}, {cell(vae, 'grey_fraction')}")
-        out.append(("A GAN's learned distance gives sharper samples than the VAE's pixel likelihood (every GAN: larger "
-                    "gradients and Laplacian variance, fewer grey pixels)", combine(checks),
-                    "; ".join(evidence) + "; a pixel measure, the same in both feature spaces"))
+        out.append(
+            (
+                "A GAN's learned distance gives sharper samples than the VAE's pixel likelihood (every GAN: larger "
+                "gradients and Laplacian variance, fewer grey pixels)",
+                combine(checks),
+                "; ".join(evidence) + "; a pixel measure, the same in both feature spaces",
+            )
+        )
     gans = [m for m in ("gan", "wgan") if "fid_cls" in results.get(m, {})]
     if "fid_cls" in vae and gans:
         best = min(gans, key=lambda m: results[m]["fid_cls"])
         both = in_both_spaces(vae, results[best], "fid_cls", a_larger=True)
-        out.append(("A GAN's samples are closer to the data than the VAE's", both[0],
-                    f"FID_cls {_pair(results[best], vae, 'fid_cls', best.upper(), 'VAE')}; {both[1]}"))
+        out.append(
+            (
+                "A GAN's samples are closer to the data than the VAE's",
+                both[0],
+                f"FID_cls {_pair(results[best], vae, 'fid_cls', best.upper(), 'VAE')}; {both[1]}",
+            )
+        )
     wgan_curve = curves.get("wgan", {})
     if wgan_curve.get("grad_norm") and wgan_curve.get("wasserstein"):
         norms, w = wgan_curve["grad_norm"], wgan_curve["wasserstein"]
         stable = all(0.5 < n < 2.0 for n in norms) and wasserstein_falls(w)
-        out.append(("The WGAN-GP trains stably: its critic stays near 1-Lipschitz and its Wasserstein estimate falls",
-                    verdict(stable), f"mean critic gradient norm per epoch {', '.join(f'{n:.2f}' for n in norms)}; "
-                    f"critic estimate of W first {w[0]:.2f}, last {w[-1]:.2f} (must fall by more than 10 % with a negative slope); "
-                    "training curves, no feature space"))
+        out.append(
+            (
+                "The WGAN-GP trains stably: its critic stays near 1-Lipschitz and its Wasserstein estimate falls",
+                verdict(stable),
+                f"mean critic gradient norm per epoch {', '.join(f'{n:.2f}' for n in norms)}; "
+                f"critic estimate of W first {w[0]:.2f}, last {w[-1]:.2f} (must fall by more than 10 % with a negative slope); "
+                "training curves, no feature space",
+            )
+        )
     return out + conditional_claims(results)
 
 
@@ -261,27 +320,38 @@ def notes(results: dict[str, dict], evaluator: dict, agreement: dict[str, float]
     vae = results.get("vae", {})
     if "likelihood_images" in vae:
         which = "all" if vae.get("likelihood_all_test_images") else "a seeded random subset of"
-        lines.append(f"The VAE's -ELBO (grey and binarised) and IWAE NLL (k = {vae.get('iwae_k', 0):.0f}) are all on the same "
-                     f"{vae['likelihood_images']:.0f} test images ({which} the test set), binarised once with evaluate.binarize_seed.")
+        lines.append(
+            f"The VAE's -ELBO (grey and binarised) and IWAE NLL (k = {vae.get('iwae_k', 0):.0f}) are all on the same "
+            f"{vae['likelihood_images']:.0f} test images ({which} the test set), binarised once with evaluate.binarize_seed."
+        )
     points = {r["interp_points"] for r in results.values() if "interp_points" in r}
     if points:
-        lines.append(f"Interpolation FID_cls: {', '.join(f'{p:.0f}' for p in sorted(points))} interior points per model, "
-                     "AE/VAE paths between held-out validation digits, bands resampling whole paths; it compares "
-                     "interpolations between models and is not on FID_cls's scale (fewer, correlated points).")
+        lines.append(
+            f"Interpolation FID_cls: {', '.join(f'{p:.0f}' for p in sorted(points))} interior points per model, "
+            "AE/VAE paths between held-out validation digits, bands resampling whole paths; it compares "
+            "interpolations between models and is not on FID_cls's scale (fewer, correlated points)."
+        )
     if agreement:
-        lines.append("Rank agreement of the two feature spaces over the models (Kendall tau, 1 = same order, -1 = reversed): "
-                     + ", ".join(f"{k} {v:+.2f}" for k, v in agreement.items()) + ".")
+        lines.append(
+            "Rank agreement of the two feature spaces over the models (Kendall tau, 1 = same order, -1 = reversed): "
+            + ", ".join(f"{k} {v:+.2f}" for k, v in agreement.items())
+            + "."
+        )
     return lines
 
 
 def build_markdown(results: dict[str, dict], real: dict, evaluator: dict, checks) -> str:
     agreement = rank_agreement(results)
     lines = [
-        f"# {' → '.join(m.upper() for m in results)} on MNIST: comparison", "",
+        f"# {' → '.join(m.upper() for m in results)} on MNIST: comparison",
+        "",
         "Sample metrics score each model's prior samples against the test images; the real-data column scores "
-        "training images the same way (the floor). Best model per metric in bold.", "",
-        *(f"- {line}" for line in notes(results, evaluator, agreement)), "",
-        table(results, real).to_markdown(), "",
+        "training images the same way (the floor). Best model per metric in bold.",
+        "",
+        *(f"- {line}" for line in notes(results, evaluator, agreement)),
+        "",
+        table(results, real).to_markdown(),
+        "",
     ]
     conditional = [m.upper() for m, r in results.items() if "label_fidelity" in r]
     if conditional:
@@ -290,7 +360,8 @@ def build_markdown(results: dict[str, dict], real: dict, evaluator: dict, checks
             "(each digit in equal numbers); label fidelity is the evaluator's accuracy on samples asked for each digit, and "
             "per-class FID_cls the mean over the ten digits of FID_cls of that digit's samples against that digit's test images. "
             "The CVAE's -ELBO and IWAE NLL are conditional on the label: they bound -log p(x | y), not the VAE's -log p(x) "
-            "(with ten equally likely digits, -log p(x) <= -log p(x | y) + log 10 = + 2.30 nats).", "",
+            "(with ten equally likely digits, -log p(x) <= -log p(x | y) + log 10 = + 2.30 nats).",
+            "",
         ]
     lines += ["## What the numbers say", ""]
     for claim, outcome, evidence in checks:
@@ -313,16 +384,17 @@ def build_html(results: dict, real: dict, checks, figures: dict[str, list[Path]]
     note_items = "".join(f"<li>{html.escape(line)}</li>" for line in notes(results, evaluator or {}, rank_agreement(results)))
     comparison = table(results, real, bold=lambda cell: f"<b>{cell}</b>").to_html(escape=False, table_id="comparison", border=0)
     claim_items = "".join(
-        f"<li><b class='{VERDICT_CLASS[v]}'>{v}</b>: {html.escape(c)}: {html.escape(e)}.</li>"
-        for c, v, e in checks
+        f"<li><b class='{VERDICT_CLASS[v]}'>{v}</b>: {html.escape(c)}: {html.escape(e)}.</li>" for c, v, e in checks
     )
-    sections = "".join(f"<h2>{model.upper()}</h2><div class='figs'>{''.join(_img(f) for f in paths)}</div>" for model, paths in figures.items())
+    sections = "".join(
+        f"<h2>{model.upper()}</h2><div class='figs'>{''.join(_img(f) for f in paths)}</div>" for model, paths in figures.items()
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MNIST generative models: comparison</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{text-align:left}} td b{{color:#1b5e20}}
 .ok{{color:#1b5e20}} .no{{color:#b71c1c}} .close{{color:#8a6d00}} .figs{{display:flex;flex-wrap:wrap;gap:12px}} figure{{margin:0}} img{{max-width:420px;image-rendering:pixelated}} figcaption{{font-size:12px;color:#555}}</style>
-</head><body><h1>{' → '.join(m.upper() for m in results)} on MNIST</h1>
+</head><body><h1>{" → ".join(m.upper() for m in results)} on MNIST</h1>
 <ul id="notes">{note_items}</ul>
 {comparison}
 <h2>What the numbers say</h2><ul id="claims">{claim_items}</ul>{sections}</body></html>

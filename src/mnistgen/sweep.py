@@ -20,6 +20,7 @@ each trial a run nested under it (tag mlflow.parentRunId; the worker that create
 and stores its id in the study, the others read it there). At the end the best trial's params are printed as
 `dvc exp run -S ...` overrides and, with --out, written to a JSON file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,18 @@ from pathlib import Path
 import torch
 
 from . import data, metrics, tracking, training
-from .config import Choice, FloatRange, IntRange, ParamsError, RunParams, SweepParams, flatten, read_params, section, validate_section
+from .config import (
+    Choice,
+    FloatRange,
+    IntRange,
+    ParamsError,
+    RunParams,
+    SweepParams,
+    flatten,
+    read_params,
+    section,
+    validate_section,
+)
 from .models import build_model, model_params
 from .training import DivergenceError
 from .utils import StageError, pick_device, seed_everything
@@ -113,8 +125,17 @@ class ValidationFID:
 class Objective:
     """One trial: train the model with the trial's params, report the validation objective each epoch."""
 
-    def __init__(self, model: str, base: dict, sweep: SweepParams, run_params: RunParams, prepared: Path,
-                 evaluator: Path | None, parent_run_id: str | None, study_name: str):
+    def __init__(
+        self,
+        model: str,
+        base: dict,
+        sweep: SweepParams,
+        run_params: RunParams,
+        prepared: Path,
+        evaluator: Path | None,
+        parent_run_id: str | None,
+        study_name: str,
+    ):
         self.model, self.base, self.sweep, self.run_params = model, base, sweep, run_params
         self.parent_run_id, self.study_name = parent_run_id, study_name
         self.device = pick_device(run_params.device)
@@ -122,13 +143,17 @@ class Objective:
         self.train_x, self.val_x = data.to_float(train_split.images, self.device), data.to_float(val_split.images, self.device)
         self.train_y, self.val_y = train_split.labels.to(self.device), val_split.labels.to(self.device)
         probe = build_model(model_params(base, f"models.{model}")).to(self.device)
-        has_loss = "val_loss" in training.validation_losses(probe, self.val_x[:2], 2, self.val_y[:2] if probe.conditional else None)
+        has_loss = "val_loss" in training.validation_losses(
+            probe, self.val_x[:2], 2, self.val_y[:2] if probe.conditional else None
+        )
         self.name = "val_loss" if has_loss else "val_fid_cls"
         self.fid = None
         if not has_loss:
             if evaluator is None:
-                raise StageError(f"{model}: a GAN family is scored by FID_cls on the validation images: give --evaluator "
-                                 "(the train_evaluator stage's folder, e.g. models/evaluator)")
+                raise StageError(
+                    f"{model}: a GAN family is scored by FID_cls on the validation images: give --evaluator "
+                    "(the train_evaluator stage's folder, e.g. models/evaluator)"
+                )
             self.fid = ValidationFID(evaluator, self.val_x, sweep.fid_samples, run_params.seed)
 
     def __call__(self, trial) -> float:
@@ -136,10 +161,19 @@ class Objective:
 
         chosen = suggest(trial, self.sweep.space[self.model])
         params = model_params({**self.base, **chosen}, f"models.{self.model}")
-        seed_everything(self.run_params.seed, self.run_params.deterministic)  # every trial from the same seed: only the params differ
+        seed_everything(
+            self.run_params.seed, self.run_params.deterministic
+        )  # every trial from the same seed: only the params differ
         model = build_model(params).to(self.device)
-        tags = {"model": self.model, "family": params.family, "stage": "sweep", "optuna_study": self.study_name,
-                "optuna_trial": str(trial.number), "objective": self.name, "git_commit": tracking.git_commit()}
+        tags = {
+            "model": self.model,
+            "family": params.family,
+            "stage": "sweep",
+            "optuna_study": self.study_name,
+            "optuna_trial": str(trial.number),
+            "objective": self.name,
+            "git_commit": tracking.git_commit(),
+        }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = tracking.Run.start(self.sweep.experiment, run_name=f"{self.model} trial {trial.number}", tags=tags)
@@ -156,8 +190,16 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.name} {value:.4g}")
 
         try:
-            training.train(model, self.train_x, self.val_x, seed=self.run_params.seed, on_epoch=on_epoch, progress=False,
-                           train_labels=self.train_y, val_labels=self.val_y)
+            training.train(
+                model,
+                self.train_x,
+                self.val_x,
+                seed=self.run_params.seed,
+                on_epoch=on_epoch,
+                progress=False,
+                train_labels=self.train_y,
+                val_labels=self.val_y,
+            )
         except optuna.TrialPruned:
             run.set_tags({"optuna_state": "PRUNED"})
             run.end("KILLED")
@@ -202,7 +244,9 @@ def open_study(name: str, url: str, model: str, sweep: SweepParams, worker: int,
 
     sampler = optuna.samplers.TPESampler(seed=sweep.sampler_seed + worker)
     # steps are epochs 1..N: the earliest a trial can be pruned is at step n_warmup_steps
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=sweep.pruner_warmup_epochs + 1)
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=sweep.pruner_startup_trials, n_warmup_steps=sweep.pruner_warmup_epochs + 1
+    )
     store = storage(url)
     try:
         study = optuna.create_study(study_name=name, storage=store, direction="minimize", sampler=sampler, pruner=pruner)
@@ -211,13 +255,26 @@ def open_study(name: str, url: str, model: str, sweep: SweepParams, worker: int,
         deadline = time.monotonic() + wait_s
         while PARENT_ATTR not in study.user_attrs:  # the creating worker is still starting its parent run
             if time.monotonic() > deadline:
-                raise StageError(f"study {name!r} in {safe_url(url)} has no sweep run after {wait_s:.0f} s: not made by this tool?")
+                raise StageError(
+                    f"study {name!r} in {safe_url(url)} has no sweep run after {wait_s:.0f} s: not made by this tool?"
+                ) from None
             time.sleep(1)
         if study.user_attrs.get("model") != model:
-            raise StageError(f"study {name!r} sweeps model {study.user_attrs.get('model')!r}, not {model!r}: pick another --study")
+            raise StageError(
+                f"study {name!r} sweeps model {study.user_attrs.get('model')!r}, not {model!r}: pick another --study"
+            ) from None
         return study, study.user_attrs[PARENT_ATTR] or None
-    parent = tracking.Run.start(sweep.experiment, run_name=f"sweep {name}", tags={
-        "model": model, "stage": "sweep", "optuna_study": name, "optuna_storage": safe_url(url), "git_commit": tracking.git_commit()})
+    parent = tracking.Run.start(
+        sweep.experiment,
+        run_name=f"sweep {name}",
+        tags={
+            "model": model,
+            "stage": "sweep",
+            "optuna_study": name,
+            "optuna_storage": safe_url(url),
+            "git_commit": tracking.git_commit(),
+        },
+    )
     parent.log_params({f"space.{k}": v.model_dump_json() for k, v in sweep.space[model].items()})
     study.set_user_attr("model", model)
     study.set_user_attr(PARENT_ATTR, parent.run_id or "")
@@ -232,25 +289,49 @@ def summarize(study, model: str, parent_run_id: str | None) -> dict:
     out = {"study": study.study_name, "model": model, "trials": len(states), "states": counts}
     if counts.get("COMPLETE"):
         best = study.best_trial
-        out.update(best_trial=best.number, best_value=best.value, params=best.params, overrides=overrides(model, best.params),
-                   command=exp_run_command(model, best.params))
+        out.update(
+            best_trial=best.number,
+            best_value=best.value,
+            params=best.params,
+            overrides=overrides(model, best.params),
+            command=exp_run_command(model, best.params),
+        )
     if parent_run_id:  # the parent run shows the study as it stands after this worker
         run = tracking.Run.resume(parent_run_id)
-        run.log_metrics({"trials": len(states), **({"best_value": out["best_value"]} if "best_value" in out else {})}, step=len(states))
-        run.set_tags({"best_trial": out.get("best_trial", ""), "best_overrides": " ".join(out.get("overrides", [])), "trial_states": json.dumps(counts)})
+        run.log_metrics(
+            {"trials": len(states), **({"best_value": out["best_value"]} if "best_value" in out else {})}, step=len(states)
+        )
+        run.set_tags(
+            {
+                "best_trial": out.get("best_trial", ""),
+                "best_overrides": " ".join(out.get("overrides", [])),
+                "trial_states": json.dumps(counts),
+            }
+        )
         run.end("FINISHED")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mnistgen sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mnistgen sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="a key of params.yaml's models section with a sweep.space entry")
-    parser.add_argument("--trials", type=int, required=True,
-                        help="trials this worker runs (a study's total: the sum over its workers; 0: only report the study)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        required=True,
+        help="trials this worker runs (a study's total: the sum over its workers; 0: only report the study)",
+    )
     parser.add_argument("--study", help="study name (default: <model>-sweep)")
-    parser.add_argument("--storage", default=os.environ.get("MNISTGEN_OPTUNA_STORAGE") or DEFAULT_STORAGE,
-                        help="Optuna storage URL (default: $MNISTGEN_OPTUNA_STORAGE, else %(default)s)")
-    parser.add_argument("--worker", type=int, default=0, help="this worker's number: its sampler seed is sweep.sampler_seed + worker")
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get("MNISTGEN_OPTUNA_STORAGE") or DEFAULT_STORAGE,
+        help="Optuna storage URL (default: $MNISTGEN_OPTUNA_STORAGE, else %(default)s)",
+    )
+    parser.add_argument(
+        "--worker", type=int, default=0, help="this worker's number: its sampler seed is sweep.sampler_seed + worker"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared splits (train and val are read)")
     parser.add_argument("--evaluator", type=Path, help="the trained evaluator folder (GAN families), e.g. models/evaluator")
@@ -265,12 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         run_params = validate_section(RunParams, section(params, "train"), "train")
         name = args.study or f"{args.model}-sweep"
         started = time.perf_counter()
-        objective = Objective(args.model, base, sweep, run_params, args.data, args.evaluator, None, name)  # data first: fail before the study
+        objective = Objective(
+            args.model, base, sweep, run_params, args.data, args.evaluator, None, name
+        )  # data first: fail before the study
         study, objective.parent_run_id = open_study(name, args.storage, args.model, sweep, args.worker)
 
         def progress(study, trial) -> None:
             shown = f"{trial.value:.4g}" if trial.value is not None else "-"
-            print(f"sweep {name} worker {args.worker}: trial {trial.number} {trial.state.name} {objective.name} {shown} {trial.params}", flush=True)
+            print(
+                f"sweep {name} worker {args.worker}: trial {trial.number} {trial.state.name} {objective.name} {shown} {trial.params}",
+                flush=True,
+            )
 
         study.optimize(objective, n_trials=args.trials, catch=(DivergenceError,), callbacks=[progress])
         out = summarize(study, args.model, objective.parent_run_id)
@@ -280,9 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
-    best = f"best trial {out['best_trial']} {objective.name} {out['best_value']:.4g}" if "best_value" in out else "no trial completed"
-    print(f"sweep {name}: {args.trials} trials by worker {args.worker} in {time.perf_counter() - started:.0f} s; "
-          f"study: {out['trials']} trials {out['states']}, {best}")
+    best = (
+        f"best trial {out['best_trial']} {objective.name} {out['best_value']:.4g}"
+        if "best_value" in out
+        else "no trial completed"
+    )
+    print(
+        f"sweep {name}: {args.trials} trials by worker {args.worker} in {time.perf_counter() - started:.0f} s; "
+        f"study: {out['trials']} trials {out['states']}, {best}"
+    )
     if "command" in out:
         print(out["command"])
     return 0

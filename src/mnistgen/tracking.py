@@ -7,6 +7,7 @@ temporary copy under .dvc/tmp/exps) gets pointing at the parent repo: every expe
 the one store of the repo it was queued from.
 Set MNISTGEN_TRACKING=off to train and evaluate without MLflow.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,13 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_ROOT = "mlartifacts"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).parent
-MODEL_CODE = ("__init__.py", "config.py", "distributed.py", "utils.py", "models")  # what pyfunc_model.py imports (tests/test_tracking.py checks it): shipped with the logged model
+MODEL_CODE = (
+    "__init__.py",
+    "config.py",
+    "distributed.py",
+    "utils.py",
+    "models",
+)  # what pyfunc_model.py imports (tests/test_tracking.py checks it): shipped with the logged model
 # Marks the experiment as model training ("Machine learning") rather than GenAI, for the MLflow UIs
 # that read the tag. The open-source 3.17 UI ignores it and follows its own GenAI / Model training
 # switch instead: open http://<server>/#/experiments/<id>?workflowType=machine_learning.
@@ -78,21 +85,26 @@ def check_reachable() -> None:
             raise StageError(f"MLflow tracking store {uri} cannot be reached: folder {folder} does not exist")
     try:
         client().search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
+    except Exception as err:
         status = getattr(err, "get_http_status_code", lambda: None)()
         if status == 401 or " 401 " in str(err):  # a team server with basic-auth refused the credentials
             user = os.environ.get("MLFLOW_TRACKING_USERNAME")
             who = f"user '{user}'" if user else "a request without credentials"
-            raise StageError(f"MLflow tracking server {uri} refused {who} (401): set MLFLOW_TRACKING_USERNAME and "
-                             "MLFLOW_TRACKING_PASSWORD to a valid account") from err
+            raise StageError(
+                f"MLflow tracking server {uri} refused {who} (401): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to a valid account"
+            ) from err
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StageError(f"MLflow tracking store {uri} cannot be reached: {first_line[:300]}") from err
 
 
 def not_found(err: BaseException) -> bool:
     """True for MLflow's answer about a model, version, alias or run that does not exist."""
-    return "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower() \
+    return (
+        "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", ""))
+        or "not found" in str(err).lower()
         or "does not exist" in str(err).lower()
+    )
 
 
 def permission_denied(err: BaseException) -> bool:
@@ -127,7 +139,9 @@ def experiment_id(name: str) -> str:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -189,8 +203,10 @@ class Run:
             # The server is gone: remember the run, so the next Run.start marks it FAILED instead of leaving it RUNNING forever.
             _remember_unfinished(self.run_id)
             if _store_error(exc):
-                raise StageError(f"MLflow tracking store {tracking_uri()} failed during the stage ({_first_line(exc)}); "
-                                 f"run {self.run_id} will be marked FAILED by the next stage that reaches the store") from exc
+                raise StageError(
+                    f"MLflow tracking store {tracking_uri()} failed during the stage ({_first_line(exc)}); "
+                    f"run {self.run_id} will be marked FAILED by the next stage that reaches the store"
+                ) from exc
             print(f"warning: could not mark MLflow run {self.run_id} FAILED: {_first_line(err)}")
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -241,8 +257,10 @@ class Run:
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim + int(conditional)))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
-            params=ParamSchema([ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]
-                               + ([ParamSpec("digit", "long", None)] if conditional else [])),
+            params=ParamSchema(
+                [ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]
+                + ([ParamSpec("digit", "long", None)] if conditional else [])
+            ),
         )
         import shutil
         import tempfile
@@ -289,7 +307,14 @@ def model_requirements() -> list[str]:
     """pip requirements of the logged model: every distribution its code imports, pinned to this environment's version."""
     from importlib.metadata import packages_distributions, version
 
-    files = [PYFUNC_FILE, *(f for name in MODEL_CODE for f in ([PACKAGE_DIR / name] if name.endswith(".py") else sorted((PACKAGE_DIR / name).glob("*.py"))))]
+    files = [
+        PYFUNC_FILE,
+        *(
+            f
+            for name in MODEL_CODE
+            for f in ([PACKAGE_DIR / name] if name.endswith(".py") else sorted((PACKAGE_DIR / name).glob("*.py")))
+        ),
+    ]
     providers = packages_distributions()
     missing = sorted(n for n in imported_packages(files) if n not in providers)
     if missing:
@@ -351,7 +376,7 @@ def _fail_unfinished() -> None:
             continue
         try:
             status = client().get_run(run_id).info.status
-        except Exception as err:  # noqa: BLE001 - a run that is gone needs nothing; any other error surfaces
+        except Exception as err:
             if not not_found(err):
                 raise
             continue

@@ -14,6 +14,7 @@ one-process step), so the batches, and so the weights to float rounding, do not 
 the number of processes. All ranks validate on the whole validation set (which keeps their
 random generators in step), and only rank 0 prints, checkpoints and calls `on_epoch`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,8 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -50,7 +51,9 @@ def batches(n: int, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def validation_losses(model: GenerativeModel, images: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None) -> dict[str, float]:
+def validation_losses(
+    model: GenerativeModel, images: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None
+) -> dict[str, float]:
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(images), batch_size):
@@ -80,8 +83,11 @@ def library_code() -> dict[str, str]:
     that), so a checkpoint is resumed only by the code that DVC would also call unchanged.
     """
     package = Path(__file__).resolve().parent
-    files = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
-             if name.split(".")[0] == __package__ and getattr(m, "__file__", None)}
+    files = {
+        Path(m.__file__).resolve()
+        for name, m in list(sys.modules.items())
+        if name.split(".")[0] == __package__ and getattr(m, "__file__", None)
+    }
     return {str(f.relative_to(package)): f.read_text() for f in sorted(files)}
 
 
@@ -122,8 +128,8 @@ class Checkpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-            state["epoch"], state["model"], state["rng"]  # noqa: B018 - the keys a resume needs
-        except Exception as err:  # noqa: BLE001
+            state["epoch"], state["model"], state["rng"]
+        except Exception as err:
             raise StageError(
                 f"{self.path}: corrupt checkpoint ({type(err).__name__}: {err}); delete it to train from scratch"
             ) from err
@@ -148,8 +154,14 @@ def restore(state, model, optimizers, schedulers, shuffle_rng, ema=None) -> None
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def step(model: GenerativeModel, x: torch.Tensor, optimizers: dict, global_step: int, mixed_precision: bool = True,
-         y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def step(
+    model: GenerativeModel,
+    x: torch.Tensor,
+    optimizers: dict,
+    global_step: int,
+    mixed_precision: bool = True,
+    y: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """One optimisation step of any family on batch x (and its labels y, for a conditional family), under the
     device's autocast unless `mixed_precision` is off (the benchmarks time this, and gpu_check compares it with
     full precision)."""
@@ -165,6 +177,7 @@ def ema_with_warmup(decay: float):
     holding on to the random initial weights: at decay 0.999 those would still weigh 0.42 after 859 steps.
     All on the device (no host sync per step).
     """
+
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
         if not averaged[0].is_floating_point():  # num_batches_tracked: follow the model
             torch._foreach_copy_(averaged, current)
@@ -173,6 +186,7 @@ def ema_with_warmup(decay: float):
         d = torch.clamp((1 + n) / (10 + n), max=decay)
         torch._foreach_mul_(averaged, d)
         torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+
     return update
 
 
@@ -188,8 +202,9 @@ def moving_average(model: GenerativeModel) -> AveragedModel | None:
 def schedules(optimizers: dict, steps_per_epoch: int, epochs: int, warmup_epochs: float, decay: bool) -> list[LambdaLR]:
     """Linear warm-up and optional linear decay of every optimizer's learning rate, stepped once per
     global step (also for a GAN's generator, which steps only every n_critic-th: one clock for both)."""
-    factor = functools.partial(lr_factor, total_steps=epochs * steps_per_epoch,
-                               warmup_steps=round(warmup_epochs * steps_per_epoch), decay=decay)
+    factor = functools.partial(
+        lr_factor, total_steps=epochs * steps_per_epoch, warmup_steps=round(warmup_epochs * steps_per_epoch), decay=decay
+    )
     return [LambdaLR(optimizer, factor) for optimizer in optimizers.values()]
 
 
@@ -262,9 +277,14 @@ def train(
         seconds = time.perf_counter() - started
         metrics.update(validation_losses(model, val_images, 1000, val_labels))
         check_finite(metrics, model.family, epoch)
-        history.append({"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * params.batch_size / seconds})
+        history.append(
+            {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * params.batch_size / seconds}
+        )
         if main:  # the other ranks go on and wait in the next epoch's first all-reduce
-            print(f"{model.family} epoch {epoch}/{epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch"))
+            print(
+                f"{model.family} epoch {epoch}/{epochs}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "epoch")
+            )
             if checkpoint:
                 checkpoint.save(model, optimizers, lr_schedules, epoch, history, shuffle_rng, ema)
             if on_epoch:

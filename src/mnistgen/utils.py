@@ -1,4 +1,5 @@
 """Small helpers with no domain logic: devices, seeds, hashes, atomic writes, stage errors."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,8 +10,9 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -25,6 +25,7 @@ writes GE's own result dicts (`to_json_dict`) and the tables through pandas' JSO
 Great Expectations takes several seconds to import, so it is imported inside `validate`
 only: importing this module (or the rest of the library) never pulls it in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -191,8 +192,9 @@ class ValidationResult:
         return json.dumps(out, indent=2, sort_keys=True) + "\n"
 
     def to_markdown(self) -> str:
-        checks = self.checks.assign(result=self.checks["success"].map({True: "pass ", False: "**FAIL** "})
-                                    + self.checks["observed"].map(_fmt))
+        checks = self.checks.assign(
+            result=self.checks["success"].map({True: "pass ", False: "**FAIL** "}) + self.checks["observed"].map(_fmt)
+        )
         failed = checks[~checks["success"]].set_index("name")[["expectation", "failed"]]
         per_split, cross = checks[checks["split"].notna()], checks[checks["split"].isna()]
         by_split = per_split.pivot(index="check", columns="split", values="result")
@@ -204,8 +206,11 @@ class ValidationResult:
             ("Cross-split expectations", cross.set_index("check")[["expected", "result"]], {}),
             ("Splits: images and per-image mean intensity (0..255)", self.splits.round(2), {}),
             ("Class fractions", self.fractions, {"floatfmt": ".4f"}),
-            ("Duplicate images: of the pair's 2nd split, also in its 1st (exact content hash)", self.duplicates,
-             {"missingval": "(reported only)"}),
+            (
+                "Duplicate images: of the pair's 2nd split, also in its 1st (exact content hash)",
+                self.duplicates,
+                {"missingval": "(reported only)"},
+            ),
         ]
         lines = [
             "# Data validation",

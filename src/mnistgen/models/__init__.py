@@ -3,6 +3,7 @@
 Every module of this package is imported here, so a new family is one new file (its model
 class and its params class) plus its section in params.yaml; nothing else lists families.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """Autoencoder: one code per image; its prior for sampling is a Gaussian fitted to training codes."""
+
 from __future__ import annotations
 
 from typing import Literal

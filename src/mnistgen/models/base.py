@@ -1,4 +1,5 @@
 """What the shared training loop and evaluation expect of every model family."""
+
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from .. import distributed
 from ..config import ModelParams
 
 Losses = dict[str, torch.Tensor]  # detached scalar tensors, read once per epoch (no per-step sync)
-FAMILIES: dict[str, type["GenerativeModel"]] = {}  # name -> class, filled as each family's file is imported
+FAMILIES: dict[str, type[GenerativeModel]] = {}  # name -> class, filled as each family's file is imported
 NUM_CLASSES = 10  # the digits a conditional family can be asked for
 
 

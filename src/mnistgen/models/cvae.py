@@ -5,6 +5,7 @@ one learned mean mu_y per digit) instead of one N(0, I), so the latent space fal
 clusters; the decoder sees only z, so sampling a 7 is z ~ N(mu_7, I), then decode. Its -ELBO
 and IWAE bound are bounds on -log p(x | y): conditional on the label.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -7,6 +7,7 @@ labels, so every point on a real-fake segment has one label too: the gradient pe
 WGAN's own (models/wgan.py: two-/one-sided, autograd or finite difference), taken with respect
 to the image only, on the critic as a function of the image with the label held fixed.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -43,7 +44,9 @@ class ProjectionCritic(nn.Module):
 
     def __init__(self, params):
         super().__init__()
-        self.phi = nn.Sequential(nets.encoder(critic_sized(params), params.projection_dim, norm=False, slope=0.2), nn.LeakyReLU(0.2))
+        self.phi = nn.Sequential(
+            nets.encoder(critic_sized(params), params.projection_dim, norm=False, slope=0.2), nn.LeakyReLU(0.2)
+        )
         self.psi = nn.Linear(params.projection_dim, 1, bias=False)  # the Wasserstein loss cancels a constant
         self.embed = nn.Embedding(NUM_CLASSES, params.projection_dim)
 

@@ -1,4 +1,5 @@
 """GAN (DCGAN-style): a discriminator scores real against generated; non-saturating loss."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -61,8 +62,9 @@ class GAN(GenerativeModel):
 
     def critic_loss(self, real, fake, *labels):
         real_score, fake_score = self.score(real, *labels), self.score(fake, *labels)
-        loss = F.binary_cross_entropy_with_logits(real_score, torch.ones_like(real_score)) + \
-            F.binary_cross_entropy_with_logits(fake_score, torch.zeros_like(fake_score))
+        loss = F.binary_cross_entropy_with_logits(real_score, torch.ones_like(real_score)) + F.binary_cross_entropy_with_logits(
+            fake_score, torch.zeros_like(fake_score)
+        )
         return loss, {"d_real": torch.sigmoid(real_score).mean(), "d_fake": torch.sigmoid(fake_score).mean()}
 
     def generator_loss(self, fake, *labels):

@@ -5,6 +5,7 @@ A layer that feeds a batch norm has no bias, as in DCGAN: the norm subtracts the
 such a bias would get no gradient in exact arithmetic, and Adam would turn its rounding noise
 into steps of size lr that differ from one CPU, or one process count, to the next.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -14,8 +15,11 @@ def conv_encoder(width: int, out_dim: int, norm: bool = False, slope: float = 0.
     act = (lambda: nn.LeakyReLU(slope)) if slope else nn.ReLU
     bn = (lambda c: nn.BatchNorm2d(c)) if norm else (lambda c: nn.Identity())
     return nn.Sequential(
-        nn.Conv2d(1, width, 4, 2, 1), act(),  # 28 -> 14 (no norm on the first layer, as in DCGAN)
-        nn.Conv2d(width, 2 * width, 4, 2, 1, bias=not norm), bn(2 * width), act(),  # 14 -> 7
+        nn.Conv2d(1, width, 4, 2, 1),
+        act(),  # 28 -> 14 (no norm on the first layer, as in DCGAN)
+        nn.Conv2d(width, 2 * width, 4, 2, 1, bias=not norm),
+        bn(2 * width),
+        act(),  # 14 -> 7
         nn.Flatten(),
         nn.Linear(2 * width * 49, out_dim, bias=out_bias),
     )
@@ -25,9 +29,13 @@ def conv_decoder(width: int, latent_dim: int, norm: bool = False) -> nn.Sequenti
     bn1 = nn.BatchNorm1d(2 * width * 49) if norm else nn.Identity()
     bn2 = nn.BatchNorm2d(width) if norm else nn.Identity()
     return nn.Sequential(
-        nn.Linear(latent_dim, 2 * width * 49, bias=not norm), bn1, nn.ReLU(),
+        nn.Linear(latent_dim, 2 * width * 49, bias=not norm),
+        bn1,
+        nn.ReLU(),
         nn.Unflatten(1, (2 * width, 7, 7)),
-        nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=not norm), bn2, nn.ReLU(),  # 7 -> 14
+        nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=not norm),
+        bn2,
+        nn.ReLU(),  # 7 -> 14
         nn.ConvTranspose2d(width, 1, 4, 2, 1),  # 14 -> 28, logits
     )
 

@@ -1,4 +1,5 @@
 """Variational autoencoder: Gaussian q(z|x), Bernoulli decoder, loss = reconstruction + beta * KL."""
+
 from __future__ import annotations
 
 import math

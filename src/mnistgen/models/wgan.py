@@ -6,6 +6,7 @@ lambda * max(0, ||grad D(y)|| - 1)^2; the gradient norm comes from autograd, or,
 from the difference quotient |D(y1) - D(y2)| / ||y1 - y2|| of two random points on the
 same real-fake segment, whose critic passes run in fp32 even under bf16 autocast.
 """
+
 from __future__ import annotations
 
 from typing import Literal

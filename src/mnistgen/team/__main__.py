@@ -1,4 +1,5 @@
 """mnistgen team up|down|env|status|dvc-remote  (see mnistgen/team/__init__.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,17 @@ def main(argv=None) -> int:
             print(json.dumps(stack.status(settings)))
         elif args.command == "dvc-remote":
             # the credentials go to .dvc/config.local (git-ignored by DVC), the endpoint of this stack too
-            for key, value in (("url", f"s3://{settings['TEAM_BUCKET']}/dvc"), ("endpointurl", settings.s3_endpoint), ("access_key_id", settings.s3_access_key),
-                               ("secret_access_key", settings["TEAM_S3_SECRET"])):
+            for key, value in (
+                ("url", f"s3://{settings['TEAM_BUCKET']}/dvc"),
+                ("endpointurl", settings.s3_endpoint),
+                ("access_key_id", settings.s3_access_key),
+                ("secret_access_key", settings["TEAM_S3_SECRET"]),
+            ):
                 subprocess.run(["dvc", "remote", "modify", "--local", "team", key, value], check=True)
             subprocess.run(["dvc", "remote", "default", "--local", "team"], check=True)
-            print(f"team: .dvc/config.local points remote 'team' at {settings.s3_endpoint} with its credentials (the default remote)")
+            print(
+                f"team: .dvc/config.local points remote 'team' at {settings.s3_endpoint} with its credentials (the default remote)"
+            )
     except (stack.StackError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

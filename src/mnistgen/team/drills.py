@@ -6,6 +6,7 @@ Each drill prints what it did and one line `drill <name>: PASS|FAIL ...` with it
 write a JSON record to <TEAM_STATE_DIR>/drills.json. The drills use the ci account, their own scratch
 folders under /tmp and the experiment `drills`; they stop and restart the stack's own processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,18 @@ SCRATCH: list[Path] = []  # the drills' folders, removed after each drill
 def tiny_params(families: dict[str, int]) -> dict:
     """The repo's params.yaml with tiny MLP models (epochs per family) tracking into the drills experiment."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"] = {name: {**params["models"][name], "arch": "mlp", "hidden": 64, "latent_dim": 4, "epochs": epochs, "batch_size": 32,
-                               "lr": 0.001} for name, epochs in families.items()}
+    params["models"] = {
+        name: {
+            **params["models"][name],
+            "arch": "mlp",
+            "hidden": 64,
+            "latent_dim": 4,
+            "epochs": epochs,
+            "batch_size": 32,
+            "lr": 0.001,
+        }
+        for name, epochs in families.items()
+    }
     params["gate"] = {name: params["gate"][name] for name in families}
     params["train"] = {**params["train"], "experiment": EXPERIMENT}
     return params
@@ -60,7 +71,7 @@ def write_synthetic_digits(prepared: Path, sizes: dict[str, int], seed: int = 0)
         images = torch.randint(0, 30, (n, 28, 28), generator=g, dtype=torch.uint8)
         for i, y in enumerate(labels.tolist()):
             r, c = 2 + (y // 5) * 12, 2 + (y % 5) * 5
-            images[i, r: r + 10, c: c + 5] = 255
+            images[i, r : r + 10, c : c + 5] = 255
         data.save_split(data.Split(images, labels), prepared / f"{split}.pt")
 
 
@@ -73,12 +84,31 @@ def client_env(s: stack.Settings, **changes) -> dict[str, str]:
 
 
 def train(folder: Path, model: str, env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "train.py"), model, "--data", "data/prepared", "--out", f"models/{model}",
-                             "--curves", f"curves/{model}"], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "train.py"),
+            model,
+            "--data",
+            "data/prepared",
+            "--out",
+            f"models/{model}",
+            "--curves",
+            f"curves/{model}",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip() and "warn" not in line.lower() and not line.startswith(" ")]
+    lines = [
+        line for line in text.strip().splitlines() if line.strip() and "warn" not in line.lower() and not line.startswith(" ")
+    ]
     summaries = [line for line in lines if line.startswith(("train ", "error:", "promote:"))]  # a stage's own one-line summary
     return (summaries or lines or [""])[-1]
 
@@ -93,8 +123,13 @@ def mlflow_client(s: stack.Settings):
 
 def registry_snapshot(s: stack.Settings) -> dict:
     client = mlflow_client(s)
-    return {m.name: {"versions": sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'")),
-                     "aliases": dict(m.aliases)} for m in client.search_registered_models()}
+    return {
+        m.name: {
+            "versions": sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'")),
+            "aliases": dict(m.aliases),
+        }
+        for m in client.search_registered_models()
+    }
 
 
 # ---------------------------------------------------------------- drills
@@ -126,8 +161,11 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
         time.sleep(0.5)
         exp = exp or client.get_experiment_by_name(EXPERIMENT)
         if exp:
-            runs = [r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5)
-                    if r.data.metrics and len(client.get_metric_history(r.info.run_id, "loss")) >= 2]
+            runs = [
+                r
+                for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5)
+                if r.data.metrics and len(client.get_metric_history(r.info.run_id, "loss")) >= 2
+            ]
             run = runs[0] if runs else None
     if run is None:
         proc.kill()
@@ -136,8 +174,12 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
     stack.stop_mlflow(s, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     stage_seconds_after_kill = time.perf_counter() - killed_at
-    first = {"exit": proc.returncode, "line": last_line(err), "seconds_after_kill": round(stage_seconds_after_kill, 1),
-             "traceback": "Traceback" in err}
+    first = {
+        "exit": proc.returncode,
+        "line": last_line(err),
+        "seconds_after_kill": round(stage_seconds_after_kill, 1),
+        "traceback": "Traceback" in err,
+    }
     restart = time.perf_counter()
     stack.start_mlflow(s)
     restart_seconds = time.perf_counter() - restart
@@ -146,11 +188,24 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
     out, err2 = second.communicate(timeout=600)
     final_status = client.get_run(run.info.run_id).info.status
     after = registry_snapshot(s)
-    ok = (proc.returncode == 1 and first["line"].startswith("error: MLflow tracking store") and not first["traceback"]
-          and second.returncode == 0 and final_status == "FAILED" and before == after)
-    return {"pass": ok, "first_stage": first, "mlflow_restart_seconds": round(restart_seconds, 1),
-            "killed_run": run.info.run_id, "its_status_after_restart": status_after_restart, "its_status_after_next_stage": final_status,
-            "second_stage": {"exit": second.returncode, "line": last_line(out + err2)}, "registry_unchanged": before == after}
+    ok = (
+        proc.returncode == 1
+        and first["line"].startswith("error: MLflow tracking store")
+        and not first["traceback"]
+        and second.returncode == 0
+        and final_status == "FAILED"
+        and before == after
+    )
+    return {
+        "pass": ok,
+        "first_stage": first,
+        "mlflow_restart_seconds": round(restart_seconds, 1),
+        "killed_run": run.info.run_id,
+        "its_status_after_restart": status_after_restart,
+        "its_status_after_next_stage": final_status,
+        "second_stage": {"exit": second.returncode, "line": last_line(out + err2)},
+        "registry_unchanged": before == after,
+    }
 
 
 def drill_pg_restart(s: stack.Settings) -> dict:
@@ -166,8 +221,12 @@ def drill_pg_restart(s: stack.Settings) -> dict:
     second = train(folder, "vae", env)
     out2, err2 = second.communicate(timeout=300)
     ok = first.returncode == 0 and second.returncode == 0
-    return {"pass": ok, "pg_restart_seconds": round(restart_seconds, 1), "first": {"exit": first.returncode, "line": last_line(out1 + err1)},
-            "second": {"exit": second.returncode, "line": last_line(out2 + err2)}}
+    return {
+        "pass": ok,
+        "pg_restart_seconds": round(restart_seconds, 1),
+        "first": {"exit": first.returncode, "line": last_line(out1 + err1)},
+        "second": {"exit": second.returncode, "line": last_line(out2 + err2)},
+    }
 
 
 def drill_store_down(s: stack.Settings) -> dict:
@@ -185,20 +244,47 @@ def drill_store_down(s: stack.Settings) -> dict:
     before = registry_snapshot(s)
     stack.stop_swift(s)
     try:
-        proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "promote.py"), "--metrics", "metrics", "--models", "models", "--out", "reports"],
-                              cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "pipelines" / "promote.py"),
+                "--metrics",
+                "metrics",
+                "--models",
+                "models",
+                "--out",
+                "reports",
+            ],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         stack.start_swift(s)
     after = registry_snapshot(s)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     ok = proc.returncode == 2 and before == after and "Traceback" not in proc.stderr
-    return {"pass": ok, "exit": proc.returncode, "error_lines": errors, "summary": last_line(proc.stdout), "registry_unchanged": before == after}
+    return {
+        "pass": ok,
+        "exit": proc.returncode,
+        "error_lines": errors,
+        "summary": last_line(proc.stdout),
+        "registry_unchanged": before == after,
+    }
 
 
 def _load_client(args) -> dict:
     tracking_uri, user, password, steps, index, payload = args
-    os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password,
-                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    os.environ.update(
+        {
+            "MLFLOW_TRACKING_URI": tracking_uri,
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": password,
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        }
+    )
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -208,7 +294,11 @@ def _load_client(args) -> dict:
     latencies = []
     for step in range(steps):
         now = int(time.time() * 1000)
-        metrics = [Metric("loss", 1.0 / (step + 1), now, step), Metric("val_loss", 2.0 / (step + 1), now, step), Metric("lr", 0.001 * index, now, step)]
+        metrics = [
+            Metric("loss", 1.0 / (step + 1), now, step),
+            Metric("val_loss", 2.0 / (step + 1), now, step),
+            Metric("lr", 0.001 * index, now, step),
+        ]
         t = time.perf_counter()
         client.log_batch(run.info.run_id, metrics=metrics)
         latencies.append(time.perf_counter() - t)
@@ -235,27 +325,51 @@ def drill_load(s: stack.Settings, clients: int = 8, steps: int = 1000, artifact_
     latencies = sorted(x for r in results for x in r["latencies"])
     counted, wrong, artifacts_ok = 0, 0, 0
     for i, r in enumerate(results):
-        for key, expect in (("loss", lambda st: 1.0 / (st + 1)), ("val_loss", lambda st: 2.0 / (st + 1)), ("lr", lambda st, i=i: 0.001 * i)):
+        for key, expect in (
+            ("loss", lambda st: 1.0 / (st + 1)),
+            ("val_loss", lambda st: 2.0 / (st + 1)),
+            ("lr", lambda st, i=i: 0.001 * i),
+        ):
             history = client.get_metric_history(r["run_id"], key)
             counted += len(history)
-            wrong += sum(1 for m in history if abs(m.value - expect(m.step)) > 1e-12) + abs(steps - len({m.step for m in history}))
+            wrong += sum(1 for m in history if abs(m.value - expect(m.step)) > 1e-12) + abs(
+                steps - len({m.step for m in history})
+            )
         files = client.list_artifacts(r["run_id"])
         artifacts_ok += any(f.path == "weights.bin" and f.file_size == len(payload) for f in files)
     expected = clients * steps * 3
-    quantile = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-    return {"pass": counted == expected and wrong == 0 and artifacts_ok == clients, "clients": clients, "log_batch_calls": len(latencies),
-            "values_expected": expected, "values_counted": counted, "values_wrong_or_missing": wrong, "artifacts_ok": artifacts_ok,
-            "artifact_mb": artifact_mb, "p50_ms": round(quantile(0.50), 1), "p95_ms": round(quantile(0.95), 1), "max_ms": round(latencies[-1] * 1000, 1),
-            "wall_seconds": round(wall, 1), "calls_per_second": round(len(latencies) / wall, 1),
-            "artifact_upload_seconds_p50": round(statistics.median(r["artifact_seconds"] for r in results), 2)}
+    quantile = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+    return {
+        "pass": counted == expected and wrong == 0 and artifacts_ok == clients,
+        "clients": clients,
+        "log_batch_calls": len(latencies),
+        "values_expected": expected,
+        "values_counted": counted,
+        "values_wrong_or_missing": wrong,
+        "artifacts_ok": artifacts_ok,
+        "artifact_mb": artifact_mb,
+        "p50_ms": round(quantile(0.50), 1),
+        "p95_ms": round(quantile(0.95), 1),
+        "max_ms": round(latencies[-1] * 1000, 1),
+        "wall_seconds": round(wall, 1),
+        "calls_per_second": round(len(latencies) / wall, 1),
+        "artifact_upload_seconds_p50": round(statistics.median(r["artifact_seconds"] for r in results), 2),
+    }
 
 
-DRILLS = {"wrong-password": drill_wrong_password, "kill-tracking": drill_kill_tracking, "pg-restart": drill_pg_restart,
-          "store-down": drill_store_down, "load": drill_load}
+DRILLS = {
+    "wrong-password": drill_wrong_password,
+    "kill-tracking": drill_kill_tracking,
+    "pg-restart": drill_pg_restart,
+    "store-down": drill_store_down,
+    "load": drill_load,
+}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mnistgen team drills", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mnistgen team drills", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("drill", nargs="?", default="all", choices=["all", *DRILLS])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--steps", type=int, default=1000)
@@ -264,7 +378,7 @@ def main(argv=None) -> int:
     record_file = s.state / "drills.json"
     records = json.loads(record_file.read_text()) if record_file.exists() else {}
     failed = 0
-    for name in (DRILLS if args.drill == "all" else [args.drill]):
+    for name in DRILLS if args.drill == "all" else [args.drill]:
         started = time.perf_counter()
         try:
             result = DRILLS[name](s, args.clients, args.steps) if name == "load" else DRILLS[name](s)
@@ -277,7 +391,10 @@ def main(argv=None) -> int:
         records[name] = result
         record_file.write_text(json.dumps(records, indent=1))
         failed += not result["pass"]
-        print(f"drill {name}: {'PASS' if result['pass'] else 'FAIL'} {json.dumps({k: v for k, v in result.items() if k != 'pass'})}", flush=True)
+        print(
+            f"drill {name}: {'PASS' if result['pass'] else 'FAIL'} {json.dumps({k: v for k, v in result.items() if k != 'pass'})}",
+            flush=True,
+        )
     return 1 if failed else 0
 
 

@@ -18,6 +18,7 @@ tracked files or on a process's command line.
 | TEAM_PG_PASSWORD, TEAM_S3_SECRET, TEAM_ADMIN_PASSWORD, TEAM_CI_PASSWORD, TEAM_READER_PASSWORD, TEAM_FLASK_SECRET | generated | secrets |
 | TEAM_OPTUNA_PASSWORD | generated | PostgreSQL role `optuna`, owner of database `optuna` alone: the shared sweeps' studies |
 """
+
 from __future__ import annotations
 
 import json
@@ -39,23 +40,36 @@ from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository (an editable install): the drills run its stage scripts
 DEFAULT_ENV_FILE = Path.home() / ".config" / "mnistgen" / "team.env"  # outside any repository: never committed by mistake
+
+
 def _pg_bin() -> Path:
     """TEAM_PG_BIN, else the newest Debian/Ubuntu PostgreSQL (15 on this machine's Debian, 16 on GitHub's Ubuntu)."""
     if os.environ.get("TEAM_PG_BIN"):
         return Path(os.environ["TEAM_PG_BIN"])
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
     return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
 
 
 PG_BIN = _pg_bin()
-SECRET_KEYS = ("TEAM_PG_PASSWORD", "TEAM_S3_SECRET", "TEAM_ADMIN_PASSWORD", "TEAM_CI_PASSWORD", "TEAM_READER_PASSWORD", "TEAM_FLASK_SECRET",
-               "TEAM_OPTUNA_PASSWORD")
+SECRET_KEYS = (
+    "TEAM_PG_PASSWORD",
+    "TEAM_S3_SECRET",
+    "TEAM_ADMIN_PASSWORD",
+    "TEAM_CI_PASSWORD",
+    "TEAM_READER_PASSWORD",
+    "TEAM_FLASK_SECRET",
+    "TEAM_OPTUNA_PASSWORD",
+)
 
 
 def new_secret() -> str:
     """A random secret that never starts with '-': command lines such as `dvc remote modify --local team
     secret_access_key VALUE` would read one that does as an option (1 token in 64 did, failing CI)."""
     return "k" + secrets.token_urlsafe(18)
+
+
 # Secrets added after stacks were in use: `up` generates them, but loading does not require them, so `down`, `env`
 # and `status` keep working on an env file written before them (the next `up` adds them and what they guard).
 LATER_SECRET_KEYS = ("TEAM_OPTUNA_PASSWORD",)
@@ -103,7 +117,9 @@ class Settings:
         values = {**DEFAULTS, **from_file, **{k: v for k, v in os.environ.items() if k.startswith("TEAM_")}, **(overrides or {})}
         missing = [k for k in SECRET_KEYS if not values.get(k) and k not in LATER_SECRET_KEYS]
         if missing:
-            raise StackError(f"missing settings {', '.join(missing)}: run `mnistgen team up` once, or set them (env file {env_file})")
+            raise StackError(
+                f"missing settings {', '.join(missing)}: run `mnistgen team up` once, or set them (env file {env_file})"
+            )
         return cls(values, env_file)
 
     def __getitem__(self, key: str) -> str:
@@ -145,13 +161,20 @@ class Settings:
 
     def client_env(self, user: str = "ci") -> dict[str, str]:
         """What a teammate (or CI) sets: the server's address and one MLflow account."""
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_TRACKING_USERNAME": user,
-                "MLFLOW_TRACKING_PASSWORD": self[f"TEAM_{user.upper()}_PASSWORD"]}
+        return {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": self[f"TEAM_{user.upper()}_PASSWORD"],
+        }
 
     def s3_env(self) -> dict[str, str]:
         """Object-store credentials: for the mlflow server and DVC only (MLflow clients need none)."""
-        return {"AWS_ACCESS_KEY_ID": self.s3_access_key, "AWS_SECRET_ACCESS_KEY": self["TEAM_S3_SECRET"],
-                "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint}
+        return {
+            "AWS_ACCESS_KEY_ID": self.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": self["TEAM_S3_SECRET"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+        }
 
 
 # ---------------------------------------------------------------- processes
@@ -188,7 +211,9 @@ def popen_as(user: str, cmd: list[str], log: Path, env: dict[str, str] | None = 
     if as_root() and user != "root":
         cmd = ["runuser", "-u", user, "--", *cmd]
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
 
 
 def pids_file(s: Settings) -> Path:
@@ -293,26 +318,53 @@ def start_postgres(s: Settings) -> None:
         data.mkdir(parents=True, exist_ok=True)
         chown_tree(s.state / "pg", user)
         os.chmod(data, 0o700)
-        run_as(user, [str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
-                      "-E", "UTF8", "--locale=C.UTF-8"], check=True, capture_output=True)
+        run_as(
+            user,
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+            check=True,
+            capture_output=True,
+        )
         with open(data / "postgresql.conf", "a") as conf:
-            conf.write(f"\nlisten_addresses = '{s.host}'\nport = {s.port('PG')}\nunix_socket_directories = '{sock}'\n"
-                       "max_connections = 100\nshared_buffers = 64MB\n")
+            conf.write(
+                f"\nlisten_addresses = '{s.host}'\nport = {s.port('PG')}\nunix_socket_directories = '{sock}'\n"
+                "max_connections = 100\nshared_buffers = 64MB\n"
+            )
         mask = "128" if ":" in s.host else "32"
         (data / "pg_hba.conf").write_text(f"local all all trust\nhost all all {s.host}/{mask} scram-sha-256\n")
         if s.host not in ("127.0.0.1", "localhost"):
             with open(data / "pg_hba.conf", "a") as hba:
                 hba.write("host all all 0.0.0.0/0 scram-sha-256\n")  # a real host: every client with the password
         chown_tree(data, user)
-    run_as(user, [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"], check=True, capture_output=True)
+    run_as(
+        user,
+        [str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"],
+        check=True,
+        capture_output=True,
+    )
     pid = int((data / "postmaster.pid").read_text().split()[0])
     write_pid(s, "postgres", pid)
     psql = [str(PG_BIN / "psql"), "-h", str(sock), "-p", str(s.port("PG")), "-U", "postgres", "-v", "ON_ERROR_STOP=1", "-qtA"]
     # MLflow's stores, and the sweeps' Optuna studies (a stack made before sweeps existed gets that role on its next `up`)
-    for role, key, databases in (("mlflow", "TEAM_PG_PASSWORD", ("mlflow", "mlflow_auth")), ("optuna", "TEAM_OPTUNA_PASSWORD", ("optuna",))):
+    for role, key, databases in (
+        ("mlflow", "TEAM_PG_PASSWORD", ("mlflow", "mlflow_auth")),
+        ("optuna", "TEAM_OPTUNA_PASSWORD", ("optuna",)),
+    ):
         if not s.values.get(key):  # `up` generates every secret; settings loaded otherwise may lack a later one
             continue
-        exists = run_as(user, [*psql, "-c", f"select 1 from pg_roles where rolname='{role}'"], capture_output=True, text=True, check=True)
+        exists = run_as(
+            user, [*psql, "-c", f"select 1 from pg_roles where rolname='{role}'"], capture_output=True, text=True, check=True
+        )
         if exists.stdout.strip() != "1":
             password = s[key].replace("'", "''")
             sql = f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"
@@ -336,16 +388,21 @@ def swift_conf(s: Settings, user: str) -> dict[str, str]:
     etc, node = s.state / "swift" / "etc", s.state / "swift" / "node"
     host, base = s.host, s.port("S3")
     common = f"[DEFAULT]\nbind_ip = {host}\nuser = {user}\nswift_dir = {etc}\ndevices = {node}\nmount_check = false\nworkers = 1\nlog_level = WARNING\n"
-    rest = "\n[filter:healthcheck]\nuse = egg:swift#healthcheck\n\n[filter:recon]\nuse = egg:swift#recon\nrecon_cache_path = " + str(s.state / "swift" / "run")
+    rest = (
+        "\n[filter:healthcheck]\nuse = egg:swift#healthcheck\n\n[filter:recon]\nuse = egg:swift#recon\nrecon_cache_path = "
+        + str(s.state / "swift" / "run")
+    )
     return {
-        "swift.conf": (f"[swift-hash]\nswift_hash_path_suffix = {secrets.token_hex(8)}\nswift_hash_path_prefix = {secrets.token_hex(8)}\n"
-                       "\n[storage-policy:0]\nname = Policy-0\ndefault = yes\n"),
+        "swift.conf": (
+            f"[swift-hash]\nswift_hash_path_suffix = {secrets.token_hex(8)}\nswift_hash_path_prefix = {secrets.token_hex(8)}\n"
+            "\n[storage-policy:0]\nname = Policy-0\ndefault = yes\n"
+        ),
         "account-server.conf": f"{common}bind_port = {base + 1}\n\n[pipeline:main]\npipeline = healthcheck recon account-server\n\n"
-                               f"[app:account-server]\nuse = egg:swift#account\n{rest}\n",
+        f"[app:account-server]\nuse = egg:swift#account\n{rest}\n",
         "container-server.conf": f"{common}bind_port = {base + 2}\n\n[pipeline:main]\npipeline = healthcheck recon container-server\n\n"
-                                 f"[app:container-server]\nuse = egg:swift#container\n{rest}\n",
+        f"[app:container-server]\nuse = egg:swift#container\n{rest}\n",
         "object-server.conf": f"{common}bind_port = {base + 3}\n\n[pipeline:main]\npipeline = healthcheck recon object-server\n\n"
-                              f"[app:object-server]\nuse = egg:swift#object\n{rest}\n",
+        f"[app:object-server]\nuse = egg:swift#object\n{rest}\n",
         "proxy-server.conf": (
             f"[DEFAULT]\nbind_ip = {host}\nbind_port = {base}\nuser = {user}\nswift_dir = {etc}\nworkers = 1\nlog_level = WARNING\n\n"
             "[pipeline:main]\npipeline = catch_errors gatekeeper healthcheck proxy-logging listing_formats s3api tempauth "
@@ -356,7 +413,8 @@ def swift_conf(s: Settings, user: str) -> dict[str, str]:
             "[filter:catch_errors]\nuse = egg:swift#catch_errors\n\n[filter:gatekeeper]\nuse = egg:swift#gatekeeper\n\n"
             "[filter:healthcheck]\nuse = egg:swift#healthcheck\n\n[filter:proxy-logging]\nuse = egg:swift#proxy_logging\n\n"
             "[filter:listing_formats]\nuse = egg:swift#listing_formats\n\n[filter:copy]\nuse = egg:swift#copy\n\n"
-            "[filter:slo]\nuse = egg:swift#slo\n\n[filter:dlo]\nuse = egg:swift#dlo\n"),
+            "[filter:slo]\nuse = egg:swift#slo\n\n[filter:dlo]\nuse = egg:swift#dlo\n"
+        ),
     }
 
 
@@ -379,12 +437,20 @@ def start_swift(s: Settings) -> None:
     for server in SWIFT_SERVERS:
         if alive(read_pids(s).get(f"swift-{server}", -1)):
             continue
-        proc = popen_as(user, [venv_bin(f"swift-{server}-server"), str(etc / f"{server}-server.conf")], s.state / "logs" / f"swift-{server}.log")
+        proc = popen_as(
+            user,
+            [venv_bin(f"swift-{server}-server"), str(etc / f"{server}-server.conf")],
+            s.state / "logs" / f"swift-{server}.log",
+        )
         write_pid(s, f"swift-{server}", proc.pid)
     for i, server in enumerate(("proxy", "account", "container", "object")):
         port = s.port("S3") + i
-        wait_for(lambda p=port: urllib.request.urlopen(f"http://{s.host}:{p}/healthcheck", timeout=2).status == 200,
-                 f"swift {server} server on port {port}", 60, s.state / "logs" / f"swift-{server}.log")
+        wait_for(
+            lambda p=port: urllib.request.urlopen(f"http://{s.host}:{p}/healthcheck", timeout=2).status == 200,
+            f"swift {server} server on port {port}",
+            60,
+            s.state / "logs" / f"swift-{server}.log",
+        )
 
 
 def stop_swift(s: Settings) -> None:
@@ -399,8 +465,14 @@ def s3_client(s: Settings):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=s.s3_endpoint, aws_access_key_id=s.s3_access_key, aws_secret_access_key=s["TEAM_S3_SECRET"],
-                        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}))
+    return boto3.client(
+        "s3",
+        endpoint_url=s.s3_endpoint,
+        aws_access_key_id=s.s3_access_key,
+        aws_secret_access_key=s["TEAM_S3_SECRET"],
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+    )
 
 
 def ensure_bucket(s: Settings) -> None:
@@ -416,30 +488,46 @@ def ensure_bucket(s: Settings) -> None:
 def mlflow_env(s: Settings) -> dict[str, str]:
     ini = s.state / "mlflow" / "basic_auth.ini"
     ini.parent.mkdir(parents=True, exist_ok=True)
-    ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                   f"database_uri = {s.pg_uri('mlflow_auth')}\n"
-                   f"admin_username = admin\nadmin_password = {s['TEAM_ADMIN_PASSWORD']}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                   # PBKDF2 on every request otherwise (a pyfunc log_model makes dozens); 60 s of staleness per worker
-                   "auth_cache_ttl_seconds = 60\n")
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {s.pg_uri('mlflow_auth')}\n"
+        f"admin_username = admin\nadmin_password = {s['TEAM_ADMIN_PASSWORD']}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # PBKDF2 on every request otherwise (a pyfunc log_model makes dozens); 60 s of staleness per worker
+        "auth_cache_ttl_seconds = 60\n"
+    )
     os.chmod(ini, 0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "TEAM_"))}
     env.update(s.s3_env())
-    env.update({
-        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-        "MLFLOW_BACKEND_STORE_URI": s.pg_uri("mlflow"),  # in the env, not on the command line (ps shows argv)
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": s["TEAM_FLASK_SECRET"],
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # else a job runner with several workers (~2.5 GB)
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    })
+    env.update(
+        {
+            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+            "MLFLOW_BACKEND_STORE_URI": s.pg_uri("mlflow"),  # in the env, not on the command line (ps shows argv)
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": s["TEAM_FLASK_SECRET"],
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # else a job runner with several workers (~2.5 GB)
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
     return env
 
 
 def start_mlflow(s: Settings, timeout: float = 180) -> None:
     if alive(read_pids(s).get("mlflow", -1)):
         return
-    cmd = [venv_bin("mlflow"), "server", "--app-name", "basic-auth", "--host", s.host, "--port", str(s.port("MLFLOW")),
-           "--workers", s["TEAM_MLFLOW_WORKERS"], "--artifacts-destination", f"s3://{s['TEAM_BUCKET']}/mlflow"]
+    cmd = [
+        venv_bin("mlflow"),
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--host",
+        s.host,
+        "--port",
+        str(s.port("MLFLOW")),
+        "--workers",
+        s["TEAM_MLFLOW_WORKERS"],
+        "--artifacts-destination",
+        f"s3://{s['TEAM_BUCKET']}/mlflow",
+    ]
     if s.host not in ("127.0.0.1", "localhost", "::1"):
         cmd += ["--allowed-hosts", f"{s.host},{s.host}:{s.port('MLFLOW')},localhost,127.0.0.1"]
     log = s.state / "logs" / "mlflow.log"
@@ -545,7 +633,12 @@ def up(s: Settings, log=print) -> dict:
     times = {}
     started = time.perf_counter()
     try:
-        for name, step in (("postgres", start_postgres), ("swift", start_swift), ("bucket", ensure_bucket), ("mlflow", start_mlflow)):
+        for name, step in (
+            ("postgres", start_postgres),
+            ("swift", start_swift),
+            ("bucket", ensure_bucket),
+            ("mlflow", start_mlflow),
+        ):
             t = time.perf_counter()
             step(s)
             times[name] = round(time.perf_counter() - t, 1)
@@ -557,11 +650,20 @@ def up(s: Settings, log=print) -> dict:
     total = round(time.perf_counter() - started, 1)
     pids = read_pids(s)
     memory = {name: round(rss_mb([pid]), 1) for name, pid in pids.items()}
-    record = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "start_seconds": total, "step_seconds": times,
-              "rss_mb": memory, "rss_mb_total": round(sum(memory.values()), 1), "ci_grant": grant,
-              "tracking_uri": s.tracking_uri, "s3_endpoint": s.s3_endpoint}
+    record = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "start_seconds": total,
+        "step_seconds": times,
+        "rss_mb": memory,
+        "rss_mb_total": round(sum(memory.values()), 1),
+        "ci_grant": grant,
+        "tracking_uri": s.tracking_uri,
+        "s3_endpoint": s.s3_endpoint,
+    }
     (s.state / "stack.json").write_text(json.dumps(record, indent=1))
-    log(f"team: stack up in {total} s, {record['rss_mb_total']:.0f} MB resident ({', '.join(f'{k} {v:.0f}' for k, v in memory.items())}); ci: {grant}")
+    log(
+        f"team: stack up in {total} s, {record['rss_mb_total']:.0f} MB resident ({', '.join(f'{k} {v:.0f}' for k, v in memory.items())}); ci: {grant}"
+    )
     return record
 
 
@@ -570,7 +672,7 @@ def down(s: Settings, log=print) -> None:
     stop_swift(s)
     stop_postgres(s)
     left = {name: pid for name, pid in read_pids(s).items() if alive(pid)}
-    for name, pid in left.items():
+    for pid in left.values():
         stop_group(pid)
     if pids_file(s).exists():
         pids_file(s).unlink()
@@ -583,7 +685,10 @@ def status(s: Settings) -> dict[str, bool]:
 
 def exports(s: Settings, user: str = "ci") -> str:
     """The client's variables; the writing accounts also get the sweeps' Optuna storage (MNISTGEN_OPTUNA_STORAGE)."""
-    env = {**s.client_env(user), **({"MNISTGEN_OPTUNA_STORAGE": s.optuna_storage} if user != "reader" and s.optuna_storage else {})}
+    env = {
+        **s.client_env(user),
+        **({"MNISTGEN_OPTUNA_STORAGE": s.optuna_storage} if user != "reader" and s.optuna_storage else {}),
+    }
     return "\n".join(f"export {k}={v}" for k, v in env.items())
 
 
