@@ -306,6 +306,18 @@ def table(results: dict[str, dict], real: dict, bold=lambda cell: f"**{cell}**")
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("metric")
 
 
+HEADLINE = ["fid_cls", "fid_cls_e2", "precision", "recall", "is_cls", "recon_mse", "iwae_nll", "label_fidelity"]
+
+
+def headline_table(results: dict[str, dict]) -> str:
+    """The README's table: one row per model, the headline metrics with their bands (markdown)."""
+    labels = {key: label for key, label, _ in COLUMNS}
+    header = "| model | " + " | ".join(labels[k] for k in HEADLINE) + " |"
+    rule = "| --- " * (len(HEADLINE) + 1) + "|"
+    rows = [f"| {name.upper()} | " + " | ".join(cell(r, k) for k in HEADLINE) + " |" for name, r in results.items()]
+    return "\n".join([header, rule, *rows])
+
+
 def notes(results: dict[str, dict], evaluator: dict, agreement: dict[str, float]) -> list[str]:
     """What the table's numbers are: the spaces, the bands, the likelihood images, the interpolation counts, rank agreement."""
     lines = [

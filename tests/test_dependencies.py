@@ -1,0 +1,68 @@
+"""pyproject.toml declares every package src/ imports, and the package's import graph has no cycle."""
+import ast
+import importlib.metadata
+import tomllib
+from pathlib import Path
+
+from helpers import ROOT
+from packaging.requirements import Requirement
+
+from mnistgen import tracking
+
+SRC = ROOT / "src" / "mnistgen"
+
+
+def declared() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    return {Requirement(r).name.lower().replace("_", "-").replace(".", "-") for r in requirements}
+
+
+def test_every_imported_package_is_declared_in_pyproject():
+    providers = importlib.metadata.packages_distributions()
+    names = {n.lower().replace("_", "-").replace(".", "-") for n in declared()}
+    for package in tracking.imported_packages(sorted(SRC.rglob("*.py"))):
+        assert package in providers, f"src/ imports {package}, which no installed distribution provides"
+        dists = {d.lower().replace("_", "-").replace(".", "-") for d in providers[package]}
+        assert dists & names, f"src/ imports {package} ({', '.join(sorted(dists))}), which pyproject.toml does not declare"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The package modules `path` imports, at the top or inside a function alike."""
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mnistgen")}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if module.startswith("mnistgen"):
+                found.add(module)
+                found |= {f"{module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_import_graph_has_no_cycle():
+    modules = {module_name(p): p for p in SRC.rglob("*.py")}
+    graph = {m: {i for i in imports_of(p) if i in modules and i != m} for m, p in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in graph[m]:
+            assert state.get(n) != 1, "import cycle: " + " -> ".join([*path[path.index(n):], n]) if n in path else n
+            if n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert len(graph) > 20  # the walk saw the package
