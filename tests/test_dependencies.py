@@ -1,4 +1,5 @@
 """pyproject.toml declares every package src/ imports, and the package's import graph has no cycle."""
+
 import ast
 import importlib.metadata
 import tomllib
@@ -57,7 +58,8 @@ def test_the_import_graph_has_no_cycle():
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for n in graph[m]:
-            assert state.get(n) != 1, "import cycle: " + " -> ".join([*path[path.index(n):], n]) if n in path else n
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(n) :], n]))
             if n not in state:
                 visit(n, [*path, n])
         state[m] = 2

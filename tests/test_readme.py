@@ -1,4 +1,5 @@
 """README.md is a user's page: at most 150 lines, its results table is metrics/ at HEAD, its commands are the CI's."""
+
 import json
 import re
 
