@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: options, params, CUDA sync, the harness loop, the per-sample baseline, torch.compile.
+"""Shared by the benchmark scripts: options, params, CUDA sync, the harness (training's own step loop), the per-sample baseline, torch.compile.
 
 The scripts run as files (`python benchmarks/benchmark_train.py`): Python puts a script's own
 folder first on sys.path, so they import this module as `bench_common` with no path edits.
@@ -117,62 +117,33 @@ def prepare_model(params: config.ModelParams, device: torch.device, seed: int, c
 # ---------------------------------------------------------------------------- ours
 
 
-class Harness:
-    """training.train's inner loop, run a given number of steps at a time: the whole training set
-    one tensor on the device, a seeded randperm per epoch, batches sliced from it, the learning-rate
-    schedule stepped per step (training.schedules), then training.step; losses summed on the device."""
+class Harness(training.Stepper):
+    """training.train's own step loop (training.Stepper), run a given number of steps at a time, with the
+    params' learning-rate schedule; a conditional family gets the digits 0..9 in turn (any do for speed)."""
 
     def __init__(
         self, model, optimizers, train_images: torch.Tensor, seed: int, label: str = "ours", mixed_precision: bool = True
     ):
         p = model.params
-        self.label, self.model, self.optimizers, self.images = label, model, optimizers, train_images
-        self.mixed_precision = mixed_precision  # off for gpu_check's fp32 rows
-        self.batch_size, self.device = p.batch_size, train_images.device
-        self.per_epoch = training.batches(len(train_images), p.batch_size)
-        self.schedules = training.schedules(optimizers, self.per_epoch, p.epochs, p.lr_warmup, p.lr_decay)
-        self.total_steps = self.per_epoch * p.epochs
-        self.shuffle_rng = torch.Generator().manual_seed(seed)
-        self.order = None
-        # A conditional family also takes each batch's digits; for throughput any digits do: 0..9 in turn.
-        self.labels = torch.arange(len(train_images), device=self.device) % 10 if model.conditional else None
-        self.y = None
-        self.global_step = 0
-        self.images_seen = 0
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        per_epoch = training.batches(len(train_images), p.batch_size)
+        labels = torch.arange(len(train_images), device=train_images.device) % 10 if model.conditional else None
+        super().__init__(
+            model,
+            train_images,
+            optimizers,
+            training.schedules(optimizers, per_epoch, p.epochs, p.lr_warmup, p.lr_decay),
+            torch.Generator().manual_seed(seed),
+            labels,
+            mixed_precision=mixed_precision,
+        )
+        self.label, self.device = label, train_images.device
 
-    def next_batch(self) -> torch.Tensor:
-        i = self.global_step % self.per_epoch
-        if i == 0:  # a new epoch: a fresh seeded permutation, moved to the device once
-            self.order = torch.randperm(len(self.images), generator=self.shuffle_rng).to(self.device)
-        index = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        self.y = None if self.labels is None else self.labels[index]
-        return self.images[index]
-
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        losses = training.step(self.model, x, self.optimizers, self.global_step, self.mixed_precision, y=self.y)
-        # A benchmark may run past the params' last step, where a decayed lr would turn negative: hold the last one.
-        if self.global_step + 1 < self.total_steps:
-            for scheduler in self.schedules:
-                scheduler.step()
-        return losses
-
-    def run(self, count: int) -> None:
-        for _ in range(count):
-            x = self.next_batch()
-            for key, value in self.train_step(x).items():  # summed on the device, as training.train does
-                self.sums[key] = self.sums.get(key, 0) + value.float()
-                self.counts[key] = self.counts.get(key, 0) + 1  # a GAN's g_loss only every n_critic steps
-            self.global_step += 1
-            self.images_seen += len(x)
-
-    def reset_losses(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
+    @property
+    def images_seen(self) -> int:
+        return self.global_step * self.batch_size
 
     def mean_losses(self) -> dict[str, float]:
-        return {k: (v / self.counts[k]).item() for k, v in self.sums.items()}  # a host sync: call it off the clock
+        return {k: v.item() for k, v in self.take_means().items()}  # a host sync: call it off the clock
 
     def finite(self) -> bool:
         return all(math.isfinite(v) for v in self.mean_losses().values())

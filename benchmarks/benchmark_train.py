@@ -42,6 +42,7 @@ Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML, pyd
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -75,13 +76,20 @@ VARIANTS = {  # name -> (compile, channels_last)
 # ---------------------------------------------------------------------------- baseline
 
 
-class LoaderBaseline(Harness):
-    """A tutorial's loop, deliberately not the harness: DataLoader(per-sample Dataset, shuffle=True), each
-    batch moved to the device, training.step with the same autocast (or none), a constant learning rate."""
+class LoaderBaseline(training.Stepper):
+    """A tutorial's loop, deliberately not the harness's batches: DataLoader(per-sample Dataset, shuffle=True),
+    each batch moved to the device, then the same step (training.Stepper.run), at a constant learning rate."""
 
     def __init__(self, model, optimizers, split: data.Split, device: torch.device, seed: int, use_autocast: bool, workers: int):
-        self.label, self.model, self.optimizers, self.device = "DataLoader", model, optimizers, device
-        self.use_autocast = use_autocast
+        super().__init__(
+            model,
+            data.to_float(split.images[: model.params.batch_size], device),
+            optimizers,
+            [],
+            torch.Generator(),
+            mixed_precision=use_autocast,
+        )
+        self.label, self.device = "DataLoader", device
         self.loader = torch.utils.data.DataLoader(
             PerSampleMNIST(split.images, split.labels),
             batch_size=model.params.batch_size,
@@ -90,24 +98,21 @@ class LoaderBaseline(Harness):
             generator=torch.Generator().manual_seed(seed),
         )
         self.batches = iter(self.loader)
-        self.y = None
-        self.global_step = 0
-        self.images_seen = 0
-        self.sums, self.counts = {}, {}
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         try:
             x, labels = next(self.batches)
         except StopIteration:  # a new epoch
             self.batches = iter(self.loader)
             x, labels = next(self.batches)
-        self.y = labels.to(self.device) if self.model.conditional else None  # a conditional family's digits
-        return x.to(self.device)
+        return x.to(self.device), labels.to(self.device) if self.model.conditional else None
 
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return training.step(
-            self.model, x, self.optimizers, self.global_step, self.use_autocast, y=self.y
-        )  # the same step as ours
+    @property
+    def images_seen(self) -> int:
+        return self.global_step * self.batch_size
+
+    def finite(self) -> bool:
+        return all(math.isfinite(v.item()) for v in self.take_means().values())
 
 
 # ---------------------------------------------------------------------------- main

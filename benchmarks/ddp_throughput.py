@@ -22,10 +22,10 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_common import Harness
 
-from mnistgen import distributed, training
-from mnistgen.config import load_model_params
-from mnistgen.models import build_model
+from mnistgen import distributed
+from mnistgen.models import build_model, load_model_params
 from mnistgen.utils import memory_format, seed_everything
 
 
@@ -42,7 +42,6 @@ def worker(rank: int, world: int, name: str, steps: int, warmup: int, threads: i
     seed_everything(0)
     params = load_model_params(name)
     images = torch.rand(4096, 1, 28, 28)
-    labels = torch.arange(4096) % 10
     model = build_model(params)
     model.init_from_data(images)
     model.to(memory_format=memory_format(images.device))
@@ -50,13 +49,12 @@ def worker(rank: int, world: int, name: str, steps: int, warmup: int, threads: i
     optimizers = model.make_optimizers()
     distributed.prepare_optimizers(optimizers)
     model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            if world > 1:
-                dist.barrier()
-            started = time.perf_counter()
-        idx = distributed.local_rows(torch.randint(len(images), (params.batch_size,)))
-        training.step(model, images[idx], optimizers, i, y=labels[idx] if model.conditional else None)
+    runner = Harness(model, optimizers, images, seed=0)  # training's own step loop: this rank's slice of each batch
+    runner.run(warmup)
+    if world > 1:
+        dist.barrier()
+    started = time.perf_counter()
+    runner.run(steps)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

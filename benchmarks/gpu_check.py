@@ -93,7 +93,7 @@ def harness_steps(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     warm_seconds, _ = timed(harness, warmup)
-    harness.reset_losses()
+    harness.take_means()  # forget the warm-up's losses
     seconds, images = timed(harness, steps)
     means = harness.mean_losses()  # the one host sync, after the clock stopped
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")

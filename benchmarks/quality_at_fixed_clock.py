@@ -35,7 +35,7 @@ from bench_common import (
     timed,
 )
 
-from mnistgen import data, evaluation, profiles, training
+from mnistgen import data, evaluation, evaluators, profiles, training
 from mnistgen.config import EvaluateParams, ParamsError, section
 from mnistgen.models import build_model
 from mnistgen.utils import memory_format, seed_everything
@@ -106,7 +106,7 @@ def main() -> None:
     train_x, train_y = data.to_float(train.images, device), train.labels.to(device)
     test_xy = (data.to_float(test.images, device), test.labels.to(device))
     val_xy = (data.to_float(val.images, device), val.labels.to(device))
-    spaces = evaluation.load_classifiers(args.evaluator, device)
+    spaces = evaluators.load_classifiers(args.evaluator, device)
     refs = evaluation.load_references(args.evaluator, device)
 
     for name in args.models:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mnistgen import data, evaluation, tracking
+from mnistgen import data, evaluation, evaluators, tracking
 from mnistgen.config import EvaluateParams, load_section
 from mnistgen.models import build_model, model_params
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
@@ -41,7 +41,7 @@ def main() -> None:
     torch.manual_seed(params.seed)
 
     try:
-        classifiers = evaluation.load_classifiers(args.evaluator, device)
+        classifiers = evaluators.load_classifiers(args.evaluator, device)
     except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as err:
         raise StageError(f"{args.evaluator}: cannot load the evaluators ({err}); run `dvc repro train_evaluator`") from err
     refs = evaluation.load_references(args.evaluator, device)
@@ -55,9 +55,9 @@ def main() -> None:
         results = job.run(test_x, test_y, val_x, val_y)
         hashes = {f"evaluator_hash{suffix}": ref.evaluator_hash for suffix, ref in refs.items()}
         results.update(hashes)
-        results["eval_seconds"] = time.perf_counter() - started
-        write_json(args.metrics, {k: results[k] for k in sorted(results)})
+        write_json(args.metrics, {k: results[k] for k in sorted(results)})  # no timings: the report and promote depend on it
         run.log_metrics({f"eval_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+        run.log_metrics({"eval_seconds": time.perf_counter() - started})
         run.set_tags(hashes)
         run.log_artifacts(figures_dir, "evaluation")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items())

@@ -13,12 +13,13 @@ import argparse
 import contextlib
 import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mnistgen import data, distributed, figures, tracking, training
-from mnistgen.config import RunParams, flatten, load_section
+from mnistgen.config import ModelParams, RunParams, flatten, load_section
 from mnistgen.models import build_model, load_model_params
 from mnistgen.utils import atomic_dir, pick_device, run_stage, seed_everything, sha256_json
 
@@ -42,121 +43,138 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--curves", type=Path, required=True)
     args = parser.parse_args()
-    name = args.model
     started = time.perf_counter()
     run_params = load_section(RunParams, "train")
-    params = load_model_params(name)
+    params = load_model_params(args.model)
     with distributed.session(pick_device(run_params.device), run_params.dist_timeout_s) as device:
-        train_stage(args, run_params, params, device, started)
+        seed_everything(run_params.seed, run_params.deterministic)
+        stage = Stage(args.model, run_params, params, device, args.data)
+        # One MLflow run for the whole stage: it ends FAILED if anything below raises (training, a figure, the logged
+        # model). Under torchrun only rank 0 has a run: the others train and stop before the outputs.
+        with stage.start_run() as run:
+            if distributed.is_main():
+                run.log_params(flatten({"train": run_params, "model": params}))
+            history = stage.train(run)
+            if distributed.is_main():
+                stage.log_history(run, history)
+                stage.write_outputs(run, history, args.out, args.curves)
+                print(
+                    f"train {args.model}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "
+                    f"{final_loss(history[-1])}, run {run.run_id}"
+                )
 
 
-def train_stage(args, run_params, params, device, started) -> None:
-    name = args.model
-    seed_everything(run_params.seed, run_params.deterministic)
-    data_hash = tracking.data_hash(args.data)
-    params_hash = sha256_json({"train": run_params.model_dump(), "model": params.model_dump()})
-    # One MLflow run for the whole stage: it ends FAILED if anything below raises (training, a figure, the logged model).
-    # Under torchrun only rank 0 has a run: the others train and stop before the outputs.
-    main_rank = distributed.is_main()
-    with (
-        tracking.Run.start(
-            run_params.experiment,
-            run_name=name,
-            tags={  # fails here if MLflow is unreachable
-                "model": name,
-                "family": params.family,
-                "stage": "train",
-                "git_commit": tracking.git_commit(),
-                "data_hash": data_hash,
-                "params_hash": params_hash,
-                "device": str(device),
-                "torch_version": torch.__version__,
-                **({"world_size": str(distributed.world_size())} if distributed.world_size() > 1 else {}),
-            },
-        )
-        if main_rank
-        else contextlib.nullcontext() as run
-    ):
-        if main_rank:
-            run.log_params(flatten({"train": run_params, "model": params}))
+def final_loss(last: dict) -> str:
+    key = "val_loss" if "val_loss" in last else "val_g_loss"
+    return f"{key} {last[key]:.4g}"
 
-        train_split, val_split = data.load_split(args.data, "train"), data.load_split(args.data, "val")
-        # Every rank holds the whole training set on the device and trains on its slice of each global batch.
-        train_images, val_images = data.to_float(train_split.images, device), data.to_float(val_split.images, device)
-        train_labels, val_labels = train_split.labels.to(device), val_split.labels.to(device)  # conditional families
-        model = build_model(params).to(device)
-        fixed_noise = torch.randn(64, params.latent_dim, generator=torch.Generator().manual_seed(run_params.seed)).to(device)
-        fixed_labels = torch.arange(64, device=device) % 10  # conditional families: digits 0..9 in turn
 
-        def fixed_samples(model) -> torch.Tensor:
-            return model.decode_noise(fixed_noise, fixed_labels) if model.conditional else model.decode(fixed_noise)
+@dataclass
+class Stage:
+    name: str
+    run_params: RunParams
+    params: ModelParams
+    device: torch.device
+    data: Path
 
-        grids = Path("checkpoints") / name / "grids"
-        logged_epochs: set[int] = set()
+    def __post_init__(self):
+        self.data_hash = tracking.data_hash(self.data)
+        self.params_hash = sha256_json({"train": self.run_params.model_dump(), "model": self.params.model_dump()})
+        self.fixed_noise = torch.randn(64, self.params.latent_dim, generator=torch.Generator().manual_seed(self.run_params.seed))
+        self.fixed_noise = self.fixed_noise.to(self.device)
+        self.fixed_labels = torch.arange(64, device=self.device) % 10  # conditional families: digits 0..9 in turn
+        self.logged_epochs: set[int] = set()
 
-        def on_epoch(epoch: int, metrics: dict, model) -> None:
-            run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            logged_epochs.add(epoch)
-            if epoch % run_params.sample_every == 0 or epoch == params.epochs:
-                model.eval()
-                with torch.no_grad():
-                    grid = figures.save_grid(fixed_samples(model), grids / f"samples_epoch_{epoch:03d}.png")
-                model.train()
-                run.log_artifact(grid, "samples")
+    def start_run(self):
+        """The stage's MLflow run on rank 0 (fails here if MLflow is unreachable); nothing on the other ranks."""
+        if not distributed.is_main():
+            return contextlib.nullcontext()
+        tags = {
+            "model": self.name,
+            "family": self.params.family,
+            "stage": "train",
+            "git_commit": tracking.git_commit(),
+            "data_hash": self.data_hash,
+            "params_hash": self.params_hash,
+            "device": str(self.device),
+            "torch_version": torch.__version__,
+        }
+        if distributed.world_size() > 1:
+            tags["world_size"] = str(distributed.world_size())
+        return tracking.Run.start(self.run_params.experiment, run_name=self.name, tags=tags)
 
+    def train(self, run) -> list[dict]:
+        """The model trained by the one loop, resuming from its checkpoint; every rank holds the whole
+        training set on the device and trains on its slice of each global batch."""
+        train_split, val_split = data.load_split(self.data, "train"), data.load_split(self.data, "val")
+        train_images, val_images = data.to_float(train_split.images, self.device), data.to_float(val_split.images, self.device)
+        self.model = build_model(self.params).to(self.device)
         # "The code" in the fingerprint is every mnistgen module this stage imported: what dvc.yaml lists as its deps.
         checkpoint = training.Checkpoint(
-            Path("checkpoints") / name / "last.pt",
+            Path("checkpoints") / self.name / "last.pt",
             {
-                "params": params_hash,
-                "data": data_hash,
+                "params": self.params_hash,
+                "data": self.data_hash,
                 "images": len(train_images),
                 "code": sha256_json(training.library_code()),
-                **(
-                    {"world_size": distributed.world_size()} if distributed.world_size() > 1 else {}
-                ),  # the batches differ with it
             },
         )
-        history = training.train(
-            model,
+        return training.train(
+            self.model,
             train_images,
             val_images,
-            seed=run_params.seed,
+            seed=self.run_params.seed,
             checkpoint=checkpoint,
-            on_epoch=on_epoch,
-            train_labels=train_labels,
-            val_labels=val_labels,
+            on_epoch=lambda epoch, metrics, model: self.on_epoch(run, epoch, metrics, model),
+            train_labels=train_split.labels.to(self.device),
+            val_labels=val_split.labels.to(self.device),
         )
-        if not main_rank:
-            return
-        for row in history:  # epochs trained before a resume, logged into this run too
-            if row["epoch"] not in logged_epochs:
+
+    def fixed_samples(self, model) -> torch.Tensor:
+        if model.conditional:
+            return model.decode_noise(self.fixed_noise, self.fixed_labels)
+        return model.decode(self.fixed_noise)
+
+    def on_epoch(self, run, epoch: int, metrics: dict, model) -> None:
+        """Each epoch's metrics, and every sample_every-th epoch a grid of the fixed noise, to MLflow."""
+        run.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        self.logged_epochs.add(epoch)
+        if epoch % self.run_params.sample_every == 0 or epoch == self.params.epochs:
+            model.eval()
+            with torch.no_grad():
+                grid = figures.save_grid(
+                    self.fixed_samples(model), Path("checkpoints") / self.name / "grids" / f"samples_epoch_{epoch:03d}.png"
+                )
+            model.train()
+            run.log_artifact(grid, "samples")
+
+    def log_history(self, run, history: list[dict]) -> None:
+        """Epochs trained before a resume, logged into this run too."""
+        for row in history:
+            if row["epoch"] not in self.logged_epochs:
                 run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
-        with atomic_dir(args.curves) as curves_dir:
+    def write_outputs(self, run, history: list[dict], out: Path, curves: Path) -> None:
+        """The curves folder and the model folder (weights, config, samples, run.json), each whole or not at all,
+        and the logged model."""
+        model = self.model
+        with atomic_dir(curves) as curves_dir, atomic_dir(out) as tmp:
             write_curves(history, curves_dir)
-            figures.plot_curves(history, curves_dir / "curves.png", f"{name} training curves")
+            figures.plot_curves(history, curves_dir / "curves.png", f"{self.name} training curves")
             run.log_artifact(curves_dir / "curves.png", "figures")
-            with atomic_dir(args.out) as tmp:
-                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
-                (tmp / "config.json").write_text(params.model_dump_json(indent=2) + "\n")
-                with torch.no_grad():
-                    figures.save_grid(
-                        model.sample(64, torch.Generator(device=device).manual_seed(run_params.seed)), tmp / "samples.png"
-                    )
-                run.log_artifact(tmp / "samples.png", "figures")
-                example = fixed_noise[:2].cpu()
-                if model.conditional:  # a conditional model's input row is the noise and then the digit
-                    example = torch.cat([example, fixed_labels[:2, None].cpu().float()], dim=1)
-                model_uri = run.log_generator(
-                    tmp / "weights.pt", tmp / "config.json", params.latent_dim, example.numpy(), conditional=model.conditional
-                )
-                tracking.write_run_file(tmp / "run.json", run, model_uri)
-    last = history[-1]
-    print(
-        f"train {name}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "
-        f"val_{'loss' if 'val_loss' in last else 'g_loss'} {last.get('val_loss', last.get('val_g_loss')):.4g}, run {run.run_id}"
-    )
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
+            (tmp / "config.json").write_text(self.params.model_dump_json(indent=2) + "\n")
+            with torch.no_grad():
+                samples = model.sample(64, torch.Generator(device=self.device).manual_seed(self.run_params.seed))
+            figures.save_grid(samples, tmp / "samples.png")
+            run.log_artifact(tmp / "samples.png", "figures")
+            example = self.fixed_noise[:2].cpu()
+            if model.conditional:  # a conditional model's input row is the noise and then the digit
+                example = torch.cat([example, self.fixed_labels[:2, None].cpu().float()], dim=1)
+            model_uri = run.log_generator(
+                tmp / "weights.pt", tmp / "config.json", self.params.latent_dim, example.numpy(), conditional=model.conditional
+            )
+            tracking.write_run_file(tmp / "run.json", run, model_uri)
 
 
 if __name__ == "__main__":

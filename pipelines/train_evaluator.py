@@ -4,7 +4,7 @@ Two evaluators of different architecture and seed (params `evaluator` and `evalu
 feature spaces. Writes the evaluator folder (per space: weights, and reference features of the
 test set and of a training subset, extracted once and reused by every evaluate@model stage and
 the report; spaces.json names the files, architectures and checkpoint hashes) and a metrics file
-(test accuracies, checkpoint hashes, training times). Reads params `evaluator`, `evaluator2`, and
+(test accuracies and checkpoint hashes; no timings, which would change the file on every run). Reads params `evaluator`, `evaluator2`, and
 of `evaluate` only the keys that choose the reference images (`seed`, `num_real`).
 
 Usage: python pipelines/train_evaluator.py --data data/prepared --out models/evaluator --metrics metrics/evaluator.json
@@ -19,10 +19,8 @@ import torch
 
 from mnistgen import data
 from mnistgen.config import EvaluatorParams, ReferenceParams, load_section
-from mnistgen.evaluator import accuracy, train_classifier
+from mnistgen.evaluators import FEATURE_SPACES, SPACES_FILE, accuracy, train_classifier
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, sha256_file, write_json
-
-SPACES = (("", "evaluator", ""), ("_e2", "evaluator2", "2"))  # metric suffix, params section, file suffix
 
 
 def main() -> None:
@@ -32,7 +30,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
     started = time.perf_counter()
-    params = {section: load_section(EvaluatorParams, section) for _, section, _ in SPACES}
+    params = {space.section: load_section(EvaluatorParams, space.section) for space in FEATURE_SPACES}
     reference = load_section(ReferenceParams, "evaluate")
     device = pick_device("auto")
     train, test = data.load_split(args.data, "train"), data.load_split(args.data, "test")
@@ -42,7 +40,8 @@ def main() -> None:
     subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(reference.seed))[:n_real]
 
     trained = {}
-    for suffix, section, _ in SPACES:
+    for space in FEATURE_SPACES:
+        suffix, section = space.suffix, space.section
         clock = time.perf_counter()
         model = train_classifier(train_x, train_y, params[section])
         seconds = time.perf_counter() - clock
@@ -55,7 +54,8 @@ def main() -> None:
 
     summary, spaces = {}, []
     with atomic_dir(args.out) as tmp:
-        for suffix, section, file_suffix in SPACES:
+        for space in FEATURE_SPACES:
+            suffix, section, file_suffix = space.suffix, space.section, space.files
             model, test_accuracy, seconds = trained[suffix]
             weights, ref_file = f"classifier{file_suffix}.pt", f"reference{file_suffix}.pt"
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / weights)
@@ -89,16 +89,15 @@ def main() -> None:
                 {
                     f"test_accuracy{suffix}": test_accuracy,
                     f"evaluator_hash{suffix}": evaluator_hash,
-                    f"train_seconds{suffix}": seconds,
                 }
             )
-        (tmp / "spaces.json").write_text(json.dumps(spaces, indent=2) + "\n")
+        (tmp / SPACES_FILE).write_text(json.dumps(spaces, indent=2) + "\n")
     write_json(args.metrics, summary)
     print(
         "train_evaluator: test accuracy "
         + ", ".join(
             f"{s['test_accuracy']:.4f} ({s['section']}: {s['arch']}, seed {s['seed']}, hash {s['evaluator_hash'][:12]}, "
-            f"{summary['train_seconds' + s['suffix']]:.0f} s)"
+            f"{trained[s['suffix']][2]:.0f} s)"
             for s in spaces
         )
         + f"; {time.perf_counter() - started:.0f} s in all"

@@ -85,6 +85,30 @@ def test_mirror_folder_and_missing_file(tmp_path, monkeypatch):
         data.fetch_verified("train-labels-idx1-ubyte.gz")
 
 
+def test_a_url_mirror_is_downloaded_and_checked(tmp_path, monkeypatch):
+    """A mirror served over HTTP on loopback: the file arrives through torchvision's download_url, and a
+    changed byte is refused by its MD5."""
+    import functools
+    import http.server
+    import threading
+
+    name = "t10k-labels-idx1-ubyte.gz"
+    blob = gzip.compress(idx_bytes(np.arange(10) % 10))
+    (tmp_path / name).write_bytes(blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MNIST_MIRROR", f"http://127.0.0.1:{server.server_port}/")
+        monkeypatch.setitem(data.MNIST_FILES, name, hashlib.md5(blob).hexdigest())
+        assert data.fetch_verified(name) == blob
+        (tmp_path / name).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+        with pytest.raises(StageError, match=f"127.0.0.1:{server.server_port}/{name}: MD5 .* does not match"):
+            data.fetch_verified(name)
+    finally:
+        server.shutdown()
+
+
 def test_unreachable_url_mirror(monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", "http://127.0.0.1:9/mnist")
     with pytest.raises(StageError, match="http://127.0.0.1:9/mnist/t10k-labels-idx1-ubyte.gz: mirror unreachable"):

@@ -128,10 +128,9 @@ EVERY = {
 @pytest.mark.parametrize(
     "rel, old, new, expected",
     [
-        ("src/mnistgen/classifier.py", None, None, {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
+        ("src/mnistgen/evaluators.py", None, None, {"train_evaluator", "report", *(f"evaluate@{m}" for m in MODELS)}),
         ("src/mnistgen/registry.py", None, None, {"promote"}),
         ("src/mnistgen/report.py", None, None, {"report"}),
-        ("src/mnistgen/evaluator.py", None, None, {"train_evaluator"}),
         ("src/mnistgen/models/vae.py", None, None, {*(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
         ("src/mnistgen/figures.py", None, None, {"report", *(f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS)}),
         ("src/mnistgen/config.py", None, None, EVERY),

@@ -163,7 +163,7 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     """FID_cls of real training images is far below that of noise images and of an untrained generator."""
     work, _ = pipeline
     from mnistgen import evaluation, metrics
-    from mnistgen.classifier import Classifier
+    from mnistgen.evaluators import Classifier
     from mnistgen.models import build_model
 
     classifier = Classifier()  # the first evaluator: the default architecture

@@ -121,7 +121,7 @@ def test_a_gan_is_scored_by_fid_against_validation_images(tmp_path, monkeypatch)
     import torch
 
     from mnistgen import data, metrics, sweep
-    from mnistgen.classifier import Classifier
+    from mnistgen.evaluators import Classifier
     from mnistgen.utils import StageError
 
     monkeypatch.chdir(workspace(tmp_path))

@@ -1,41 +1,35 @@
 """MNIST: fetch the four official files, verify MD5, parse IDX, split, save, load.
 
-The source is torchvision's list of official mirrors, or the folder / URL prefix named
-by the MNIST_MIRROR environment variable (these machines are offline: CI points it at
+The source is torchvision's list of official mirrors (its download and checksum utilities
+fetch and check the files), or the folder / URL prefix named by the MNIST_MIRROR environment variable (these machines are offline: CI points it at
 ../shared/mnist). Prepared splits are saved as plain tensors (uint8 images, int64
 labels) and loaded back as one float tensor on the device.
 """
 
 from __future__ import annotations
 
+import atexit
 import gzip
-import hashlib
 import os
+import shutil
+import socket
 import struct
+import tempfile
 import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets import MNIST
+from torchvision.datasets.utils import calculate_md5, download_url
 
 from .config import PrepareParams
 from .utils import StageError
 
-# name -> MD5, as torchvision.datasets.MNIST checks them (kept here so the library
-# does not need torchvision's dataset module to know them).
-MNIST_FILES = {
-    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-}
-OFFICIAL_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-)
+MNIST_FILES = dict(MNIST.resources)  # file name -> MD5: torchvision's own list
+OFFICIAL_MIRRORS = tuple(MNIST.mirrors)
 SPLITS = ("train", "val", "test")
 IDX_UBYTE = 0x08
 
@@ -52,35 +46,41 @@ def sources() -> list[str]:
     return [mirror] if mirror else list(OFFICIAL_MIRRORS)
 
 
-def fetch(name: str, source: str, timeout: float = 30.0) -> bytes:
-    """Read file `name` from a folder or a URL prefix."""
+def fetch(name: str, source: str, timeout: float = 30.0) -> Path:
+    """The path of file `name` in a folder, or downloaded from a URL prefix (torchvision's download_url)
+    into a private temporary folder that lives as long as this process."""
     if "://" not in source:
         path = Path(source) / name
-        try:
-            return path.read_bytes()
-        except OSError as err:
-            raise StageError(f"{path}: cannot read MNIST file ({err.strerror or err})") from err
+        if not path.is_file():
+            raise StageError(f"{path}: cannot read MNIST file (no such file)")
+        return path
     url = source.rstrip("/") + "/" + name
+    folder = Path(tempfile.mkdtemp(prefix="mnistgen-mnist-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # download_url sets none: a silent mirror would hang the stage
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()
-    except (urllib.error.URLError, OSError) as err:
+        download_url(url, folder, name)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise StageError(f"{url}: mirror unreachable ({getattr(err, 'reason', err)})") from err
+    finally:
+        socket.setdefaulttimeout(previous)
+    return folder / name
 
 
 def fetch_verified(name: str) -> bytes:
-    """Fetch `name` from the first source that has it and check its MD5."""
+    """File `name` from the first source that has it, after checking its MD5 (torchvision's calculate_md5)."""
     errors = []
     for source in sources():
         try:
-            data = fetch(name, source)
+            path = fetch(name, source)
         except StageError as err:
             errors.append(str(err))
             continue
-        md5 = hashlib.md5(data).hexdigest()
+        md5 = calculate_md5(path)
         if md5 != MNIST_FILES[name]:
             raise StageError(f"{source.rstrip('/')}/{name}: MD5 {md5} does not match the official {MNIST_FILES[name]}")
-        return data
+        return path.read_bytes()
     raise StageError("; ".join(errors))
 
 

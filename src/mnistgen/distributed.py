@@ -10,7 +10,7 @@ on that global batch, to float rounding:
   DDP would wrap each family's networks (changing their state_dict keys), misses parameters
   no module's forward uses (the CVAE's class means), all-reduces the critic's gradients in the
   generator's step for nothing, and in its static_graph mode trains the WGAN-GP (critic called
-  three times a step, penalty by double backward) silently wrong (benchmarks/ddp_probe.py;
+  three times a step, penalty by double backward) silently wrong (measured once with a probe since removed;
   its default mode is right). The pre-hook is exact for every family with no model change.
 - noise: every per-sample random draw inside a training step goes through `rows`, which
   draws the rows of the whole global batch from the (identically seeded) generator and keeps

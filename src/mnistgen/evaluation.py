@@ -13,7 +13,6 @@ its unconditional metrics are those of a label-balanced mix, so they sit in the 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,12 +23,11 @@ import torch
 from sklearn.metrics import silhouette_samples
 
 from . import figures, metrics
-from .classifier import load_classifier
 from .config import EvaluateParams
+from .evaluators import FEATURE_SPACES, Classifier, read_spaces
 from .utils import progress_bar
 
 if TYPE_CHECKING:  # types only: the report stage imports this module without any model family
-    from .classifier import Classifier
     from .models.base import GenerativeModel
 
 
@@ -50,19 +48,7 @@ class Reference:
         return {k: getattr(self, k) for k in ("test_feats", "test_probs", "train_feats", "train_probs", "evaluator_hash")}
 
 
-SPACES = {"": "evaluator 1", "_e2": "evaluator 2"}  # metric-name suffix -> the feature space it is measured in
-SPACES_FILE = "spaces.json"  # in the evaluator folder: one entry per space (suffix, files, arch, width, hash)
-
-
-def read_spaces(folder: Path) -> list[dict]:
-    return json.loads((Path(folder) / SPACES_FILE).read_text())
-
-
-def load_classifiers(folder: Path, device="cpu") -> dict[str, Classifier]:
-    """{suffix: Classifier} for every feature space the train_evaluator stage wrote."""
-    return {
-        s["suffix"]: load_classifier(Path(folder) / s["classifier"], s["arch"], s["width"], device) for s in read_spaces(folder)
-    }
+SPACES = {space.suffix: space.name for space in FEATURE_SPACES}  # metric-name suffix -> the feature space it is measured in
 
 
 def load_references(folder: Path, device="cpu") -> dict[str, Reference]:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import kendalltau
 
-SPACES = {"": "evaluator 1", "_e2": "evaluator 2"}  # metric-name suffix -> feature space (evaluation.SPACES)
+from .evaluators import FEATURE_SPACES
+
+SPACES = {space.suffix: space.name for space in FEATURE_SPACES}  # metric-name suffix -> the feature space
 DISTANCES = ["fid_cls", "kid_cls", "precision", "recall"]  # measured in both feature spaces, each with a band
 
 # (metric, label, True when higher is better; None when closer to real data is better)

@@ -68,7 +68,9 @@ def validation_losses(
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, decay: bool) -> float:
     """Learning-rate multiplier at optimizer step `step` (0-based): a linear warm-up from 1/warmup_steps
-    to 1 over the first warmup_steps, then constant, or with `decay` linear down to 0 at total_steps."""
+    to 1 over the first warmup_steps, then constant, or with `decay` linear down to 0 at total_steps;
+    past the last step (a benchmark may run on) it holds the last step's value."""
+    step = min(step, total_steps - 1)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if not decay:
@@ -208,6 +210,61 @@ def schedules(optimizers: dict, steps_per_epoch: int, epochs: int, warmup_epochs
     return [LambdaLR(optimizer, factor) for optimizer in optimizers.values()]
 
 
+class Stepper:
+    """The step loop of `train`, which the benchmarks drive too: the whole training set one tensor on the
+    device, a seeded permutation per epoch, full batches sliced from it (this rank's slice of each), one
+    step of the family, every learning-rate schedule stepped, the moving average updated, and the losses
+    summed on the device (read once, by `take_means`: no host sync inside the loop)."""
+
+    def __init__(
+        self,
+        model: GenerativeModel,
+        images: torch.Tensor,
+        optimizers: dict,
+        lr_schedules: list[LambdaLR],
+        shuffle_rng: torch.Generator,
+        labels: torch.Tensor | None = None,
+        ema: AveragedModel | None = None,
+        mixed_precision: bool = True,
+    ):
+        self.model, self.images, self.labels, self.optimizers = model, images, labels, optimizers
+        self.lr_schedules, self.shuffle_rng, self.ema, self.mixed_precision = lr_schedules, shuffle_rng, ema, mixed_precision
+        self.batch_size = model.params.batch_size
+        self.per_epoch = batches(len(images), self.batch_size)
+        self.global_step = 0
+        self.order = torch.empty(0, dtype=torch.long)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's images (and labels, for a conditional family) of the next global batch."""
+        i = self.global_step % self.per_epoch
+        if i == 0:  # a new epoch: a fresh seeded permutation, moved to the device once
+            self.order = torch.randperm(len(self.images), generator=self.shuffle_rng).to(self.images.device)
+        idx = distributed.local_rows(self.order[i * self.batch_size : (i + 1) * self.batch_size])
+        return self.images[idx], None if self.labels is None else self.labels[idx]
+
+    def run(self, count: int, description: str | None = None) -> None:
+        """`count` steps (with a progress bar on a terminal when `description` is given)."""
+        for _ in progress_bar(range(count), description or "", description is not None):
+            x, y = self.next_batch()
+            losses = step(self.model, x, self.optimizers, self.global_step, self.mixed_precision, y=y)
+            for scheduler in self.lr_schedules:
+                scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model.averaged())
+            for key, value in losses.items():
+                self.sums[key] = self.sums.get(key, 0) + value.float()
+                self.counts[key] = self.counts.get(key, 0) + 1  # a GAN's g_loss only every n_critic-th step
+            self.global_step += 1
+
+    def take_means(self) -> dict[str, torch.Tensor]:
+        """The mean of each loss since the last call (on the device), and a fresh start."""
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
 def train(
     model: GenerativeModel,
     train_images: torch.Tensor,
@@ -232,7 +289,7 @@ def train(
     elif train_labels is None or val_labels is None:
         raise StageError(f"{model.family} is conditional: training needs the labels of the training and validation images")
     params = model.params
-    epochs, batch_size = params.epochs, params.batch_size
+    epochs = params.epochs
     main = distributed.is_main()
     model.init_from_data(train_images)  # before a resume, which then overwrites the weights
     # Conv weights in the device's faster layout; [N, 1, 28, 28] batches are the same in either.
@@ -240,7 +297,7 @@ def train(
     distributed.prepare_model(model)
     optimizers = model.make_optimizers()
     distributed.prepare_optimizers(optimizers)
-    steps = batches(len(train_images), batch_size)
+    steps = batches(len(train_images), params.batch_size)
     lr_schedules = schedules(optimizers, steps, epochs, params.lr_warmup, params.lr_decay)
     shuffle_rng = torch.Generator().manual_seed(seed)
     ema = moving_average(model)
@@ -252,27 +309,15 @@ def train(
         history, start_epoch = state["history"], state["epoch"]
         if main:
             print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
+    stepper = Stepper(model, train_images, optimizers, lr_schedules, shuffle_rng, train_labels, ema)
+    stepper.global_step = start_epoch * steps
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
         started = time.perf_counter()
-        order = torch.randperm(len(train_images), generator=shuffle_rng).to(train_images.device)
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        bar = progress_bar(range(steps), f"{model.family} {epoch}/{epochs}", progress and main)
-        for i in bar:
-            global_step = (epoch - 1) * steps + i
-            idx = distributed.local_rows(order[i * batch_size : (i + 1) * batch_size])
-            y = None if train_labels is None else train_labels[idx]
-            losses = step(model, train_images[idx], optimizers, global_step, y=y)
-            for scheduler in lr_schedules:
-                scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model.averaged())
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0) + value.float()
-                counts[key] = counts.get(key, 0) + 1
-        means = distributed.mean_over_ranks(torch.stack([sums[k] / counts[k] for k in sums]))  # each rank's batches are as many
-        metrics = dict(zip(sums, means.tolist()))  # the one host sync of the epoch
+        stepper.run(steps, f"{model.family} {epoch}/{epochs}" if progress and main else None)
+        losses = stepper.take_means()
+        means = distributed.mean_over_ranks(torch.stack(list(losses.values())))  # each rank's batches are as many
+        metrics = dict(zip(losses, means.tolist()))  # the one host sync of the epoch
         check_finite(metrics, model.family, epoch)
         seconds = time.perf_counter() - started
         metrics.update(validation_losses(model, val_images, 1000, val_labels))
