@@ -14,7 +14,7 @@ here. This module imports nothing of the package.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -152,7 +152,7 @@ class FloatRange(Section):
     log: bool
 
     @model_validator(mode="after")
-    def _ordered(self):
+    def _ordered(self) -> FloatRange:
         if not self.low < self.high or (self.log and self.low <= 0):
             raise ValueError(f"needs low < high (and low > 0 with log), got {self.low}..{self.high}")
         return self
@@ -161,7 +161,7 @@ class FloatRange(Section):
 class IntRange(FloatRange):
     """An integer drawn from low..high inclusive."""
 
-    type: Literal["int"]
+    type: Literal["int"]  # type: ignore[assignment]  # a subclass narrows the union tag
     low: int
     high: int
 
@@ -205,14 +205,17 @@ def describe(err: ValidationError, where: str, tag: str | None = None, families:
     return ParamsError(f"params.yaml: {key}: {first['msg'].lower()}, got {first.get('input')!r:.80}")
 
 
-def validate_section(cls: type[Section], data: Any, where: str) -> Section:
+S = TypeVar("S", bound="Section")
+
+
+def validate_section(cls: type[S], data: Any, where: str) -> S:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
         raise describe(err, where) from None
 
 
-def read_params(path: str | Path = PARAMS_FILE) -> dict:
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -225,7 +228,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> dict:
     return data
 
 
-def section(params: dict, dotted: str) -> Any:
+def section(params: dict[str, Any], dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -234,7 +237,7 @@ def section(params: dict, dotted: str) -> Any:
     return node
 
 
-def load_section(cls: type[Section], dotted: str, path: str | Path = PARAMS_FILE) -> Section:
+def load_section(cls: type[S], dotted: str, path: str | Path = PARAMS_FILE) -> S:
     """Read params.yaml and return section `dotted` (e.g. 'evaluate') as a `cls`."""
     return validate_section(cls, section(read_params(path), dotted), dotted)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from sklearn.metrics import silhouette_samples
@@ -29,6 +29,7 @@ from .utils import progress_bar
 
 if TYPE_CHECKING:  # types only: the report stage imports this module without any model family
     from .models.base import GenerativeModel
+    from .models.vae import VAE
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Reference:
     train_feats: torch.Tensor
     train_probs: torch.Tensor
     evaluator_hash: str
+    test_stats: tuple[torch.Tensor, torch.Tensor] = field(init=False)  # the Gaussian fit of the test features
 
     def __post_init__(self):
         self.test_stats = metrics.gaussian_stats(self.test_feats)
@@ -65,7 +67,7 @@ def generate(fn, n: int, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(min(batch_size, n - i)) for i in range(0, n, batch_size)])
 
 
-def with_band(out: dict, key: str, value: float, replicates, p: EvaluateParams) -> None:
+def with_band(out: dict, key: str, value: float | torch.Tensor, replicates, p: EvaluateParams) -> None:
     out[key] = float(value)
     out[f"{key}_lo"], out[f"{key}_hi"] = metrics.band(float(value), replicates, p.bootstrap_level)
 
@@ -271,7 +273,7 @@ class Evaluation:
         # A conditional model holds each pair's digit fixed along its path (pair i: digit i mod 10); the CVAE's
         # decoder ignores it, as its digit lives in the encoded codes.
         labels = (torch.arange(len(z_a), device=self.device) % 10).repeat_interleave(p.interp_steps)
-        decode = (lambda z: self.model.decode(z, labels)) if self.model.conditional else self.model.decode
+        decode = (lambda z: self.model.decode(z, labels)) if self.model.conditional else self.model.decode  # type: ignore[call-arg]
         paths = {"linear": lerp}
         if self.model.gaussian_latent:  # slerp is for Gaussian latents
             paths["slerp"] = slerp
@@ -304,6 +306,7 @@ class Evaluation:
         all three on the same test images (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed).
         The CVAE's are bounds on -log p(x | y), given each image's label."""
         p = self.p
+        vae = cast("VAE", self.model)  # the families with a likelihood: the VAE and the CVAE
         binarised_all = binarize(
             test_x, p.binarize_seed
         )  # binarise every image once, then pick: an image's draw does not depend on the subset
@@ -316,22 +319,16 @@ class Evaluation:
             return None if y is None else y[i : i + count]
 
         nelbo_grey = torch.cat(
-            [
-                self.model.negative_elbo(grey[i : i + p.batch_size], y=labels(i, p.batch_size))[2]
-                for i in range(0, n, p.batch_size)
-            ]
+            [vae.negative_elbo(grey[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)]
         )
         nelbo_bin = torch.cat(
-            [
-                self.model.negative_elbo(binarised[i : i + p.batch_size], y=labels(i, p.batch_size))[2]
-                for i in range(0, n, p.batch_size)
-            ]
+            [vae.negative_elbo(binarised[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)]
         )
         images_per_call = 100
         chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
         nll = torch.cat(
             [
-                self.model.iwae_nll(
+                vae.iwae_nll(
                     binarised[i : i + images_per_call], p.iwae_k, chunk, y=labels(i, images_per_call)
                 )  # slices stop at n: no image past the subset
                 for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")

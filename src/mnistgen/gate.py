@@ -14,6 +14,7 @@ says what each space says.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import Floor, GateParams
 
@@ -54,10 +55,10 @@ def check_floor(floor: Floor, metrics: dict[str, float]) -> FloorCheck:
     ok = value is not None
     if floor.min is not None:
         limits.append(f">= {floor.min:g}")
-        ok = ok and value >= floor.min
+        ok = ok and value is not None and value >= floor.min
     if floor.max is not None:
         limits.append(f"<= {floor.max:g}")
-        ok = ok and value <= floor.max
+        ok = ok and value is not None and value <= floor.max
     return FloorCheck(floor.metric, value, " and ".join(limits), bool(ok))
 
 
@@ -138,7 +139,7 @@ def decide(model: str, candidate: dict[str, float], champion: dict[str, float] |
     return decision
 
 
-def _fmt(value) -> str:
+def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
@@ -177,7 +178,7 @@ def to_markdown(decisions: list[Decision], exit_code: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(decisions: list[Decision], exit_code: int) -> dict:
+def to_json(decisions: list[Decision], exit_code: int) -> dict[str, Any]:
     return {
         "exit_code": exit_code,
         "models": {

@@ -7,6 +7,9 @@ pretrained classifier); probabilities are [N, C] tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -32,7 +35,8 @@ def gaussian_stats(feats: Tensor) -> tuple[Tensor, Tensor]:
 def _psd_sqrt(matrix: Tensor) -> Tensor:
     """Symmetric square root of a PSD matrix; negative eigenvalues clamped to 0."""
     eigvals, eigvecs = torch.linalg.eigh(_symmetrize(matrix))
-    return (eigvecs * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+    root: Tensor = (eigvecs * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+    return root
 
 
 def _symmetrize(matrix: Tensor) -> Tensor:
@@ -43,7 +47,8 @@ def _trace_sqrt_product(s1: Tensor, s2: Tensor) -> Tensor:
     """Tr((S1 S2)^{1/2}) = sum of sqrt eigenvalues of S1^{1/2} S2 S1^{1/2}."""
     root1 = _psd_sqrt(s1)
     eigvals = torch.linalg.eigvalsh(_symmetrize(root1 @ s2 @ root1))
-    return eigvals.clamp(min=0).sqrt().sum()
+    total: Tensor = eigvals.clamp(min=0).sqrt().sum()
+    return total
 
 
 def fid_from_stats(mu1: Tensor, s1: Tensor, mu2: Tensor, s2: Tensor) -> float:
@@ -106,8 +111,8 @@ def kid(
         idx_a = torch.randperm(len(a), generator=gen)[:m].to(a.device)
         idx_b = torch.randperm(len(b), generator=gen)[:m].to(a.device)
         values.append(_mmd2_unbiased(a[idx_a], b[idx_b]))
-    values = torch.stack(values)
-    return {"mean": float(values.mean()), "std": float(values.std(unbiased=False))}
+    stacked = torch.stack(values)
+    return {"mean": float(stacked.mean()), "std": float(stacked.std(unbiased=False))}
 
 
 # --------------------------------------------------------------------------
@@ -127,8 +132,8 @@ def inception_score(probs: Tensor, splits: int = 10) -> dict[str, float]:
         marginal = part.mean(dim=0, keepdim=True)
         kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, marginal)).sum(dim=1)
         scores.append(kl.mean().exp())
-    scores = torch.stack(scores)
-    return {"mean": float(scores.mean()), "std": float(scores.std(unbiased=False))}
+    stacked = torch.stack(scores)
+    return {"mean": float(stacked.mean()), "std": float(stacked.std(unbiased=False))}
 
 
 # --------------------------------------------------------------------------
@@ -139,7 +144,7 @@ def inception_score(probs: Tensor, splits: int = 10) -> dict[str, float]:
 def _knn_radii(feats: Tensor, k: int) -> Tensor:
     """Distance from each point to its k-th nearest neighbour in the same set."""
     radii = []
-    for rows in feats.split(_DISTANCE_BATCH):
+    for rows in torch.split(feats, _DISTANCE_BATCH):
         dists = torch.cdist(rows, feats)
         # The (k+1)-th smallest distance: the smallest is the point itself.
         radii.append(dists.kthvalue(k + 1, dim=1).values)
@@ -163,7 +168,7 @@ def precision_recall(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> dict
 # --------------------------------------------------------------------------
 
 
-def class_coverage(pred_labels: Tensor, num_classes: int = 10) -> dict:
+def class_coverage(pred_labels: Tensor, num_classes: int = 10) -> dict[str, Any]:
     """How generated samples spread over classes (e.g. to detect mode collapse).
 
     Returns the predicted-label histogram, the number of classes present and
@@ -212,7 +217,7 @@ def bootstrap_counts(n: int, rounds: int, seed: int, groups: int = 1) -> Tensor:
     return counts.repeat_interleave(groups, dim=1)
 
 
-def band(point: float, replicates, level: float = 0.95) -> tuple[float, float]:
+def band(point: float, replicates: Sequence[float] | Tensor, level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of bootstrap replicates, shifted so their median sits on the point estimate.
 
     Resampling with replacement duplicates samples, which biases distances such as FID upward;
@@ -238,7 +243,9 @@ def fid_replicates(feats: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Ten
     return out
 
 
-def kid_with_replicates(feats_a: Tensor, feats_b: Tensor, subsets: int, subset_size: int, seed: int, counts: Tensor) -> dict:
+def kid_with_replicates(
+    feats_a: Tensor, feats_b: Tensor, subsets: int, subset_size: int, seed: int, counts: Tensor
+) -> dict[str, Any]:
     """`kid(feats_a, feats_b, ...)` (the same subsets, so the same mean) and its bootstrap replicates.
 
     Round r weights each sample i of feats_a by counts[r, i]; within a subset the unbiased
@@ -267,10 +274,10 @@ def kid_with_replicates(feats_a: Tensor, feats_b: Tensor, subsets: int, subset_s
         xx = ((w_k * w).sum(1) - w @ k_xx.diagonal()) / (total * (total - 1)).clamp_min(1)
         xy = w @ k_xy.sum(1) / (total * m).clamp_min(1)
         reps.append(xx + yy - 2 * xy)
-    values = torch.stack(values)
+    stacked = torch.stack(values)
     return {
-        "mean": float(values.mean()),
-        "std": float(values.std(unbiased=False)),
+        "mean": float(stacked.mean()),
+        "std": float(stacked.std(unbiased=False)),
         "replicates": torch.stack(reps).mean(0).tolist(),
     }
 
@@ -282,8 +289,8 @@ def inside_flags(real_feats: Tensor, fake_feats: Tensor, k: int = 3) -> tuple[Te
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"need more than k={k} samples in each set")
 
-    def inside(manifold, radii, queries):
-        return torch.cat([(torch.cdist(rows, manifold) <= radii).any(dim=1) for rows in queries.split(_DISTANCE_BATCH)])
+    def inside(manifold: Tensor, radii: Tensor, queries: Tensor) -> Tensor:
+        return torch.cat([(torch.cdist(rows, manifold) <= radii).any(dim=1) for rows in torch.split(queries, _DISTANCE_BATCH)])
 
     return inside(real, _knn_radii(real, k), fake).double(), inside(fake, _knn_radii(fake, k), real).double()
 

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 
 MAX_COUNT = 10000
 
 
-class MnistGenerator(mlflow.pyfunc.PythonModel):
+class MnistGenerator(PythonModel):
     def load_context(self, context):
         from mnistgen.models import build_model, model_params
 

@@ -86,7 +86,7 @@ def library_code() -> dict[str, str]:
     """
     package = Path(__file__).resolve().parent
     files = {
-        Path(m.__file__).resolve()
+        Path(str(m.__file__)).resolve()
         for name, m in list(sys.modules.items())
         if name.split(".")[0] == __package__ and getattr(m, "__file__", None)
     }
@@ -304,7 +304,7 @@ def train(
     history: list[dict] = []
     start_epoch = 0
     state = checkpoint.load() if checkpoint else None
-    if state is not None:
+    if checkpoint is not None and state is not None:
         restore(state, model, optimizers, lr_schedules, shuffle_rng, ema)
         history, start_epoch = state["history"], state["epoch"]
         if main:

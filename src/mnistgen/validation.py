@@ -253,6 +253,7 @@ def _row(res, split: str | None, keys: list[str] | None) -> dict[str, Any]:
     check, kind = ge["expectation_config"]["meta"].get("check"), ge["expectation_config"]["type"]
     expected, result = _condition(kind, ge["expectation_config"]["kwargs"]), ge.get("result") or {}
     error = (ge.get("exception_info") or {}).get("exception_message")
+    observed: Any  # GE's observed value (a number, a list, ...) or a sentence
     if error:
         observed, failed = f"error: {error}", [f"error: {error}"]
     elif "unexpected_count" not in result:  # an aggregate (row count, mean): what was seen against what was wanted

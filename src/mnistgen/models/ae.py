@@ -20,6 +20,8 @@ class AE(GenerativeModel):
     Params = AEParams
     has_encoder = True
     gaussian_latent = False  # its codes follow no set prior; sampling uses a fitted Gaussian
+    prior_mean: torch.Tensor  # buffers
+    prior_scale_tril: torch.Tensor
 
     def __init__(self, params):
         super().__init__(params)

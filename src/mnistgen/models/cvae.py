@@ -19,13 +19,13 @@ from .vae import VAE, VAEParams
 
 
 class CVAEParams(VAEParams):
-    family: Literal["cvae"]
+    family: Literal["cvae"]  # type: ignore[assignment]  # a subclass narrows the union tag
     prior_mean_init: PositiveFloat  # the class means start as draws from N(0, s^2 I): how far apart the ten priors begin
 
 
 class CVAE(VAE):
     family = "cvae"
-    Params = CVAEParams
+    Params = CVAEParams  # type: ignore[assignment]  # its own params class
     conditional = True
     gaussian_latent = False  # the prior is ten Gaussians around the class means, not one N(0, I) at the origin
 

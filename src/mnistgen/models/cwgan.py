@@ -23,7 +23,7 @@ from .wgan import WGAN, WGANParams
 
 
 class CWGANParams(WGANParams):
-    family: Literal["cwgan"]
+    family: Literal["cwgan"]  # type: ignore[assignment]  # a subclass narrows the union tag
     embed_dim: PositiveInt  # size of the label embedding concatenated to the generator's noise
     projection_dim: PositiveInt  # size of the critic's features phi(x), and of its label projection
 
@@ -60,7 +60,7 @@ class CWGAN(WGAN):
     generator (fakes of the real batch's digits) and the projection critic (scores and penalty)."""
 
     family = "cwgan"
-    Params = CWGANParams
+    Params = CWGANParams  # type: ignore[assignment]  # its own params class
     conditional = True
 
     def __init__(self, params):

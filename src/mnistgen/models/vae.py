@@ -99,7 +99,7 @@ class VAE(GenerativeModel):
         """
         mu, logvar = self.posterior(x)
         prior_mu = self.prior_loc(y, mu)
-        log_w = []
+        parts = []
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
             z = mu + torch.randn(m, *mu.shape, device=mu.device) * (0.5 * logvar).exp()  # [m, N, d]
@@ -107,6 +107,6 @@ class VAE(GenerativeModel):
             log_px_z = -bce_per_image(logits, x.repeat(m, 1, 1, 1)).view(m, -1)
             log_pz = log_normal(z, prior_mu.expand_as(z), torch.zeros_like(z))
             log_qz = log_normal(z, mu, logvar)
-            log_w.append(log_px_z + log_pz - log_qz)
-        log_w = torch.cat(log_w)  # [k, N]
+            parts.append(log_px_z + log_pz - log_qz)
+        log_w = torch.cat(parts)  # [k, N]
         return -(torch.logsumexp(log_w, 0) - math.log(k))

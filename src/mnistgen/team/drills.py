@@ -19,8 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -174,7 +176,7 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
     stack.stop_mlflow(s, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     stage_seconds_after_kill = time.perf_counter() - killed_at
-    first = {
+    first: dict[str, Any] = {
         "exit": proc.returncode,
         "line": last_line(err),
         "seconds_after_kill": round(stage_seconds_after_kill, 1),
@@ -244,7 +246,7 @@ def drill_store_down(s: stack.Settings) -> dict:
     before = registry_snapshot(s)
     stack.stop_swift(s)
     try:
-        proc = subprocess.run(
+        promoted = subprocess.run(
             [
                 sys.executable,
                 str(ROOT / "pipelines" / "promote.py"),
@@ -264,13 +266,13 @@ def drill_store_down(s: stack.Settings) -> dict:
     finally:
         stack.start_swift(s)
     after = registry_snapshot(s)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    ok = proc.returncode == 2 and before == after and "Traceback" not in proc.stderr
+    errors = [line for line in promoted.stderr.splitlines() if line.startswith("error:")]
+    ok = promoted.returncode == 2 and before == after and "Traceback" not in promoted.stderr
     return {
         "pass": ok,
-        "exit": proc.returncode,
+        "exit": promoted.returncode,
         "error_lines": errors,
-        "summary": last_line(proc.stdout),
+        "summary": last_line(promoted.stdout),
         "registry_unchanged": before == after,
     }
 
@@ -290,6 +292,8 @@ def _load_client(args) -> dict:
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(f"{EXPERIMENT}-load")
+    if experiment is None:
+        raise RuntimeError(f"experiment {EXPERIMENT}-load is missing: the load drill creates it first")
     run = client.create_run(experiment.experiment_id, run_name=f"client-{index}")
     latencies = []
     for step in range(steps):
@@ -357,7 +361,7 @@ def drill_load(s: stack.Settings, clients: int = 8, steps: int = 1000, artifact_
     }
 
 
-DRILLS = {
+DRILLS: dict[str, Callable[..., dict]] = {
     "wrong-password": drill_wrong_password,
     "kill-tracking": drill_kill_tracking,
     "pg-restart": drill_pg_restart,

@@ -115,10 +115,10 @@ class Settings:
                 out.writelines(f"{k}={v}\n" for k, v in missing.items())
             from_file.update(missing)
         values = {**DEFAULTS, **from_file, **{k: v for k, v in os.environ.items() if k.startswith("TEAM_")}, **(overrides or {})}
-        missing = [k for k in SECRET_KEYS if not values.get(k) and k not in LATER_SECRET_KEYS]
-        if missing:
+        unset = [k for k in SECRET_KEYS if not values.get(k) and k not in LATER_SECRET_KEYS]
+        if unset:
             raise StackError(
-                f"missing settings {', '.join(missing)}: run `mnistgen team up` once, or set them (env file {env_file})"
+                f"missing settings {', '.join(unset)}: run `mnistgen team up` once, or set them (env file {env_file})"
             )
         return cls(values, env_file)
 
