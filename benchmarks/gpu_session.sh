@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its log, show it without 
     echo "=== $name: exit ${PIPESTATUS[0]}"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-[ -f data/prepared/train.pt ] || MNIST_MIRROR=${MNIST:-../shared/mnist} python pipelines/prepare.py --out data/prepared || exit 1
+[ -f data/prepared/train.pt ] || MNIST_MIRROR=${MNIST:-../shared/mnist} python -m mnistgen.stages.prepare --out data/prepared || exit 1
 # 1. the training path per model: bf16 vs fp32 steps/s, paper params, and one real training.train epoch
 step gpu_check 150 python benchmarks/gpu_check.py --profile params-paper.yaml --budget-seconds 120 --json "$OUT/gpu_check.json"
 # 2. memory format on CUDA (channels_last is the CPU default; is it worth it here too?)

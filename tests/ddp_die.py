@@ -1,4 +1,4 @@
-"""pipelines/train.py, except that rank DIE_RANK exits at once, as a killed process would, when it
+"""The train stage (mnistgen.stages.train), except that rank DIE_RANK exits at once, as a killed process would, when it
 reaches training step DIE_STEP, or with HANG=1 stops there without exiting, as a stuck one would
 (tests/test_distributed.py starts it under torchrun).
 
@@ -7,13 +7,10 @@ Usage: torchrun ... tests/ddp_die.py <train.py's arguments>
 
 import os
 import runpy
-import sys
 import time
-from pathlib import Path
 
 from mnistgen import training
 
-SCRIPT = str(Path(__file__).resolve().parents[1] / "pipelines" / "train.py")
 original = training.step
 
 
@@ -26,5 +23,4 @@ def step(model, x, optimizers, global_step, *args, **kwargs):
 
 
 training.step = step  # train() looks `step` up in its module at each call
-sys.argv = [SCRIPT, *sys.argv[1:]]
-runpy.run_path(SCRIPT, run_name="__main__")
+runpy.run_module("mnistgen.stages.train", run_name="__main__", alter_sys=True)

@@ -1,7 +1,6 @@
 """Small builders shared by the tests: tiny prepared data, tiny params, workspaces, scripts by path."""
 
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -76,15 +75,6 @@ def write_params(folder: Path, **sections) -> None:
     params = repo_params()
     params.update(sections)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def load_script(relative: str):
-    """A stage or CI script (e.g. 'scripts/smoke_pipeline.py') as a module, by path: no sys.path edits."""
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:

@@ -102,7 +102,8 @@ def evaluated_world(tmp_path_factory):
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "pipelines/train_evaluator.py"),
+            "-m",
+            "mnistgen.stages.train_evaluator",
             "--data",
             "data/prepared",
             "--out",

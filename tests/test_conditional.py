@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, post_invocation, repo_params, served_model, tiny, tiny_model_params, write_params, write_prepared
+from helpers import post_invocation, repo_params, served_model, tiny, tiny_model_params, write_params, write_prepared
 from torch import nn
 
 from mnistgen import evaluation, figures, report, training
@@ -332,7 +332,8 @@ def test_the_logged_conditional_model_takes_a_digit_through_mlflow(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "pipelines" / "train.py"),
+            "-m",
+            "mnistgen.stages.train",
             "cwgan",
             "--data",
             "data/prepared",

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import ROOT, load_script, repo_params, tiny_model_params, write_params, write_prepared
+from helpers import ROOT, repo_params, tiny_model_params, write_params, write_prepared
 
 from mnistgen.config import EvaluateParams, ParamsError, flatten, model_names
 from mnistgen.models import FAMILIES, load_model_params, model_params
@@ -101,7 +101,8 @@ def test_params_are_frozen_and_have_no_defaults_in_code():
 @pytest.mark.parametrize("family", MODELS)
 def test_dvc_repro_stops_at_once_on_a_key_of_another_family(tmp_path, family):
     """`dvc repro train@<family>` fails before any training with one line naming the key; nothing is written."""
-    smoke = load_script("scripts/smoke_pipeline.py")
+    from mnistgen import smoke
+
     work = smoke.make_workspace(tmp_path / "w", None)
     write_prepared(work / "data" / "prepared")
     (work / "data" / "validated.json").write_text("{}")  # the dependency that validate would have written
@@ -122,7 +123,8 @@ def test_stage_script_refuses_a_bad_key_before_touching_mlflow(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "pipelines/train.py"),
+            "-m",
+            "mnistgen.stages.train",
             "gan",
             "--data",
             "data/prepared",

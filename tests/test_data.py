@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
 
 from mnistgen import data
 from mnistgen.config import ParamsError, PrepareParams, load_section
@@ -141,7 +140,7 @@ def test_params_key_of_wrong_type(tmp_path):
 
 def run_prepare(cwd, mirror):
     return subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "prepare.py"), "--out", "data/prepared"],
+        [sys.executable, "-m", "mnistgen.stages.prepare", "--out", "data/prepared"],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -68,3 +68,16 @@ def test_the_import_graph_has_no_cycle():
         if m not in state:
             visit(m, [m])
     assert len(graph) > 20  # the walk saw the package
+
+
+def test_the_tests_import_only_the_package_their_helpers_and_installed_packages():
+    """No test reaches into the repository's scripts: every import is the package, a module of tests/, or an
+    installed distribution (or the standard library), and nothing edits sys.path."""
+    tests = ROOT / "tests"
+    own = {p.stem for p in tests.glob("*.py")}
+    providers = importlib.metadata.packages_distributions()
+    for path in sorted(tests.glob("*.py")):
+        calls = [ast.unparse(n.func) for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
+        assert not [c for c in calls if c.startswith("sys.path.")], f"{path.name} edits sys.path"
+        for name in tracking.imported_packages([path]):
+            assert name in own or name in providers or name == "conftest", f"{path.name} imports {name}"

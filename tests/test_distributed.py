@@ -171,9 +171,9 @@ def workspace(folder: Path, empty_store: Path, **train) -> Path:
     return folder
 
 
-def torchrun(work: Path, script: str, model: str, timeout: float, **env) -> tuple[subprocess.CompletedProcess, float]:
+def torchrun(work: Path, module: str, model: str, timeout: float, **env) -> tuple[subprocess.CompletedProcess, float]:
     args = [model, "--data", "data/prepared", "--out", f"models/{model}", "--curves", f"curves/{model}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", script, *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", module, *args]
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db",
@@ -190,8 +190,7 @@ def torchrun(work: Path, script: str, model: str, timeout: float, **env) -> tupl
 def test_torchrun_stage_fails_at_once_when_a_rank_dies_and_then_resumes(tmp_path, empty_store):
     """Reference: an uninterrupted 2-process run. Then rank 1 dies in epoch 2: the command exits non-zero
     within seconds, naming the rank; run again, it resumes after epoch 1 and ends at the reference's weights."""
-    train_py = str(ROOT / "pipelines" / "train.py")
-    result, _ = torchrun(workspace(tmp_path / "reference", empty_store), train_py, "gan", timeout=300)
+    result, _ = torchrun(workspace(tmp_path / "reference", empty_store), "mnistgen.stages.train", "gan", timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "gan epoch 2/2" in result.stdout and result.stdout.count("gan epoch 1/2") == 1  # rank 0 alone prints
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'reference'}/mlflow.db")
@@ -199,7 +198,7 @@ def test_torchrun_stage_fails_at_once_when_a_rank_dies_and_then_resumes(tmp_path
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["world_size"] == "2"  # rank 0 alone logs
 
     work = workspace(tmp_path / "interrupted", empty_store)
-    result, seconds = torchrun(work, str(ROOT / "tests" / "ddp_die.py"), "gan", timeout=300, DIE_RANK="1", DIE_STEP="10")
+    result, seconds = torchrun(work, "ddp_die", "gan", timeout=300, DIE_RANK="1", DIE_STEP="10")
     print(f"died after {seconds:.1f} s:", result.stderr[-3000:])
     assert result.returncode != 0 and seconds < 120
     assert "RuntimeError" not in result.stderr  # rank 0, if it sees the loss before torchrun stops it, says so in one line
@@ -207,7 +206,7 @@ def test_torchrun_stage_fails_at_once_when_a_rank_dies_and_then_resumes(tmp_path
     assert "rank: 1" in result.stderr and "exitcode: 3" in result.stderr  # torchrun's summary names the dead rank
     assert not (work / "models" / "gan").exists()
 
-    result, _ = torchrun(work, train_py, "gan", timeout=300)
+    result, _ = torchrun(work, "mnistgen.stages.train", "gan", timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resumed from checkpoints/gan/last.pt after epoch 1" in result.stdout
     reference = torch.load(tmp_path / "reference" / "models" / "gan" / "weights.pt", weights_only=True)
@@ -220,9 +219,7 @@ def test_torchrun_stage_fails_at_once_when_a_rank_dies_and_then_resumes(tmp_path
 def test_a_hung_rank_fails_the_run_after_the_timeout(tmp_path, empty_store):
     """Rank 1 stops in epoch 2 without exiting: rank 0's next all-reduce gives up after dist_timeout_s."""
     work = workspace(tmp_path / "hung", empty_store, dist_timeout_s=10)
-    result, seconds = torchrun(
-        work, str(ROOT / "tests" / "ddp_die.py"), "gan", timeout=300, DIE_RANK="1", DIE_STEP="10", HANG="1"
-    )
+    result, seconds = torchrun(work, "ddp_die", "gan", timeout=300, DIE_RANK="1", DIE_STEP="10", HANG="1")
     print(f"failed after {seconds:.1f} s:", result.stderr[-3000:])
     assert result.returncode != 0 and seconds < 120
     assert "error: rank 0 of 2: lost the other processes of the run" in result.stderr

@@ -8,17 +8,17 @@ import time
 
 import pytest
 import torch
-from helpers import load_script, tiny_model_params, write_params, write_prepared
+from helpers import tiny_model_params, write_params, write_prepared
 
-smoke_pipeline = load_script("scripts/smoke_pipeline.py")
+from mnistgen import smoke as smoke_pipeline
+
 pytestmark = [pytest.mark.slow, pytest.mark.drill]
 
 
 def workspace(path):
     smoke_pipeline.make_workspace(path, None)
     write_prepared(path / "data" / "prepared", n_train=2048, n_val=128)
-    (path / "data" / "validation").mkdir(parents=True)
-    (path / "data" / "validation" / "result.json").write_text("{}")
+    (path / "data" / "validated.json").write_text("{}")  # what the validate stage writes when the data passes
     run = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "drill", "sample_every": 10, "dist_timeout_s": 60}
     write_params(
         path,

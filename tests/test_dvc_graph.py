@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, load_script
+from helpers import ROOT
 
+from mnistgen import smoke
 from mnistgen.config import model_names
 
 # Files a stage reads as code without importing them: the logged model's own code.
 READ_AS_FILES = {"train": {"src/mnistgen/pyfunc_model.py"}}
 PROBE = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("stage", sys.argv[1])
-spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import importlib, sys
+importlib.import_module(sys.argv[1])
 print("\\n".join(sorted(m.__file__ for name, m in sys.modules.items() if name.split(".")[0] == "mnistgen")))
 """
 
@@ -39,10 +39,8 @@ def code_deps(stage: dict) -> set[str]:
     return out
 
 
-def imported(script: str) -> set[str]:
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(ROOT / script)], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
+def imported(module: str) -> set[str]:
+    result = subprocess.run([sys.executable, "-c", PROBE, module], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     return {str(Path(f).resolve().relative_to(ROOT)) for f in result.stdout.split()}
 
@@ -50,9 +48,10 @@ def imported(script: str) -> set[str]:
 @pytest.mark.parametrize("name", list(stages()))
 def test_each_stage_depends_on_exactly_the_modules_it_imports(name):
     stage = stages()[name]
-    script = re.search(r"python (pipelines/\S+\.py)", stage["cmd"]).group(1)
-    assert script in stage["deps"], f"{name}: its script {script} is not a dep"
-    assert code_deps(stage) == imported(script) | READ_AS_FILES.get(name, set())
+    module = re.search(r"python -m (mnistgen\.stages\.\w+)", stage["cmd"]).group(1)
+    script = "src/" + module.replace(".", "/") + ".py"
+    assert script in stage["deps"], f"{name}: its module {script} is not a dep"
+    assert code_deps(stage) == imported(module) | READ_AS_FILES.get(name, set())
 
 
 @pytest.mark.parametrize("name", list(stages()))
@@ -64,9 +63,9 @@ def test_every_path_a_stage_uses_is_on_its_command_line(name):
     }
     for flag, path in re.findall(r"(--[\w-]+) (\S+)", stage["cmd"]):
         assert path in declared or any(d.startswith(path.rstrip("/") + "/") for d in declared), (name, flag, path)
-    script = re.search(r"python (pipelines/\S+\.py)", stage["cmd"]).group(1)
+    script = "src/" + re.search(r"python -m (mnistgen\.stages\.\w+)", stage["cmd"]).group(1).replace(".", "/") + ".py"
     source = (ROOT / script).read_text()
-    for literal in ("data/prepared", "data/validation", "models/evaluator", '"metrics', '"reports'):
+    for literal in ("data/prepared", "data/validat", "models/evaluator", '"metrics', '"reports'):
         assert literal not in source.split('"""', 2)[-1], f"{script} hard-codes {literal}"
 
 
@@ -75,7 +74,7 @@ def committed_workspace(tmp_path_factory):
     """A scratch copy of the repo whose dvc.lock matches its files: every output stands in as a placeholder."""
     from dvc.repo import Repo
 
-    work = load_script("scripts/smoke_pipeline.py").make_workspace(tmp_path_factory.mktemp("graph"), None)
+    work = smoke.make_workspace(tmp_path_factory.mktemp("graph"), None)
     for stage in Repo(str(work)).index.stages:
         for out in stage.outs:
             path = Path(out.fs_path)

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import ROOT, load_script
+from helpers import ROOT
 
+from mnistgen import smoke as smoke_pipeline
 from mnistgen.config import model_names
 from mnistgen.models import FAMILIES, load_model_params
 
-smoke_pipeline = load_script("scripts/smoke_pipeline.py")
 MODELS = model_names(ROOT / "params.yaml")
 CONDITIONAL = [m for m in MODELS if FAMILIES[load_model_params(m, ROOT / "params.yaml").family].conditional]
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -61,12 +61,10 @@ def _run_stages(work: Path, db_uri: str) -> None:
         models={m: tiny_model_params(m) for m in TRAINED},
         **tiny_evaluation_sections(),
     )
-    stages = [
-        ["pipelines/train.py", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED
-    ]
+    stages = [["train", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED]
     stages.append(
         [
-            "pipelines/train_evaluator.py",
+            "train_evaluator",
             "--data",
             "data/prepared",
             "--out",
@@ -77,7 +75,7 @@ def _run_stages(work: Path, db_uri: str) -> None:
     )
     stages.append(
         [
-            "pipelines/evaluate.py",
+            "evaluate",
             EVALUATED,
             "--data",
             "data/prepared",
@@ -92,11 +90,16 @@ def _run_stages(work: Path, db_uri: str) -> None:
         ]
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": db_uri}
-    for script, *args in stages:
+    for stage, *args in stages:
         result = subprocess.run(
-            [sys.executable, str(ROOT / script), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-m", f"mnistgen.stages.{stage}", *args],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
-        assert result.returncode == 0, f"{script} {' '.join(args)} failed:\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, f"{stage} {' '.join(args)} failed:\n{result.stderr[-3000:]}"
 
 
 class _Page(HTMLParser):

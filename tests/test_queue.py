@@ -8,9 +8,10 @@ import time
 
 import pytest
 import yaml
-from helpers import ROOT, load_script
+from helpers import ROOT
 
-smoke_pipeline = load_script("scripts/smoke_pipeline.py")
+from mnistgen import smoke as smoke_pipeline
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 LEARNING_RATES = (
     "0.001",

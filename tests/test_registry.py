@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import clear_registry, use_team_account
-from helpers import ROOT, load_script, post_invocation, served_model, tiny, tiny_model_params, write_params
+from helpers import post_invocation, served_model, tiny, tiny_model_params, write_params
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -48,7 +48,7 @@ GATE = {  # the tests' own gate, independent of the repo's floors
     for name in GOOD
 }
 PROMOTE_ARGS = ["--metrics", "metrics", "--models", "models", "--out", "reports"]
-promote_stage = load_script("pipelines/promote.py")
+promote_stage = importlib.import_module("mnistgen.stages.promote")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("team", marks=[pytest.mark.team, pytest.mark.slow])])
@@ -243,7 +243,7 @@ def test_candidate_under_a_floor_exits_1_and_moves_nothing(workspace):
     before = champion_of("wgan")
     candidate("wgan", fid_cls=500.0, classes_present=3)
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "promote.py"), *PROMOTE_ARGS],
+        [sys.executable, "-m", "mnistgen.stages.promote", *PROMOTE_ARGS],
         cwd=workspace,
         env=os.environ,
         capture_output=True,

@@ -83,7 +83,8 @@ def test_wrong_password_stops_train_before_it_starts(team, tmp_path, monkeypatch
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "pipelines" / "train.py"),
+            "-m",
+            "mnistgen.stages.train",
             "vae",
             "--data",
             "data/prepared",

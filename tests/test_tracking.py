@@ -1,6 +1,7 @@
 """The MLflow side against real SQLite stores in temp folders: the train stage's run, the logged
 pyfunc model, the Run context manager, big batches, tracking off and the experiment kind tag."""
 
+import importlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, load_script, tiny_model_params, write_params, write_prepared
+from helpers import ROOT, tiny_model_params, write_params, write_prepared
 from mlflow import MlflowClient
 
 from mnistgen import tracking
@@ -38,7 +39,7 @@ def trained(tmp_path_factory, empty_store):
     write_params(work, train=RUN_SECTION, models={"vae": tiny_model_params("vae", epochs=2)})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("vae")],
+        [sys.executable, "-m", "mnistgen.stages.train", *train_args("vae")],
         cwd=work,
         env=env,
         capture_output=True,
@@ -111,7 +112,7 @@ def test_unreachable_tracking_store_fails_before_training(tmp_path):
     write_params(tmp_path, models={"ae": tiny_model_params("ae")})
     env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:////nonexistent/folder/mlflow.db"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "train.py"), *train_args("ae")],
+        [sys.executable, "-m", "mnistgen.stages.train", *train_args("ae")],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -150,7 +151,7 @@ def test_failing_training_marks_the_run_failed(store, monkeypatch):
     write_prepared(Path("data/prepared"), n_train=64, n_val=32, n_test=32)
     # deterministic off: in-process, it would switch torch's deterministic mode on for every later test
     write_params(Path.cwd(), train={**RUN_SECTION, "deterministic": False}, models={"ae": tiny_model_params("ae")})
-    stage = load_script("pipelines/train.py")
+    stage = importlib.import_module("mnistgen.stages.train")
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected training failure")

@@ -1,4 +1,4 @@
-"""Data validation (mnistgen.validation + pipelines/validate.py) on small synthetic splits.
+"""Data validation (mnistgen.validation + mnistgen.stages.validate) on small synthetic splits.
 
 Great Expectations is imported once (by the first `validate` call, in a module-scoped
 fixture); every later call only builds a new ephemeral context. The markdown report is
@@ -7,7 +7,7 @@ checked cell by cell (`md_rows`), not by its column padding.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -279,10 +279,7 @@ def test_duplicates_counted_from_image_content():
 
 
 def _load_stage():
-    spec = importlib.util.spec_from_file_location("validate_stage", ROOT / "pipelines" / "validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mnistgen.stages.validate")
 
 
 def _write_prepared(root: Path, splits: dict[str, data.Split], sizes: dict[str, int]) -> None:

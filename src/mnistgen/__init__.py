@@ -1,1 +1,1 @@
-"""mnistgen: AE, VAE, GAN and WGAN-GP on MNIST; the library behind the DVC stages in pipelines/."""
+"""mnistgen: AE, VAE, GAN and WGAN-GP on MNIST; the library behind the DVC stages (mnistgen.stages)."""

@@ -1,6 +1,6 @@
 """`mnistgen`: the one command for everything a user starts by hand.
 
-The pipeline itself runs through DVC (`dvc repro`), whose stages call pipelines/*.py; the
+The pipeline itself runs through DVC (`dvc repro`), whose stages are the modules of mnistgen.stages; the
 MLproject entry points call `dvc repro` too. Everything else starts here:
 
     mnistgen team up|down|status|env|dvc-remote|drills   team mode (PostgreSQL, Swift S3, mlflow server)
@@ -11,8 +11,8 @@ MLproject entry points call `dvc repro` too. Everything else starts here:
     mnistgen bench NAME [ARGS ...]                       a benchmark of benchmarks/ (train, ddp, clock, elbo, gpu)
     mnistgen paper [ARGS ...]                            the paper-grade run without dvc or mlflow
 
-`smoke`, `bench` and `paper` run scripts of the repository this package is installed from
-(pip install -e .), since they drive its dvc.yaml, params files and data.
+`smoke`, `bench` and `paper` need the repository this package is installed from (pip install -e .):
+they drive its dvc.yaml, params files and benchmark scripts.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import profiles, sweep
+from . import paper, profiles, smoke, sweep
 from .team import __main__ as team_main
 from .team import drills
 
@@ -85,11 +85,11 @@ COMMANDS = {
     "sweep": sweep.main,
     "profile": profiles.main,
     "serve": serve,
-    "smoke": lambda argv: repo_script("scripts/smoke_pipeline.py", argv),
+    "smoke": smoke.main,
     "bench": lambda argv: (
         repo_script(f"benchmarks/{BENCHMARKS[argv[0]]}", argv[1:]) if argv[:1] and argv[0] in BENCHMARKS else bench_usage()
     ),
-    "paper": lambda argv: repo_script("benchmarks/paper_run.py", argv),
+    "paper": paper.main,
 }
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel training for the one harness: `torchrun --nproc_per_node N pipelines/train.py <model>`.
+"""Data-parallel training for the one harness: `torchrun --nproc_per_node N -m mnistgen.stages.train <model>`.
 
 Every rank holds the whole training set and draws the same per-epoch permutation, so all
 ranks see the same global batches, the ones a single process sees; rank r trains on the r-th
@@ -18,7 +18,7 @@ on that global batch, to float rounding:
 - batch norm: statistics over the global batch (torch's SyncBatchNorm on CUDA; on CPU, where
   it refuses to run, `GlobalBatchNorm`, which all-reduces its sums differentiably).
 
-Without a process group (a plain `python pipelines/train.py`) every helper here is the identity.
+Without a process group (a plain `python -m mnistgen.stages.train`) every helper here is the identity.
 """
 
 from __future__ import annotations

@@ -89,7 +89,8 @@ def train(folder: Path, model: str, env: dict, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
         [
             sys.executable,
-            str(ROOT / "pipelines" / "train.py"),
+            "-m",
+            "mnistgen.stages.train",
             model,
             "--data",
             "data/prepared",
@@ -249,7 +250,8 @@ def drill_store_down(s: stack.Settings) -> dict:
         promoted = subprocess.run(
             [
                 sys.executable,
-                str(ROOT / "pipelines" / "promote.py"),
+                "-m",
+                "mnistgen.stages.promote",
                 "--metrics",
                 "metrics",
                 "--models",

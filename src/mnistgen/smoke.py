@@ -4,7 +4,7 @@ CI's smoke run and the end-to-end test both use this. The copy gets its own git 
 MLflow store (sqlite:///mlflow.db inside the copy) and params.yaml with params-smoke.yaml
 applied (comments kept). A gate regression (promote exits 1) fails `dvc repro`, and so this script.
 
-Usage: [MNIST_MIRROR=../shared/mnist] python scripts/smoke_pipeline.py [--workdir DIR] [--overrides FILE] [--keep-tracking-uri]
+Usage: [MNIST_MIRROR=../shared/mnist] mnistgen smoke [--workdir DIR] [--overrides FILE] [--keep-tracking-uri]
 
 With --keep-tracking-uri the stages track and register on MLFLOW_TRACKING_URI (the team server;
 credentials from MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the copy's embedded store.
@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mnistgen.profiles import apply_profile
+from .profiles import apply_profile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository of an editable install
 OUTPUTS = (
     "dvc.lock",
     "metrics/",
@@ -70,8 +70,10 @@ def dvc(*args: str, cwd: Path, capture: bool = False, keep_tracking_uri: bool = 
     return subprocess.run([str(exe), *args], cwd=cwd, env=env, text=True, capture_output=capture)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mnistgen smoke", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--overrides", type=Path, default=ROOT / "params-smoke.yaml")
     parser.add_argument(
@@ -80,7 +82,7 @@ def main() -> int:
         help="track and register on MLFLOW_TRACKING_URI (a team server; with MLFLOW_TRACKING_USERNAME/PASSWORD) "
         "instead of the workspace's own embedded store",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.keep_tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
         parser.error("--keep-tracking-uri needs MLFLOW_TRACKING_URI")
     workdir = make_workspace(args.workdir or Path(tempfile.mkdtemp(prefix="mnistgen-smoke-")), args.overrides)

@@ -1,7 +1,7 @@
 """Stage evaluate@<model>: every metric of the protocol for one model, in both evaluator feature
 spaces, its figures, and the same numbers logged into the model's MLflow training run.
 
-Usage: python pipelines/evaluate.py <model> --data data/prepared --evaluator models/evaluator
+Usage: python -m mnistgen.stages.evaluate <model> --data data/prepared --evaluator models/evaluator
        --model-dir models/<model> --figures evaluation/<model> --metrics metrics/<model>.json   (paths from dvc.yaml)
 """
 
@@ -14,11 +14,11 @@ import torch
 
 from mnistgen import data, evaluation, evaluators, tracking
 from mnistgen.config import EvaluateParams, load_section
-from mnistgen.models import build_model, model_params
+from mnistgen.models import GenerativeModel, build_model, model_params
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
 
 
-def load_trained(folder: Path, device) -> torch.nn.Module:
+def load_trained(folder: Path, device: torch.device) -> GenerativeModel:
     try:
         params = model_params(json.loads((folder / "config.json").read_text()), f"{folder}/config.json")
         model = build_model(params)
@@ -52,7 +52,7 @@ def main() -> None:
 
     with atomic_dir(args.figures) as figures_dir:
         job = evaluation.Evaluation(model, classifiers, refs, params, figures_dir)
-        results = job.run(test_x, test_y, val_x, val_y)
+        results: dict[str, float | str] = dict(job.run(test_x, test_y, val_x, val_y))
         hashes = {f"evaluator_hash{suffix}": ref.evaluator_hash for suffix, ref in refs.items()}
         results.update(hashes)
         write_json(args.metrics, {k: results[k] for k in sorted(results)})  # no timings: the report and promote depend on it

@@ -1,11 +1,11 @@
 """Stage train@<model>: train one model with the shared harness, log it to MLflow, write its folder.
 
-Usage: python pipelines/train.py <model> --data data/prepared --out models/<model> --curves curves/<model>
+Usage: python -m mnistgen.stages.train <model> --data data/prepared --out models/<model> --curves curves/<model>
 (paths come from dvc.yaml). Reads params sections `train` (shared run settings) and `models.<model>`.
 Writes weights.pt, config.json, run.json and samples.png to --out, and one CSV per training curve
 (epoch, train, val) plus curves.png to --curves, which `dvc plots show` draws.
 
-Data-parallel: `torchrun --standalone --nproc_per_node N pipelines/train.py <model> ...` trains on N
+Data-parallel: `torchrun --standalone --nproc_per_node N -m mnistgen.stages.train <model> ...` trains on N
 processes (gloo on CPU, NCCL on CUDA), each on its slice of every global batch; rank 0 alone logs to MLflow and writes the outputs and checkpoints (mnistgen.distributed).
 """
 

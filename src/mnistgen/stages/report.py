@@ -5,7 +5,7 @@ evaluator's training-image reference features against its test features with the
 protocol as a model's samples (bands included), and measures the sharpness of the reference
 test digits (the first `evaluate.num_real` test images).
 
-Usage: python pipelines/report.py --metrics metrics --figures evaluation --curves curves
+Usage: python -m mnistgen.stages.report --metrics metrics --figures evaluation --curves curves
        --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
 """
 

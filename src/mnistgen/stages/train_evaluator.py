@@ -7,13 +7,14 @@ the report; spaces.json names the files, architectures and checkpoint hashes) an
 (test accuracies and checkpoint hashes; no timings, which would change the file on every run). Reads params `evaluator`, `evaluator2`, and
 of `evaluate` only the keys that choose the reference images (`seed`, `num_real`).
 
-Usage: python pipelines/train_evaluator.py --data data/prepared --out models/evaluator --metrics metrics/evaluator.json
+Usage: python -m mnistgen.stages.train_evaluator --data data/prepared --out models/evaluator --metrics metrics/evaluator.json
 """
 
 import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,7 +53,8 @@ def main() -> None:
             )
         trained[suffix] = (model, test_accuracy, seconds)
 
-    summary, spaces = {}, []
+    summary: dict[str, float | str] = {}
+    spaces: list[dict[str, Any]] = []
     with atomic_dir(args.out) as tmp:
         for space in FEATURE_SPACES:
             suffix, section, file_suffix = space.suffix, space.section, space.files

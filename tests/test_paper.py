@@ -1,4 +1,4 @@
-"""benchmarks/paper_run.py: dvc.yaml's stages without dvc or mlflow, as the paper-grade run on a bare GPU box needs."""
+"""mnistgen.paper: dvc.yaml's stages without dvc or mlflow, as the paper-grade run on a bare GPU box needs."""
 
 import json
 import os
@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import paper_run
-
+from mnistgen import paper as paper_run
 from mnistgen.config import model_names
 
 # A real-MNIST subset and one epoch each: the stages run for real, in under a minute on 2 cores.
@@ -74,7 +72,8 @@ def run_paper(tmp_path: Path, profile: dict, deadline: float = 600) -> tuple[sub
     result = subprocess.run(
         [
             sys.executable,
-            "benchmarks/paper_run.py",
+            "-m",
+            "mnistgen.paper",
             "--profile",
             str(tmp_path / "profile.yaml"),
             "--work",
@@ -91,7 +90,7 @@ def run_paper(tmp_path: Path, profile: dict, deadline: float = 600) -> tuple[sub
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PYTHONPATH": str(blocked)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT / "src")])},
     )
     return result, work, out
 

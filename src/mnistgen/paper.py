@@ -1,13 +1,15 @@
 """The paper-grade run: every stage of dvc.yaml, in its order, on params.yaml + a profile, without dvc or mlflow.
 
-Made for the lent GPU box (torch, but neither dvc nor mlflow, nor great_expectations or pydantic:
-benchmarks/paper_wheels.sh fetches those two as wheels to carry), in one call:
+Made for a GPU box with torch but neither dvc nor mlflow, nor great_expectations or pydantic
+(benchmarks/paper_wheels.sh fetches those as wheels to carry), in one call from the repository:
 
-    MNIST_MIRROR=.gpu_mnist python benchmarks/paper_run.py --profile params-paper.yaml --out $OUT --deadline 540
+    MNIST_MIRROR=.gpu_mnist PYTHONPATH=src python -m mnistgen.paper --profile params-paper.yaml --out $OUT --deadline 540
+
+(`mnistgen paper ...` where the package is installed).
 
 How it stands in for `dvc repro`:
 - The commands are dvc.yaml's own, with `${paths.*}` and foreach's `${key}` filled in as DVC fills them
-  (tests/test_paper_run.py checks every one against DVC's resolved stages).
+  (tests/test_paper.py checks every one against DVC's resolved stages).
 - They run in a work folder (--work) whose params.yaml is the repo's with the profile merged in.
 - Tracking is off (MNISTGEN_TRACKING=off): the library runs with no MLflow.
 - The models' foreach stages run as one chain per model (train@m, then evaluate@m, as dvc.yaml's deps
@@ -40,12 +42,11 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # the box has no installed mnistgen: the repo's own, imported below
+from . import gate
+from .config import GateParams, load_section, model_names
+from .profiles import merge
 
-from mnistgen import gate
-from mnistgen.config import GateParams, load_section, model_names
-from mnistgen.profiles import merge
+ROOT = Path(__file__).resolve().parents[2]  # the repository: its dvc.yaml, params and src/ (PYTHONPATH=src on a bare box)
 
 PACKED = ["paper_run.json", "params.yaml", "metrics", "reports", "evaluation", "curves", "logs"]
 
@@ -119,11 +120,8 @@ class Runner:
             self.env["MNIST_MIRROR"] = str(Path(self.env["MNIST_MIRROR"]).resolve())
 
     def argv(self, command: str) -> list[str]:
-        """The command's words, with `python` as this runner's interpreter (the box's `python` may be another one)
-        and the stage script's path made absolute (the stages run in the work folder, the scripts are the repo's)."""
-        return [
-            sys.executable if word == "python" else str(ROOT / word) if word.endswith(".py") else word for word in command.split()
-        ]
+        """The command's words, with `python` as this runner's interpreter (the box's `python` may be another one)."""
+        return [sys.executable if word == "python" else word for word in command.split()]
 
     def skip(self, stage: str, why: str) -> None:
         self.record({"stage": stage, "seconds": 0.0, "status": f"not run ({why})"})
@@ -197,7 +195,9 @@ def pack(work: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mnistgen paper", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--profile", type=Path, help="overrides merged onto params.yaml (e.g. params-paper.yaml)")
     parser.add_argument("--work", type=Path, default=ROOT / "artifacts" / "paper", help="folder the stages run in")
     parser.add_argument("--out", type=Path, help="pack the results into OUT/paper_run.tar.gz")

@@ -5,7 +5,7 @@ breaks a floor (a regression: CI fails; nothing is registered, no alias moves); 
 error such as an unreachable registry (the registry is left as it was).
 Writes promotion.json and promotion.md either way.
 
-Usage: python pipelines/promote.py --metrics metrics --models models --out reports   (paths from dvc.yaml)
+Usage: python -m mnistgen.stages.promote --metrics metrics --models models --out reports   (paths from dvc.yaml)
 """
 
 import argparse

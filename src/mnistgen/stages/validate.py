@@ -8,7 +8,7 @@ later stages depend on. The report holds the thresholds, Great Expectations' ids
 seconds taken, so it changes on every run; the passed record changes only with the data, and
 a threshold edited so that the data still passes retrains nothing.
 
-Usage: python pipelines/validate.py --data data/prepared --out data/validation --passed data/validated.json
+Usage: python -m mnistgen.stages.validate --data data/prepared --out data/validation --passed data/validated.json
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Stage prepare: fetch the four MNIST files (MNIST_MIRROR or the official mirrors), verify
 their MD5, parse IDX, carve a seeded validation split, write the prepared splits atomically.
 
-Usage: python pipelines/prepare.py --out data/prepared   (paths come from dvc.yaml)
+Usage: python -m mnistgen.stages.prepare --out data/prepared   (paths come from dvc.yaml)
 """
 
 import argparse
