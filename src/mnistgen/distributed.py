@@ -197,6 +197,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     @torch.no_grad()
     def _track(self, mean, var):
+        assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
         self.running_mean.lerp_(mean, momentum)

@@ -26,6 +26,7 @@ class CVAEParams(VAEParams):
 class CVAE(VAE):
     family = "cvae"
     Params = CVAEParams  # type: ignore[assignment]  # its own params class
+    params: CVAEParams
     conditional = True
     gaussian_latent = False  # the prior is ten Gaussians around the class means, not one N(0, I) at the origin
 

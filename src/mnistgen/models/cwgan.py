@@ -61,6 +61,7 @@ class CWGAN(WGAN):
 
     family = "cwgan"
     Params = CWGANParams  # type: ignore[assignment]  # its own params class
+    params: CWGANParams
     conditional = True
 
     def __init__(self, params):

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
+from torch import nn
 from torch.nn import functional as F
 
 from ..config import ModelParams
@@ -28,11 +29,12 @@ def critic_sized(params: GANParams) -> GANParams:
 class GAN(GenerativeModel):
     family = "gan"
     Params = GANParams
+    params: GANParams
     n_critic = 1  # critic steps per generator step
 
     def __init__(self, params):
         super().__init__(params)
-        self.generator = nets.decoder(params, norm=True)
+        self.generator: nn.Module = nets.decoder(params, norm=True)
         self.critic = self.make_critic(params)
 
     @staticmethod

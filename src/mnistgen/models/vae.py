@@ -39,6 +39,7 @@ class VAEParams(ModelParams):
 class VAE(GenerativeModel):
     family = "vae"
     Params = VAEParams
+    params: VAEParams
     has_encoder = True
 
     def __init__(self, params):

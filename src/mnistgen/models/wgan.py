@@ -78,10 +78,11 @@ class WGANParams(GANParams):
 class WGAN(GAN):
     family = "wgan"
     Params = WGANParams  # type: ignore[assignment]  # its own params class
+    params: WGANParams
 
     @property
     def n_critic(self) -> int:  # type: ignore[override]  # the params' value, not a class constant
-        return self.params.n_critic  # type: ignore[attr-defined]  # WGANParams
+        return self.params.n_critic
 
     @staticmethod
     def make_critic(params):
