@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,20 +39,12 @@ BENCHMARKS = {
 
 
 def repo_script(relative: str, argv: list[str]) -> int:
-    """Run a script of the repository as `python <script> argv...` would, in this process."""
+    """`python <script> argv...` for a script of the repository; its exit status."""
     script = REPO / relative
     if not script.exists():
-        print(
-            f"error: {script} not found: `mnistgen {argv[0] if argv else ''}` needs the repository (pip install -e .)",
-            file=sys.stderr,
-        )
+        print(f"error: {script} not found: this command needs the repository (pip install -e .)", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *argv]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    return 0
+    return subprocess.call([sys.executable, str(script), *argv])
 
 
 def serve(argv: list[str]) -> int:
