@@ -42,7 +42,6 @@ Needs only torch, torchvision (for the baseline's to_tensor), numpy, PyYAML, pyd
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -76,12 +75,14 @@ VARIANTS = {  # name -> (compile, channels_last)
 # ---------------------------------------------------------------------------- baseline
 
 
-class LoaderBaseline(training.Stepper):
+class LoaderBaseline(Harness):
     """A tutorial's loop, deliberately not the harness's batches: DataLoader(per-sample Dataset, shuffle=True),
     each batch moved to the device, then the same step (training.Stepper.run), at a constant learning rate."""
 
     def __init__(self, model, optimizers, split: data.Split, device: torch.device, seed: int, use_autocast: bool, workers: int):
-        super().__init__(
+        # The Stepper's own batches are never drawn (next_batch below): a single batch stands in for its images.
+        training.Stepper.__init__(
+            self,
             model,
             data.to_float(split.images[: model.params.batch_size], device),
             optimizers,
@@ -106,13 +107,6 @@ class LoaderBaseline(training.Stepper):
             self.batches = iter(self.loader)
             x, labels = next(self.batches)
         return x.to(self.device), labels.to(self.device) if self.model.conditional else None
-
-    @property
-    def images_seen(self) -> int:
-        return self.global_step * self.batch_size
-
-    def finite(self) -> bool:
-        return all(math.isfinite(v.item()) for v in self.take_means().values())
 
 
 # ---------------------------------------------------------------------------- main

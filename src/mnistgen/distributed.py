@@ -124,15 +124,6 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / world_size()
 
 
-def gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """The ranks' t concatenated in rank order (t itself with one process)."""
-    if world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def broadcast_state(model: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (they are equal already when all seed alike;
     this makes it so whatever built them)."""
