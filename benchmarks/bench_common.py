@@ -86,21 +86,6 @@ def sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------- models
 
 
-def compile_in_place(model: torch.nn.Module) -> list[str]:
-    """torch.compile each direct submodule in place (nn.Module.compile), except a WGAN critic.
-
-    The WGAN critic is differentiated twice (gradient penalty with create_graph=True), which
-    compiled graphs do not support, so it always stays eager. Returns the compiled names.
-    """
-    names = []
-    for name, child in model.named_children():
-        if model.family == "wgan" and name == "critic":
-            continue
-        child.compile()
-        names.append(name)
-    return names
-
-
 def prepare_model(params: config.ModelParams, device: torch.device, seed: int, compile_: bool, channels_last: bool):
     """A freshly seeded model on `device` in train mode, its optimizers, and the names of its compiled submodules."""
     seed_everything(seed)
@@ -109,7 +94,7 @@ def prepare_model(params: config.ModelParams, device: torch.device, seed: int, c
         model = model.to(memory_format=torch.channels_last)
     if compile_:
         torch._dynamo.reset()  # a fresh cache: all compiled modules share Module._call_impl's recompile limit
-    compiled = compile_in_place(model) if compile_ else []
+    compiled = training.compile_in_place(model) if compile_ else []
     model.train()
     return model, model.make_optimizers(), compiled
 

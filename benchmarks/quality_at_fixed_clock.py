@@ -1,5 +1,6 @@
 """Quality per CPU second: train each model for a fixed number of seconds, then score it with the evaluation
-the pipeline runs (both feature spaces, bootstrap bands), so settings are compared at equal training time.
+the pipeline runs (both feature spaces, bootstrap bands) on the validation split, so settings are compared at
+equal training time. A benchmark chooses settings, so it never reads the test split: that is the report's.
 
     python benchmarks/quality_at_fixed_clock.py --models wgan gan --seconds 86 \
         --set models.wgan.ema_decay=0.999 --label ema --out artifacts/bench.json
@@ -9,7 +10,7 @@ Each model's epochs are chosen to fill `--seconds` of training on this machine: 
 the training really took are printed beside the metrics. With `--seconds 0` the params' own epochs are used.
 `--raw-too` also scores the raw weights of a run with `ema_decay` > 0 (the same run, the weights before the
 moving average replaces them), so the two are compared on the same training. Needs the DVC outputs
-data/prepared and models/evaluator (`dvc repro train_evaluator`). Time only on an idle machine.
+data/prepared and models/evaluator (`dvc repro reference`). Time only on an idle machine.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from bench_common import (
     timed,
 )
 
-from mnistgen import data, evaluation, evaluators, profiles, training
+from mnistgen import data, evaluation, profiles, training
 from mnistgen.config import EvaluateParams, ParamsError, section
 from mnistgen.models import build_model
 from mnistgen.utils import memory_format, seed_everything
@@ -80,9 +80,9 @@ def epochs_for(params, train_x, device, seed: int, seconds: float, steps: int = 
     return max(1, round(seconds / epoch_seconds))
 
 
-def score(model, spaces, refs, p: EvaluateParams, test, val) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as figures:
-        return evaluation.Evaluation(model, spaces, refs, p, Path(figures)).run(*test, *val)
+def score(model, evaluator: Path, prepared: Path, p: EvaluateParams, device) -> dict[str, float]:
+    """The evaluate stage's measurement on the validation split only."""
+    return evaluation.measure(model, evaluator, prepared, p, device, splits=("val",))[0]["val"]
 
 
 def main() -> None:
@@ -102,12 +102,9 @@ def main() -> None:
     all_params = apply_sets(load_params(args.profile), args.sets)
     p = EvaluateParams(**section(all_params, "evaluate"))
 
-    train, test, val = (data.load_split(args.data, s) for s in ("train", "test", "val"))
+    train, val = (data.load_split(args.data, s) for s in ("train", "val"))
     train_x, train_y = data.to_float(train.images, device), train.labels.to(device)
-    test_xy = (data.to_float(test.images, device), test.labels.to(device))
     val_xy = (data.to_float(val.images, device), val.labels.to(device))
-    spaces = evaluators.load_classifiers(args.evaluator, device)
-    refs = evaluation.load_references(args.evaluator, device)
 
     for name in args.models:
         params = family_params(all_params, name)
@@ -115,31 +112,24 @@ def main() -> None:
             params = params.model_copy(update={"epochs": epochs_for(params, train_x, device, args.seed, args.seconds)})
         seed_everything(args.seed)
         model = build_model(params).to(device)
-        raw = {}
-
-        def keep_raw(
-            epoch, metrics, model, last=params.epochs, raw=raw
-        ):  # the last epoch's raw weights, before the average replaces them
-            if epoch == last:
-                raw.update({k: v.clone() for k, v in model.averaged().state_dict().items()})
-
+        raw: dict = {}  # the last raw weights, before the moving average replaces them
         started = time.perf_counter()
         training.train(
             model,
             train_x,
             val_xy[0],
             seed=args.seed,
-            on_epoch=keep_raw,
+            raw_weights=raw,
             progress=True,
             train_labels=train_y,
             val_labels=val_xy[1],
         )
         seconds = time.perf_counter() - started
-        rows = [(args.label, score(model, spaces, refs, p, test_xy, val_xy))]
+        rows = [(args.label, score(model, args.evaluator, args.data, p, device))]
         if args.raw_too and params.ema_decay > 0:
             model.averaged().load_state_dict(raw)
             model.fit_prior(train_x)
-            rows.append((f"{args.label} (raw weights)", score(model, spaces, refs, p, test_xy, val_xy)))
+            rows.append((f"{args.label} (raw weights)", score(model, args.evaluator, args.data, p, device)))
         for label, metrics in rows:
             shown = "  ".join(
                 f"{title} {metrics[k]:.3f} [{metrics.get(k + '_lo', float('nan')):.3f}, {metrics.get(k + '_hi', float('nan')):.3f}]"

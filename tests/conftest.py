@@ -1,7 +1,10 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_PINNED, pin_tiny_evaluators, tiny_evaluation_sections, write_params, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -115,3 +118,23 @@ def clear_registry(settings) -> None:
 def use_team_account(monkeypatch, settings, user: str = "ci") -> None:
     for key, value in settings.client_env(user).items():
         monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    """Synthetic digits, tiny pinned evaluators and their references made by the reference stage itself: what every
+    test's workspace copies, so candidates are measured for real (evaluation.measure) in seconds."""
+    work = tmp_path_factory.mktemp("world")
+    write_prepared(work / "data" / "prepared", n_train=512, n_val=256, n_test=256)
+    write_params(work, **tiny_evaluation_sections())
+    pin_tiny_evaluators(work)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnistgen.stages.reference", "--data", "data/prepared", "--evaluators", TINY_PINNED]
+        + ["--out", "models/evaluator", "--metrics", "metrics/evaluator.json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work

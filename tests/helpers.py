@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,17 +45,42 @@ TINY_EVALUATE = {
     "iwae_images": 16,
     "bootstrap": 10,
 }
-TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "shift_pixels": 0, "min_test_accuracy": 0.0}
+TINY_EVALUATOR = {"epochs": 1, "batch_size": 64, "shift_pixels": 0, "min_val_accuracy": 0.0}
+TINY_PINNED = "evaluators/tiny"  # where pin_tiny_evaluators puts its version, relative to the workspace
 
 
 def tiny_evaluation_sections() -> dict:
-    """Sections evaluate, evaluator and evaluator2 of params.yaml with the TINY_* changes, for write_params."""
+    """Sections evaluate, evaluator and evaluator2 of params.yaml with the TINY_* changes, for write_params;
+    the evaluators are the ones pin_tiny_evaluators trains on the workspace's synthetic digits."""
     params = repo_params()
     return {
-        "evaluate": {**params["evaluate"], **TINY_EVALUATE},
+        "evaluate": {**params["evaluate"], **TINY_EVALUATE, "evaluators": TINY_PINNED},
         "evaluator": {**params["evaluator"], **TINY_EVALUATOR},
         "evaluator2": {**params["evaluator2"], **TINY_EVALUATOR},
     }
+
+
+def pin_tiny_evaluators(work: Path, prepared: str = "data/prepared") -> Path:
+    """A pinned evaluator version made as `mnistgen evaluator train` makes one, on the synthetic digits of
+    work/prepared with one-epoch recipes (the real ruler, evaluators/v1, reads real digits only)."""
+    from mnistgen import data, evaluators
+    from mnistgen.config import EvaluatorParams
+
+    folder = Path(work) / prepared
+    train, val = data.load_split(folder, "train"), data.load_split(folder, "val")
+    recipes = {s.section: EvaluatorParams(**{**repo_params()[s.section], **TINY_EVALUATOR}) for s in evaluators.FEATURE_SPACES}
+    out = Path(work) / TINY_PINNED
+    evaluators.train_pinned(
+        data.to_float(train.images),
+        train.labels,
+        data.to_float(val.images),
+        val.labels,
+        recipes,
+        out,
+        "tiny",
+        data.split_hashes(folder)["train"],
+    )
+    return out
 
 
 def tiny_model_params(family: str, **changes) -> dict:
@@ -190,3 +216,9 @@ def post_invocation(port: int, body: bytes | dict) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
+
+
+def enter_world(world: Path, folder: Path) -> None:
+    """The world's data, pinned evaluators and references, copied into a test's folder."""
+    for name in ("data", "evaluators", "models"):
+        shutil.copytree(world / name, folder / name)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_evaluation_sections, tiny_model_params, write_params, write_prepared
+from helpers import TINY_PINNED, pin_tiny_evaluators, tiny_evaluation_sections, tiny_model_params, write_params, write_prepared
 
 from mnistgen import data
 
@@ -95,17 +95,20 @@ def test_gpu_check_dry_run_on_cpu(prepared):
 
 @pytest.fixture(scope="module")
 def evaluated_world(tmp_path_factory):
-    """Synthetic digits and the evaluator folder the real train_evaluator stage makes of them (tiny classifiers)."""
+    """Synthetic digits and the evaluator folder the real reference stage makes of them (tiny pinned classifiers)."""
     work = tmp_path_factory.mktemp("clock")
     write_prepared(work / "data/prepared")
     write_params(work, **tiny_evaluation_sections())
+    pin_tiny_evaluators(work)
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "mnistgen.stages.train_evaluator",
+            "mnistgen.stages.reference",
             "--data",
             "data/prepared",
+            "--evaluators",
+            TINY_PINNED,
             "--out",
             "models/evaluator",
             "--metrics",
@@ -157,6 +160,7 @@ def test_quality_at_fixed_clock_fills_the_seconds_and_scores_both_spaces(evaluat
     for (model, label), row in rows.items():
         # 2 s of a tiny MLP is many epochs: the clock, not the profile's `epochs: 1`, chose them
         assert row["epochs"] > 1 and row["sets"] == ["models.gan.ema_decay=0.9"], row
+        assert row["split"] == "val", row  # a benchmark chooses settings: it is scored on validation, never on test
         for key in ("fid_cls", "fid_cls_e2", "precision", "precision_e2", "recall", "recall_e2"):
             assert math.isfinite(row[key]) and row[key + "_lo"] <= row[key] <= row[key + "_hi"], (key, row)
         assert re.search(

@@ -198,7 +198,8 @@ def synthetic(tmp_path_factory):
 @pytest.mark.parametrize("ignore_label, expected", [(False, 1.0), (True, 0.1)])
 def test_label_fidelity_of_a_perfect_and_of_a_label_ignoring_generator(synthetic, tmp_path, ignore_label, expected):
     templates, classifier, ref, params, test_y = synthetic
-    job = evaluation.Evaluation(MeanImageGenerator(templates, ignore_label), {"": classifier}, {"": ref}, params, tmp_path)
+    job = evaluation.Evaluation(MeanImageGenerator(templates, ignore_label), {"": classifier}, params)
+    job.prepare({"": ref}, tmp_path)
     job.conditional_samples(test_y)
     assert job.metrics["label_fidelity"] == pytest.approx(expected, abs=0.05)
     assert job.metrics["label_fidelity_stderr"] <= 0.015
@@ -213,9 +214,8 @@ def test_per_class_fid_is_lower_when_each_digit_looks_like_its_class(synthetic, 
     templates, classifier, ref, params, test_y = synthetic
     scores = {}
     for ignore in (False, True):
-        job = evaluation.Evaluation(
-            MeanImageGenerator(templates, ignore), {"": classifier}, {"": ref}, params, tmp_path / str(ignore)
-        )
+        job = evaluation.Evaluation(MeanImageGenerator(templates, ignore), {"": classifier}, params)
+        job.prepare({"": ref}, tmp_path / str(ignore))
         job.conditional_samples(test_y)
         scores[ignore] = job.metrics["fid_cls_per_class_mean"]
     assert scores[False] < 0.5 * scores[True]
@@ -319,6 +319,7 @@ def test_the_logged_conditional_model_takes_a_digit_through_mlflow(tmp_path):
     write_params(
         tmp_path,
         train={
+            "grade": "default",
             "seed": 0,
             "device": "cpu",
             "deterministic": True,

@@ -24,6 +24,7 @@ from mnistgen.utils import StageError, seed_everything
 WORLD = 2
 TOLERANCE = 1e-5  # max |weight difference| after 32 steps (3.6e-7 at most seen): float rounding differs, nothing else may
 RUN_SECTION = {
+    "grade": "default",
     "seed": 0,
     "device": "cpu",
     "deterministic": True,

@@ -19,7 +19,15 @@ def workspace(path):
     smoke_pipeline.make_workspace(path, None)
     write_prepared(path / "data" / "prepared", n_train=2048, n_val=128)
     (path / "data" / "validated.json").write_text("{}")  # what the validate stage writes when the data passes
-    run = {"seed": 0, "device": "cpu", "deterministic": True, "experiment": "drill", "sample_every": 10, "dist_timeout_s": 60}
+    run = {
+        "grade": "default",
+        "seed": 0,
+        "device": "cpu",
+        "deterministic": True,
+        "experiment": "drill",
+        "sample_every": 10,
+        "dist_timeout_s": 60,
+    }
     write_params(
         path,
         train=run,

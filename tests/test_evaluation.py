@@ -190,9 +190,8 @@ def test_binarize_seed_changes_the_binarisation_and_is_what_likelihood_uses(smal
     real_binarize = evaluation.binarize
     monkeypatch.setattr(evaluation, "binarize", lambda images, seed: seen.append(seed) or real_binarize(images, seed))
     vae, _ = small_vae
-    job = evaluation.Evaluation(
-        vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(binarize_seed=17, iwae_k=2), tmp_path
-    )
+    job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, _params(binarize_seed=17, iwae_k=2))
+    job.prepare({"": _fake_reference()}, tmp_path)
     job.likelihood(x, torch.arange(len(x)) % 10)
     assert seen == [17]
 
@@ -209,9 +208,8 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     monkeypatch.setattr(
         vae, "negative_elbo", lambda images, beta=1.0, y=None: seen["elbo"].append(images) or elbo(images, beta, y=y)
     )
-    job = evaluation.Evaluation(
-        vae, {"": _FakeClassifier()}, {"": _fake_reference()}, _params(iwae_images=150, iwae_k=2), tmp_path
-    )
+    job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, _params(iwae_images=150, iwae_k=2))
+    job.prepare({"": _fake_reference()}, tmp_path)
     job.likelihood(x, torch.arange(len(x)) % 10)
     iwae_images = torch.cat(seen["iwae"])
     elbo_binarised = torch.cat(seen["elbo"][len(seen["elbo"]) // 2 :])  # grey batches first, then the binarised ones
@@ -220,7 +218,7 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     idx = evaluation.likelihood_subset(300, 150, 3)
     assert len(set(idx.tolist())) == 150 and idx.max() >= 150  # a random subset, not the first 150
     assert torch.equal(evaluation.likelihood_subset(300, 0, 3), torch.arange(300))
-    assert job.metrics["likelihood_all_test_images"] == 0.0
+    assert job.metrics["likelihood_all_images"] == 0.0
 
 
 class _FakeClassifier(torch.nn.Module):
@@ -266,13 +264,8 @@ def test_interpolation_paths_start_from_the_held_out_images_and_have_bands(small
     encode = vae.encode
     vae.encode = lambda images: encoded.append(images) or encode(images)
     try:
-        job = evaluation.Evaluation(
-            vae,
-            {"": _FakeClassifier(), "_e2": _FakeClassifier()},
-            {"": _fake_reference(), "_e2": _fake_reference()},
-            _params(),
-            tmp_path,
-        )
+        job = evaluation.Evaluation(vae, {"": _FakeClassifier(), "_e2": _FakeClassifier()}, _params())
+        job.prepare({"": _fake_reference(), "_e2": _fake_reference()}, tmp_path)
         job.interpolation(val_x, val_y)
     finally:
         del vae.encode

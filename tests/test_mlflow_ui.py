@@ -1,6 +1,6 @@
 """The MLflow UI in a real headless Chromium, showing the runs the project's own stages log.
 
-Runs the real stage scripts on tiny synthetic data (train.py for a VAE and a GAN, train_evaluator.py,
+Runs the real stage scripts on tiny synthetic data (train.py for a VAE and a GAN, reference.py,
 evaluate.py for the VAE) into a temp SQLite store, starts `mlflow server` on it, and loads pages of
 the single-page app with `chromium --headless --dump-dom --screenshot` (the DOM only holds the
 tables after the app's JavaScript has fetched them, hence the virtual-time budget). It checks:
@@ -25,9 +25,11 @@ from pathlib import Path
 import pytest
 from helpers import (
     ROOT,
+    TINY_PINNED,
     chromium_binary,
     free_port,
     headless_chromium,
+    pin_tiny_evaluators,
     tiny_evaluation_sections,
     tiny_model_params,
     write_params,
@@ -37,7 +39,13 @@ from mlflow import MlflowClient
 
 EXPERIMENT = "mnist-generative"
 TRAINED = ("vae", "gan")  # two families with different params; the VAE is evaluated too
-EVALUATED = "vae"
+LOOSE_GATE = {  # tiny models on synthetic digits: a floor every one meets, so promote registers them
+    "primary": "fid_cls",
+    "higher_is_better": False,
+    "agree_in_both_spaces": True,
+    "training_noise": {"fid_cls": 0.05, "fid_cls_e2": 0.05},
+    "floors": [{"metric": "fid_cls", "max": 1e6}],
+}
 SAMPLE = "samples/samples_epoch_001.png"  # the fixed-noise grid train.py logs after epoch 1
 ARTIFACTS = ROOT / "artifacts"
 WINDOW = (1400, 900)
@@ -51,6 +59,7 @@ def _run_stages(work: Path, db_uri: str) -> None:
     write_params(
         work,
         train={
+            "grade": "default",
             "seed": 0,
             "device": "cpu",
             "deterministic": False,
@@ -59,34 +68,35 @@ def _run_stages(work: Path, db_uri: str) -> None:
             "dist_timeout_s": 60,
         },
         models={m: tiny_model_params(m) for m in TRAINED},
+        gate=dict.fromkeys(TRAINED, LOOSE_GATE),
         **tiny_evaluation_sections(),
     )
     stages = [["train", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED]
+    pin_tiny_evaluators(work)
     stages.append(
         [
-            "train_evaluator",
+            "reference",
             "--data",
             "data/prepared",
+            "--evaluators",
+            TINY_PINNED,
             "--out",
             "models/evaluator",
             "--metrics",
             "metrics/evaluator.json",
         ]
     )
-    stages.append(
+    for m in TRAINED:
+        stages.append(
+            [
+                *("evaluate", m, "--data", "data/prepared", "--evaluator", "models/evaluator"),
+                *("--model-dir", f"models/{m}", "--figures", f"evaluation/{m}", "--metrics", "metrics"),
+            ]
+        )
+    stages.append(  # registers both, each version with its model card as description
         [
-            "evaluate",
-            EVALUATED,
-            "--data",
-            "data/prepared",
-            "--evaluator",
-            "models/evaluator",
-            "--model-dir",
-            f"models/{EVALUATED}",
-            "--figures",
-            f"evaluation/{EVALUATED}",
-            "--metrics",
-            f"metrics/{EVALUATED}.json",
+            *("promote", "--metrics", "metrics/val", "--models", "models", "--evaluation", "evaluation"),
+            *("--evaluator", "models/evaluator", "--data", "data/prepared", "--out", "reports"),
         ]
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": db_uri}
@@ -268,6 +278,13 @@ def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
             )
             for name in TRAINED
         }
+        version_page = _render(
+            f"{base}/#/models/mnist-vae/versions/1",
+            tmp_path / "profile-version",
+            ARTIFACTS / "mlflow-ui-model-card.png",
+            RUN_WINDOW,
+            lambda p: any("mnist-vae v1: VAE, default grade" in t for t in p.texts),
+        )
         artifact_page = _render(
             f"{base}/#/experiments/{exp_id}/runs/{ids['gan']}/artifacts/{SAMPLE}?{ML_VIEW}",
             tmp_path / "profile-artifact",
@@ -293,9 +310,16 @@ def test_mlflow_ui_shows_the_projects_own_runs(tmp_path):
         assert {"model.family", "model.latent_dim", "train.seed"} <= _param_names(page)
     assert "model.beta" in run_pages["vae"].texts and "model.dynamic_binarization" in run_pages["vae"].texts
     assert "model.beta" not in run_pages["gan"].texts and "model.betas" in run_pages["gan"].texts  # VAE-only params absent
-    assert {"val_loss", "kl", "eval_fid_cls", "eval_iwae_nll"} <= set(run_pages["vae"].texts)
-    assert {"g_loss", "d_loss", "val_g_loss"} <= set(run_pages["gan"].texts)
-    assert not {"kl", "eval_fid_cls"} & set(run_pages["gan"].texts)  # the GAN was not evaluated
+    assert {"val_loss", "kl", "test_fid_cls", "val_iwae_nll"} <= set(run_pages["vae"].texts)
+    assert {"g_loss", "d_loss", "val_g_loss", "val_fid_cls"} <= set(run_pages["gan"].texts)
+    assert not {"kl", "val_iwae_nll"} & set(run_pages["gan"].texts)  # a GAN has no likelihood
+
+    # (d) the version's page shows its model card: what it is, its protocol and what the gate decided
+    card = client.get_model_version("mnist-vae", "1").description
+    shown = " ".join(version_page.texts)
+    assert any("mnist-vae v1: VAE, default grade" in t for t in version_page.texts), version_page.summary()
+    for part in ("Data and protocol", "Headline metrics (validation)", "Known limits", "no champion yet"):
+        assert part in card and part in shown, part
 
     # (c) the sample grid the train stage logged is listed and shown (fetched by the app as a blob)
     assert "samples" in artifact_page.texts and "figures" in artifact_page.texts

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, repo_params
 
 from mnistgen import paper as paper_run
 from mnistgen.config import model_names
@@ -18,8 +19,7 @@ from mnistgen.config import model_names
 TINY_PROFILE = {
     "prepare": {"limit_train": 1000, "val_size": 200, "limit_test": 500},
     "validate": {"class_fraction_min": 0.05, "class_fraction_max": 0.16},
-    "evaluator": {"epochs": 2, "min_test_accuracy": 0.0},
-    "evaluator2": {"epochs": 2, "min_test_accuracy": 0.0},
+    "train": {"grade": "smoke"},  # a subset run
     "models": {name: {"epochs": 1} for name in model_names(ROOT / "params.yaml")},
     "evaluate": {
         "num_samples": 500,
@@ -47,7 +47,7 @@ def test_the_runner_runs_dvc_yamls_own_commands_in_an_order_dvc_allows():
     with Repo(str(ROOT)) as repo:
         resolved = {stage.addressing: stage.cmd for stage in repo.index.stages}
         edges = [(stage.addressing, dependency.addressing) for stage, dependency in repo.index.graph.edges]
-    ours = paper_run.stage_commands(ROOT / "dvc.yaml", model_names(ROOT / "params.yaml"))
+    ours = paper_run.stage_commands(ROOT / "dvc.yaml", model_names(ROOT / "params.yaml"), repo_params())
     assert dict(ours) == resolved
     position = {name: i for i, (name, _) in enumerate(ours)}
     for stage, dependency in edges:
@@ -107,10 +107,10 @@ def test_every_stage_runs_without_dvc_or_mlflow_and_the_floors_decide(tmp_path, 
 
     summary = json.loads((work / "paper_run.json").read_text())
     ran = {row["stage"]: row["status"] for row in summary["stages"]}
-    expected = [name for name, _ in paper_run.stage_commands(ROOT / "dvc.yaml", models) if name != "promote"]
+    expected = [name for name, _ in paper_run.stage_commands(ROOT / "dvc.yaml", models, repo_params()) if name != "promote"]
     assert sorted(ran) == sorted(expected) and set(ran.values()) == {"ok"}, ran
     for name in models:
-        metrics = json.loads((work / "metrics" / f"{name}.json").read_text())
+        metrics = json.loads((work / "metrics" / "val" / f"{name}.json").read_text())
         assert 0 <= metrics["fid_cls"] < 1000, (name, metrics["fid_cls"])
         assert json.loads((work / "models" / name / "run.json").read_text())["run_id"] is None  # tracking was off
     header = next(line for line in (work / "reports" / "comparison.md").read_text().splitlines() if line.startswith("| metric"))
@@ -122,29 +122,39 @@ def test_every_stage_runs_without_dvc_or_mlflow_and_the_floors_decide(tmp_path, 
     }
     with tarfile.open(out / "paper_run.tar.gz") as tar:
         packed = set(tar.getnames())
-    assert {"paper_run.json", "params.yaml", "metrics/vae.json", "reports/gate_floors.md", "logs/train@cwgan.log"} <= packed
+    assert {
+        "paper_run.json",
+        "params.yaml",
+        "metrics/val/vae.json",
+        "metrics/test/vae.json",
+        "reports/gate_floors.md",
+        "logs/train@cwgan.log",
+    } <= packed
     assert "epochs: 1" in (work / "params.yaml").read_text()  # the profile was merged in
 
 
 @pytest.mark.slow
 def test_a_failing_stage_stops_the_run_and_its_results_still_come_back(tmp_path, mnist_mirror):
-    profile = {**TINY_PROFILE, "evaluator": {"epochs": 1, "min_test_accuracy": 0.999}}  # one epoch on 1,000 images cannot
+    tampered = tmp_path / "tampered"  # the pinned ruler with one weight file changed: the reference stage refuses it
+    shutil.copytree(ROOT / "evaluators" / "v1", tampered)
+    (tampered / "classifier2.pt").write_bytes((tampered / "classifier2.pt").read_bytes() + b"\0")
+    profile = {**TINY_PROFILE, "evaluate": {**TINY_PROFILE["evaluate"], "evaluators": str(tampered)}}
     result, work, out = run_paper(tmp_path, profile)
     assert result.returncode == 2, (result.stdout + result.stderr)[-4000:]
     ran = {row["stage"]: row["status"] for row in json.loads((work / "paper_run.json").read_text())["stages"]}
-    assert ran["prepare"] == ran["validate"] == "ok" and ran["train_evaluator"] == "failed (exit 1)"
-    assert {status for name, status in ran.items() if name not in ("prepare", "validate", "train_evaluator")} == {
+    assert ran["prepare"] == ran["validate"] == "ok" and ran["reference"] == "failed (exit 1)"
+    assert {status for name, status in ran.items() if name not in ("prepare", "validate", "reference")} == {
         "not run (an earlier stage did not succeed)"
     }
-    assert "below evaluator.min_test_accuracy" in result.stdout  # the failed stage's log is shown
+    assert "does not match the pinned" in result.stdout  # the failed stage's log is shown
     with tarfile.open(out / "paper_run.tar.gz") as tar:
-        assert "below evaluator.min_test_accuracy" in tar.extractfile("logs/train_evaluator.log").read().decode()
+        assert "does not match the pinned" in tar.extractfile("logs/reference.log").read().decode()
 
 
 @pytest.mark.slow
 def test_the_deadline_kills_the_stage_in_flight_and_the_results_still_come_back(tmp_path, mnist_mirror):
-    # 1,000 evaluator epochs take minutes here; the deadline comes long before (in validate, on a slow machine)
-    slow = {**TINY_PROFILE, "evaluator": {"epochs": 1000, "min_test_accuracy": 0.0}}
+    # 1,000 AE epochs take minutes here; the deadline comes long before (earlier still on a slow machine)
+    slow = {**TINY_PROFILE, "models": {**TINY_PROFILE["models"], "ae": {"epochs": 1000}}}
     result, work, out = run_paper(tmp_path, slow, deadline=15)
     assert result.returncode == 2, (result.stdout + result.stderr)[-4000:]
     summary = json.loads((work / "paper_run.json").read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clear_registry, use_team_account
-from helpers import ROOT, write_params, write_prepared
+from helpers import ROOT, enter_world, write_params, write_prepared
 from mlflow.exceptions import MlflowException
 from test_registry import candidate, champion_of, promote_now, snapshot
 
@@ -33,10 +33,18 @@ def team(team_stack, tmp_path, monkeypatch):
     return team_stack
 
 
-def test_reader_gets_403_and_its_promote_exits_2_changing_nothing(team, monkeypatch, capsys):
+@pytest.fixture
+def team_world(team, world, tmp_path):
+    """The team fixture in a folder holding the registry tests' world: data, pinned evaluators, references."""
+    enter_world(world, tmp_path)
+    return team
+
+
+def test_reader_gets_403_and_its_promote_exits_2_changing_nothing(team_world, monkeypatch, capsys):
+    team = team_world
     before = champion_of("vae")
     version = before["mnist-vae"]["aliases"]["champion"]
-    run_id = candidate("vae", fid_cls=5.0)  # better: the ci account would promote it
+    run_id = candidate("vae", epochs=3)  # better: the ci account would promote it
     use_team_account(monkeypatch, team, "reader")
     reader = tracking.client()
     assert reader.get_model_version_by_alias("mnist-vae", "champion").version == version  # reading is allowed
@@ -58,9 +66,10 @@ def test_reader_gets_403_and_its_promote_exits_2_changing_nothing(team, monkeypa
     assert snapshot() == before
 
 
-def test_wrong_password_promote_exits_2_with_one_line(team, monkeypatch, capsys):
-    before = champion_of("gan")
-    candidate("gan", fid_cls=5.0)
+def test_wrong_password_promote_exits_2_with_one_line(team_world, monkeypatch, capsys):
+    team = team_world
+    before = champion_of("vae")
+    candidate("vae", epochs=3)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
     capsys.readouterr()
     code, _ = promote_now()
@@ -108,7 +117,7 @@ def test_wrong_password_stops_train_before_it_starts(team, tmp_path, monkeypatch
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()  # no training, no output
 
 
-def test_champion_loads_by_alias_in_a_fresh_folder_without_the_checkout(team, tmp_path_factory):
+def test_champion_loads_by_alias_in_a_fresh_folder_without_the_checkout(team_world, tmp_path_factory):
     champion_of("vae")
     fresh = tmp_path_factory.mktemp("elsewhere")
     script = textwrap.dedent("""

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mnistgen import tracking
 
 RUN_SECTION = {
+    "grade": "default",
     "seed": 0,
     "device": "cpu",
     "deterministic": True,

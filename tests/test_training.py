@@ -142,3 +142,42 @@ def test_the_moving_average_follows_every_step_and_replaces_the_sampling_weights
     assert any(not torch.allclose(final[k], raw_after_step[-1][k]) for k in expected if expected[k].is_floating_point())
     if critic_after_step:  # the critic is not averaged
         assert all(torch.equal(v, critic_after_step[-1][k]) for k, v in model.critic.state_dict().items())
+
+
+def test_each_rank_resumes_with_its_own_rng_states(tmp_path, monkeypatch):
+    """Rank 0 writes the checkpoint, every other rank its own RNG states beside it: a resume gives each rank its own."""
+    from mnistgen import distributed
+
+    checkpoint = training.Checkpoint(tmp_path / "last.pt", {"params": "p"})
+    model = build_model(tiny("vae"))
+    optimizers = model.make_optimizers()
+    schedules = training.schedules(optimizers, 4, 1, 0.0, False)
+    shuffle = torch.Generator().manual_seed(0)
+    torch.manual_seed(100)
+    rank0 = torch.get_rng_state()
+    checkpoint.save(model, optimizers, schedules, 2, [], shuffle)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    torch.manual_seed(101)
+    rank1 = torch.get_rng_state()
+    checkpoint.save_rank_rng(2)
+    assert checkpoint.rank_path(1).name == "last.rank1.pt"
+
+    state = checkpoint.load()
+    torch.manual_seed(999)
+    training.restore(state, model, optimizers, schedules, shuffle, own_rng=checkpoint.rank_rng(2))
+    assert torch.equal(torch.get_rng_state(), rank1)  # rank 1 resumes with its own states, not rank 0's
+    assert checkpoint.rank_rng(3) is None  # states of another epoch are never taken
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    training.restore(state, model, optimizers, schedules, shuffle, own_rng=checkpoint.rank_rng(2))
+    assert torch.equal(torch.get_rng_state(), rank0)
+
+
+@pytest.mark.parametrize("family, eager", [("wgan", {"critic"}), ("cwgan", {"critic"}), ("gan", set()), ("vae", set())])
+def test_compiling_leaves_eager_only_what_is_differentiated_twice(family, eager):
+    """A Wasserstein critic's gradient penalty needs a double backward, which compiled graphs do not support: WGAN's
+    and CWGAN's critics stay eager, everything else is compiled (nn.Module.compile is lazy: nothing is traced here)."""
+    model = build_model(tiny(family))
+    compiled = set(training.compile_in_place(model))
+    children = dict(model.named_children())
+    assert compiled == set(children) - eager
+    assert all((children[name]._compiled_call_impl is None) == (name in eager) for name in children)

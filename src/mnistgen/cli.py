@@ -5,6 +5,9 @@ MLproject entry points call `dvc repro` too. Everything else starts here:
 
     mnistgen team up|down|status|env|dvc-remote|drills   team mode (PostgreSQL, Swift S3, mlflow server)
     mnistgen sweep MODEL [--trials N ...]                an Optuna search on the validation split
+    mnistgen seeds [--models M ...] [--seeds 1 2]        the default run's spread over training seeds
+    mnistgen registry history|rollback MODEL ...         who was @champion when; move it back (recorded)
+    mnistgen evaluator train --out evaluators/vN         a new pinned ruler (a new protocol)
     mnistgen profile PROFILE.yaml                        apply a params profile to params.yaml
     mnistgen serve MODEL [--alias champion]              serve a registered version over HTTP
     mnistgen smoke [--workdir DIR]                       the whole pipeline on a small real subset
@@ -24,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import paper, profiles, smoke, sweep
+from . import evaluators, paper, profiles, registry, seeds, smoke, sweep
 from .team import __main__ as team_main
 from .team import drills
 
@@ -75,6 +78,9 @@ def serve(argv: list[str]) -> int:
 COMMANDS = {
     "team": lambda argv: drills.main(argv[1:]) if argv[:1] == ["drills"] else team_main.main(argv),
     "sweep": sweep.main,
+    "seeds": seeds.main,
+    "registry": registry.main,
+    "evaluator": evaluators.main,
     "profile": profiles.main,
     "serve": serve,
     "smoke": smoke.main,

@@ -67,12 +67,18 @@ class EvaluatorParams(Section):
     lr: PositiveFloat
     shift_pixels: NonNegativeInt  # random-shift augmentation
     seed: int
-    min_test_accuracy: float
+    min_val_accuracy: float  # checked when trained, and again when a pinned version is used on this data
+
+
+GRADES = ("smoke", "sweep", "default", "paper")  # a run's grade, lowest first: the gate never moves @champion down this list
 
 
 class RunParams(Section):
     """Settings shared by every training run (section `train`)."""
 
+    grade: Literal[
+        "smoke", "default", "paper"
+    ]  # set by the params profile (params-smoke.yaml, params-paper.yaml); sweep trials are "sweep"
     seed: int
     device: str  # auto | cpu | cuda | cuda:N
     deterministic: bool
@@ -98,6 +104,7 @@ class ModelParams(Section):
 
 
 class EvaluateParams(Section):
+    evaluators: str  # the pinned evaluator version's folder (evaluators/v1): the ruler, part of the protocol
     seed: int
     num_samples: PositiveInt
     per_class_samples: PositiveInt  # conditional models: samples asked for each digit (label fidelity, per-class FID_cls)
@@ -133,14 +140,21 @@ class Floor(Section):
 
 
 class GateParams(Section):
-    primary: str
+    primary: str  # fid_cls or iwae_nll: the metrics a paired comparison is defined for
     higher_is_better: bool
-    min_improvement: float  # the candidate must beat the champion by at least this much...
-    # ...plus this noise tolerance: a number in the metric's units, or "band": the two noise bands'
-    # facing half-widths combined (the candidate's band and the champion's must not overlap)
-    tolerance: float | Literal["band"]
-    agree_in_both_spaces: bool  # also require the gain in the second evaluator's space (<primary>_e2) where both have it
+    agree_in_both_spaces: bool  # also require the gain in the second evaluator's space (<primary>_e2)
+    # metric -> how much better the candidate must surely be: the spread of the default run over training seeds
+    # (metrics/seeds/), so that a rerun of the same commit, on any CPU, neither promotes nor regresses
+    training_noise: dict[str, NonNegativeFloat] = Field(strict=False)
     floors: tuple[Floor, ...] = Field(strict=False)  # YAML gives a list
+
+    @model_validator(mode="after")
+    def _noise_for_each_compared_metric(self) -> GateParams:
+        compared = [self.primary] + ([self.primary + "_e2"] if self.agree_in_both_spaces else [])
+        missing = [m for m in compared if m not in self.training_noise]
+        if missing:
+            raise ValueError(f"training_noise needs a value for {', '.join(missing)}")
+        return self
 
 
 class FloatRange(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import gzip
+import json
 import os
 import shutil
 import socket
@@ -159,6 +160,11 @@ def load_split(prepared: str | Path, name: str) -> Split:
         raise StageError(f"{path}: not found; run `dvc repro prepare` first") from err
     except Exception as err:
         raise StageError(f"{path}: cannot load prepared split ({err})") from err
+
+
+def split_hashes(prepared: str | Path) -> dict[str, str]:
+    """{split: sha256 of its images and labels} as the prepare stage recorded them."""
+    return json.loads((Path(prepared) / "meta.json").read_text())["sha256"]
 
 
 def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

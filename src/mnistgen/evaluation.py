@@ -1,8 +1,11 @@
 """One evaluation path for all models (the protocols of DESIGN.md, "Metric protocols").
 
-Features of the reference images (test set, a training subset) are extracted once by the
-train_evaluator stage and reused; each image set a model produces is embedded once per
-evaluator feature space, in batches on the device, and every metric reads those features.
+Each split has one role. The validation split is what choices read (the gate, the sweep, the
+quality benchmark); the test split is read only by the final report. A model is evaluated on both
+with the same samples: the reference images, the reconstructed and the likelihood-scored images
+are the split's own. Features of the reference images are extracted once by the reference stage
+(the pinned evaluators) and reused; each image set a model produces is embedded once per feature
+space, in batches on the device, and every metric reads those features.
 
 Two feature spaces (two evaluators of different architecture and seed): a distance metric in
 the first is named `fid_cls`, in the second `fid_cls_e2` (SPACES gives the suffixes). Each
@@ -13,6 +16,8 @@ its unconditional metrics are those of a label-balanced mix, so they sit in the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,43 +27,57 @@ from typing import TYPE_CHECKING, cast
 import torch
 from sklearn.metrics import silhouette_samples
 
-from . import figures, metrics
+from . import data, evaluators, figures, metrics
 from .config import EvaluateParams
 from .evaluators import FEATURE_SPACES, Classifier, read_spaces
-from .utils import progress_bar
+from .gate import Comparison
+from .utils import StageError, progress_bar
 
 if TYPE_CHECKING:  # types only: the report stage imports this module without any model family
     from .models.base import GenerativeModel
     from .models.vae import VAE
 
 
+SPLITS = ("val", "test")  # validation chooses, test reports
+EVIDENCE = "evidence.pt"  # in a model's figures folder (and its run's evaluation/ artifacts): what a paired comparison resamples
+
+
 @dataclass
 class Reference:
-    """Evaluator outputs on real images, computed once per evaluator checkpoint."""
+    """One feature space's evaluator outputs on the real images of one split (and on a training subset, the
+    real-data row), computed once by the reference stage."""
 
-    test_feats: torch.Tensor
-    test_probs: torch.Tensor
+    feats: torch.Tensor
+    probs: torch.Tensor
     train_feats: torch.Tensor
     train_probs: torch.Tensor
     evaluator_hash: str
-    test_stats: tuple[torch.Tensor, torch.Tensor] = field(init=False)  # the Gaussian fit of the test features
+    split: str = "test"
+    stats: tuple[torch.Tensor, torch.Tensor] = field(init=False)  # the Gaussian fit of the split's features
 
     def __post_init__(self):
-        self.test_stats = metrics.gaussian_stats(self.test_feats)
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("test_feats", "test_probs", "train_feats", "train_probs", "evaluator_hash")}
+        self.stats = metrics.gaussian_stats(self.feats)
 
 
 SPACES = {space.suffix: space.name for space in FEATURE_SPACES}  # metric-name suffix -> the feature space it is measured in
 
 
-def load_references(folder: Path, device="cpu") -> dict[str, Reference]:
-    """{suffix: Reference} for every feature space the train_evaluator stage wrote."""
-    return {
-        s["suffix"]: Reference(**torch.load(Path(folder) / s["reference"], map_location=device, weights_only=True))
-        for s in read_spaces(folder)
-    }
+def load_references(folder: Path, split: str, device="cpu") -> dict[str, Reference]:
+    """{suffix: Reference} of `split` (val or test) for every feature space the reference stage wrote."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: one of {SPLITS}")
+    refs = {}
+    for s in read_spaces(folder):
+        saved = torch.load(Path(folder) / s["reference"], map_location=device, weights_only=True)
+        refs[s["suffix"]] = Reference(
+            saved[f"{split}_feats"],
+            saved[f"{split}_probs"],
+            saved["train_feats"],
+            saved["train_probs"],
+            saved["evaluator_hash"],
+            split,
+        )
+    return refs
 
 
 @torch.no_grad()
@@ -78,14 +97,14 @@ def distances(feats, ref: Reference, p: EvaluateParams, suffix: str = "") -> dic
     metric recomputed from them, the reference fixed; recall's band resamples the real points it
     scores (the generated manifold as computed, since duplicates would shrink k-NN radii)."""
     counts = metrics.bootstrap_counts(len(feats), p.bootstrap, p.bootstrap_seed)
-    real_counts = metrics.bootstrap_counts(len(ref.test_feats), p.bootstrap, p.bootstrap_seed + 1)
+    real_counts = metrics.bootstrap_counts(len(ref.feats), p.bootstrap, p.bootstrap_seed + 1)
     out: dict[str, float] = {}
-    fid = metrics.fid_from_stats(*metrics.gaussian_stats(feats), *ref.test_stats)
-    with_band(out, f"fid_cls{suffix}", fid, metrics.fid_replicates(feats, *ref.test_stats, counts), p)
-    kid = metrics.kid_with_replicates(feats, ref.test_feats, p.kid_subsets, p.kid_subset_size, p.seed, counts)
+    fid = metrics.fid_from_stats(*metrics.gaussian_stats(feats), *ref.stats)
+    with_band(out, f"fid_cls{suffix}", fid, metrics.fid_replicates(feats, *ref.stats, counts), p)
+    kid = metrics.kid_with_replicates(feats, ref.feats, p.kid_subsets, p.kid_subset_size, p.seed, counts)
     with_band(out, f"kid_cls{suffix}", kid["mean"], kid["replicates"], p)
     out[f"kid_cls{suffix}_std"] = kid["std"]
-    fake_inside, real_inside = metrics.inside_flags(ref.test_feats, feats, p.pr_k)
+    fake_inside, real_inside = metrics.inside_flags(ref.feats, feats, p.pr_k)
     with_band(out, f"precision{suffix}", fake_inside.mean(), metrics.fraction_replicates(fake_inside, counts), p)
     with_band(out, f"recall{suffix}", real_inside.mean(), metrics.fraction_replicates(real_inside, real_counts), p)
     return out
@@ -116,7 +135,7 @@ def sample_quality(
 
 
 def real_data_row(refs: dict[str, Reference], p: EvaluateParams) -> dict[str, float]:
-    """The floor: a training subset scored against the test set as if it were a model's samples, in every space."""
+    """The floor: a training subset scored against the split's images as if it were a model's samples, in every space."""
     row, _ = sample_quality({s: (r.train_feats, r.train_probs) for s, r in refs.items()}, refs, p)
     return row
 
@@ -157,20 +176,26 @@ def interpolation_pairs(labels: torch.Tensor, n: int, generator: torch.Generator
 
 
 class Evaluation:
-    """Evaluate one trained model; fills `self.metrics` and writes figures into `out`."""
+    """Evaluate one trained model on one split at a time: `run(refs, x, y)` returns that split's metrics and writes
+    its figures into `out` (when given). The samples are drawn and embedded once and shared by both splits."""
 
-    def __init__(
-        self, model: GenerativeModel, classifiers: dict[str, Classifier], refs: dict[str, Reference], p: EvaluateParams, out: Path
-    ):
-        """`classifiers` and `refs` map each feature space's suffix (SPACES) to its evaluator and reference."""
-        if set(classifiers) != set(refs) or "" not in refs:
-            raise ValueError(f"one classifier per reference, the first space included: {sorted(classifiers)} vs {sorted(refs)}")
-        self.model, self.p, self.out = model.eval(), p, Path(out)
-        self.classifiers, self.refs = {k: c.eval() for k, c in classifiers.items()}, refs
+    def __init__(self, model: GenerativeModel, classifiers: dict[str, Classifier], p: EvaluateParams):
+        """`classifiers` maps each feature space's suffix (SPACES) to its evaluator."""
+        if "" not in classifiers:
+            raise ValueError(f"the first feature space's evaluator is needed, got {sorted(classifiers)}")
+        self.model, self.p = model.eval(), p
+        self.out: Path | None = None
+        self.classifiers = {k: c.eval() for k, c in classifiers.items()}
+        self.refs: dict[str, Reference] = {}
         self.device = model.device
         self.metrics: dict[str, float] = {}
+        self.evidence: dict[str, object] = {}  # per sample and per image values: what a paired comparison resamples
         self.timings: dict[str, float] = {}
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._samples: tuple[torch.Tensor, dict] | None = None
+        self._conditional: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def figure(self, name: str) -> Path | None:
+        return None if self.out is None else self.out / name
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(self.p.seed + offset)
@@ -178,7 +203,7 @@ class Evaluation:
     def timed(self, name, fn, *args):
         started = time.perf_counter()
         result = fn(*args)
-        self.timings[name] = time.perf_counter() - started
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
         return result
 
     def embed(self, images) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -186,87 +211,108 @@ class Evaluation:
         return {s: c.features_and_probs(images, self.p.batch_size) for s, c in self.classifiers.items()}
 
     @torch.no_grad()
+    def samples(self) -> tuple[torch.Tensor, dict]:
+        """`num_samples` prior samples drawn with evaluate.seed (the same noise for every model of a latent size), embedded."""
+        if self._samples is None:
+            gen = self.generator()
+            images = generate(lambda n: self.model.sample(n, gen), self.p.num_samples, self.p.batch_size)
+            self._samples = images, self.embed(images)
+        return self._samples
+
+    @torch.no_grad()
     def prior_samples(self) -> None:
-        gen = self.generator()
-        images = generate(lambda n: self.model.sample(n, gen), self.p.num_samples, self.p.batch_size)
-        quality, histogram = sample_quality(self.embed(images), self.refs, self.p)
+        images, embedded = self.samples()
+        quality, histogram = sample_quality(embedded, self.refs, self.p)
         self.metrics.update(quality)
         self.metrics.update(metrics.sharpness(images, self.p.batch_size))
-        figures.save_grid(images[:100], self.out / "samples.png", nrow=10)
-        figures.class_histogram(histogram, self.out / "class_histogram.png", f"{self.model.family}: predicted classes of samples")
+        self.evidence["sample_feats"] = {suffix: feats for suffix, (feats, _) in embedded.items()}
+        if (path := self.figure("samples.png")) is not None:
+            figures.save_grid(images[:100], path, nrow=10)
+            figures.class_histogram(
+                histogram, path.with_name("class_histogram.png"), f"{self.model.family}: predicted classes of samples"
+            )
 
     @torch.no_grad()
-    def reconstruction(self, test_x: torch.Tensor) -> None:
-        """Per-pixel MSE and BCE over the whole test set (the VAE decodes its posterior mean)."""
+    def reconstruction(self, x: torch.Tensor) -> None:
+        """Per-pixel MSE and BCE over the whole split (the VAE decodes its posterior mean)."""
         se = bce = 0.0
-        for i in range(0, len(test_x), self.p.batch_size):
-            x = test_x[i : i + self.p.batch_size]
-            recon = self.model.decode(self.model.encode(x)).clamp(1e-6, 1 - 1e-6)
-            se += (recon - x).square().sum().item()
-            bce += torch.nn.functional.binary_cross_entropy(recon, x, reduction="sum").item()
-        pixels = test_x.numel()
+        for i in range(0, len(x), self.p.batch_size):
+            batch = x[i : i + self.p.batch_size]
+            recon = self.model.decode(self.model.encode(batch)).clamp(1e-6, 1 - 1e-6)
+            se += (recon - batch).square().sum().item()
+            bce += torch.nn.functional.binary_cross_entropy(recon, batch, reduction="sum").item()
+        pixels = x.numel()
         self.metrics.update({"recon_mse": se / pixels, "recon_bce": bce / pixels})
-        x = test_x[:16]
-        figures.save_grid(torch.cat([x, self.model.decode(self.model.encode(x))]), self.out / "reconstructions.png", nrow=16)
+        if (path := self.figure("reconstructions.png")) is not None:
+            first = x[:16]
+            figures.save_grid(torch.cat([first, self.model.decode(self.model.encode(first))]), path, nrow=16)
 
     @torch.no_grad()
-    def latent_scatter(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
-        """The codes of (up to) 5,000 test digits: a scatter coloured by digit (with the learned class means,
+    def latent_scatter(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The codes of (up to) 5,000 of the split's digits: a scatter coloured by digit (with the learned class means,
         where the model has them), and how well they cluster by digit (silhouette, Euclidean, on the codes
         themselves, the same computation for every model with an encoder)."""
-        n = min(5000, len(test_x))
-        codes = torch.cat([self.model.encode(test_x[i : min(i + self.p.batch_size, n)]) for i in range(0, n, self.p.batch_size)])
-        means = self.model.class_latent_means()
-        figures.latent_scatter(
-            codes, test_y[:n], self.out / "latent_scatter.png", f"{self.model.family} latent codes of test digits", means=means
-        )
-        silhouette = torch.as_tensor(silhouette_samples(codes.double().cpu().numpy(), test_y[:n].cpu().numpy()))
+        n = min(5000, len(x))
+        codes = torch.cat([self.model.encode(x[i : min(i + self.p.batch_size, n)]) for i in range(0, n, self.p.batch_size)])
+        if (path := self.figure("latent_scatter.png")) is not None:
+            means = self.model.class_latent_means()
+            figures.latent_scatter(codes, y[:n], path, f"{self.model.family} latent codes of test digits", means=means)
+        silhouette = torch.as_tensor(silhouette_samples(codes.double().cpu().numpy(), y[:n].cpu().numpy()))
         self.metrics["latent_silhouette"] = silhouette.mean().item()
         self.metrics["latent_silhouette_stderr"] = (silhouette.std() / math.sqrt(len(silhouette))).item()
 
     @torch.no_grad()
-    def conditional_samples(self, test_y: torch.Tensor) -> None:
-        """Conditional models: `per_class_samples` samples asked for each digit; label fidelity (the evaluator's
-        accuracy on them) and FID_cls of each digit's samples against that digit's test images; figures."""
+    def conditional_draws(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`per_class_samples` samples asked for each digit, and their first-space features and probabilities (drawn once)."""
+        if self._conditional is None:
+            labels = torch.arange(10, device=self.device).repeat_interleave(self.p.per_class_samples)
+            gen = self.generator(3)
+            images = torch.cat([self.model.sample(len(chunk), gen, chunk) for chunk in labels.split(self.p.batch_size)])
+            feats, probs = self.embed(images)[""]
+            self._conditional = images, labels, feats, probs
+        return self._conditional
+
+    @torch.no_grad()
+    def conditional_samples(self, y: torch.Tensor) -> None:
+        """Conditional models: label fidelity (the first evaluator's accuracy on samples asked for each digit)
+        and FID_cls of each digit's samples against that digit's images of the split; figures."""
         p = self.p
-        labels = torch.arange(10, device=self.device).repeat_interleave(p.per_class_samples)
-        gen = self.generator(3)
-        images = torch.cat([self.model.sample(len(chunk), gen, chunk) for chunk in labels.split(p.batch_size)])
-        feats, probs = self.embed(images)[""]  # the first evaluator's space: label fidelity and per-class FID_cls
+        images, labels, feats, probs = self.conditional_draws()
         ref = self.refs[""]
-        # The reference features are those of the first len(test_feats) test images (train_evaluator), so these are their labels.
-        ref_y = test_y[: len(ref.test_feats)].to(ref.test_feats.device)
+        # The reference features are those of the first len(feats) images of the split (reference stage), so these are their labels.
+        ref_y = y[: len(ref.feats)].to(ref.feats.device)
         fidelity = metrics.label_fidelity(probs, labels)
         self.metrics["label_fidelity"] = fidelity
         self.metrics["label_fidelity_stderr"] = math.sqrt(fidelity * (1 - fidelity) / len(labels))
         per_class = []
         for digit in range(10):
             mine = labels == digit
-            per_class.append(metrics.fid(feats[mine], ref.test_feats[ref_y == digit]))
+            per_class.append(metrics.fid(feats[mine], ref.feats[ref_y == digit]))
             self.metrics[f"fid_cls_digit_{digit}"] = per_class[-1]
             self.metrics[f"label_fidelity_digit_{digit}"] = metrics.label_fidelity(probs[mine], labels[mine])
         self.metrics["fid_cls_per_class_mean"] = sum(per_class) / len(per_class)
-        by_class = images.view(10, p.per_class_samples, 1, 28, 28)[:, :12]  # one row per digit
-        figures.save_grid(by_class.flatten(0, 1), self.out / "samples_by_class.png", nrow=by_class.shape[1])
-        # One row per noise vector, one column per digit: the same z (style) across a row.
-        eps = self.model.sample_latent(8, self.generator(4))
-        grid = torch.stack([self.model.decode_noise(eps, torch.full((8,), d, device=self.device)) for d in range(10)], dim=1)
-        figures.save_grid(grid.flatten(0, 1), self.out / "digit_grid.png", nrow=10)
+        if (path := self.figure("samples_by_class.png")) is not None:
+            by_class = images.view(10, p.per_class_samples, 1, 28, 28)[:, :12]  # one row per digit
+            figures.save_grid(by_class.flatten(0, 1), path, nrow=by_class.shape[1])
+            # One row per noise vector, one column per digit: the same z (style) across a row.
+            eps = self.model.sample_latent(8, self.generator(4))
+            grid = torch.stack([self.model.decode_noise(eps, torch.full((8,), d, device=self.device)) for d in range(10)], dim=1)
+            figures.save_grid(grid.flatten(0, 1), path.with_name("digit_grid.png"), nrow=10)
 
     @torch.no_grad()
-    def interpolation(self, val_x: torch.Tensor, val_y: torch.Tensor) -> None:
+    def interpolation(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Fixed pairs, `interp_steps` points each; confidence and FID_cls of the interior points in each space.
 
         Every family scores the same count of interior points (interp_pairs x (interp_steps - 2)); an AE
-        or VAE encodes pairs of held-out validation digits, not the test images the FID reference is
-        made of. The points of one path are correlated, so the FID band resamples whole paths. These
-        FIDs compare interpolations between models; they are not on FID_cls's scale (fewer, correlated points).
+        or VAE encodes seeded pairs of the split's digits (endpoints are not scored). The points of one path
+        are correlated, so the FID band resamples whole paths. These FIDs compare interpolations between
+        models; they are not on FID_cls's scale (fewer, correlated points).
         """
         p = self.p
         t = torch.linspace(0, 1, p.interp_steps, device=self.device)
-        if self.model.has_encoder:  # encode fixed held-out pairs of different digits
-            first, second = interpolation_pairs(val_y.cpu(), p.interp_pairs, torch.Generator().manual_seed(p.seed))
-            z_a, z_b = self.model.encode(val_x[first.to(self.device)]), self.model.encode(val_x[second.to(self.device)])
+        if self.model.has_encoder:  # encode fixed pairs of different digits
+            first, second = interpolation_pairs(y.cpu(), p.interp_pairs, torch.Generator().manual_seed(p.seed))
+            z_a, z_b = self.model.encode(x[first.to(self.device)]), self.model.encode(x[second.to(self.device)])
         else:  # random latent pairs from the model's noise
             gen = self.generator(1)
             z_a, z_b = self.model.sample_latent(p.interp_pairs, gen), self.model.sample_latent(p.interp_pairs, gen)
@@ -284,7 +330,7 @@ class Evaluation:
             images = decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
             embedded = self.embed(images[:, 1:-1].flatten(0, 1))
             for suffix, (feats, _) in embedded.items():
-                stats = self.refs[suffix].test_stats
+                stats = self.refs[suffix].stats
                 with_band(
                     self.metrics,
                     f"interp_{name}_fid_cls{suffix}",
@@ -297,71 +343,170 @@ class Evaluation:
                 midpoint = probs.view(len(z_a), -1, 10)[:, (p.interp_steps - 2) // 2].max(1).values  # one per pair
                 self.metrics[f"interp_{name}_midpoint_confidence{suffix}"] = midpoint.mean().item()
                 self.metrics[f"interp_{name}_midpoint_confidence{suffix}_stderr"] = (midpoint.std() / len(midpoint) ** 0.5).item()
-            figures.save_grid(images[:10].flatten(0, 1), self.out / f"interpolation_{name}.png", nrow=p.interp_steps)
+            if (figure := self.figure(f"interpolation_{name}.png")) is not None:
+                figures.save_grid(images[:10].flatten(0, 1), figure, nrow=p.interp_steps)
         self.metrics["interp_points"] = float(len(z_a) * interior_steps)
 
     @torch.no_grad()
-    def likelihood(self, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
-        """VAE: negative ELBO on grey and on once-binarised test images, and the IWAE bound (nats per image),
-        all three on the same test images (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed).
-        The CVAE's are bounds on -log p(x | y), given each image's label."""
+    def likelihood(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """VAE families: negative ELBO on grey and on once-binarised images, and the IWAE bound (nats per image),
+            all three on the same images of the split (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed).
+
+            `iwae_nll` bounds -log p(x) for every family, so the VAE's and the CVAE's stand side by side: the CVAE's
+            marginalises the label, log sum_y p(y) p(x | y), through its prior (a mixture of the ten class Gaussians,
+            as its decoder sees only z). The CVAE's bounds given each image's label, `*_given_label`, are measured on the
+        test split only: they are a row of the report, and nothing chooses by them."""
         p = self.p
         vae = cast("VAE", self.model)  # the families with a likelihood: the VAE and the CVAE
         binarised_all = binarize(
-            test_x, p.binarize_seed
+            x, p.binarize_seed
         )  # binarise every image once, then pick: an image's draw does not depend on the subset
-        idx = likelihood_subset(len(test_x), p.iwae_images, p.seed + 3).to(test_x.device)
-        grey, binarised = test_x[idx], binarised_all[idx]
-        y = test_y[idx] if self.model.conditional else None
+        idx = likelihood_subset(len(x), p.iwae_images, p.seed + 3).to(x.device)
+        grey, binarised = x[idx], binarised_all[idx]
         n = len(idx)
-
-        def labels(i, count):
-            return None if y is None else y[i : i + count]
-
-        nelbo_grey = torch.cat(
-            [vae.negative_elbo(grey[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)]
-        )
-        nelbo_bin = torch.cat(
-            [vae.negative_elbo(binarised[i : i + p.batch_size], y=labels(i, p.batch_size))[2] for i in range(0, n, p.batch_size)]
-        )
         images_per_call = 100
         chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
-        nll = torch.cat(
-            [
-                vae.iwae_nll(
-                    binarised[i : i + images_per_call], p.iwae_k, chunk, y=labels(i, images_per_call)
-                )  # slices stop at n: no image past the subset
-                for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")
-            ]
-        )
 
         def stderr(values):
             return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
 
+        def bounds(labels: torch.Tensor | None, suffix: str) -> None:
+            def given(i, count):
+                return None if labels is None else labels[i : i + count]
+
+            per_batch = range(0, n, p.batch_size)
+            nll = torch.cat(
+                [
+                    vae.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk, y=given(i, images_per_call))
+                    for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}{suffix}")
+                ]
+            )
+            self.metrics.update({f"iwae_nll{suffix}": nll.mean().item(), f"iwae_nll{suffix}_stderr": stderr(nll)})
+            self.evidence[f"iwae_nll{suffix}"] = nll  # per image: the paired comparison's unit
+            if labels is None and self.model.conditional:
+                return  # the CVAE's ELBO needs a label (its marginal prior has no closed-form KL)
+            for name, images in (("grey", grey), ("binarized", binarised)):
+                nelbo = torch.cat(
+                    [vae.negative_elbo(images[i : i + p.batch_size], y=given(i, p.batch_size))[2] for i in per_batch]
+                )
+                self.metrics.update({f"nelbo_{name}{suffix}": nelbo.mean().item(), f"nelbo_{name}{suffix}_stderr": stderr(nelbo)})
+
+        bounds(None, "")
+        if self.model.conditional and self.refs[""].split == "test":  # a report row; what chooses uses the marginal bound
+            bounds(y[idx], "_given_label")
         self.metrics.update(
             {
-                "nelbo_grey": nelbo_grey.mean().item(),
-                "nelbo_grey_stderr": stderr(nelbo_grey),
-                "nelbo_binarized": nelbo_bin.mean().item(),
-                "nelbo_binarized_stderr": stderr(nelbo_bin),
-                "iwae_nll": nll.mean().item(),
-                "iwae_nll_stderr": stderr(nll),
-                "iwae_images": float(len(nll)),
+                "iwae_images": float(n),
                 "likelihood_images": float(n),
-                "likelihood_all_test_images": float(n == len(test_x)),
+                "likelihood_all_images": float(n == len(x)),
                 "iwae_k": float(p.iwae_k),
             }
         )
 
-    def run(self, test_x: torch.Tensor, test_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor) -> dict[str, float]:
-        """Every metric; val_x/val_y (held out from training and from the FID reference) start the AE/VAE interpolations."""
+    def prepare(self, refs: dict[str, Reference], out: Path | None = None) -> None:
+        """Measure against `refs` (one split's references) from now on, figures into `out`, with fresh metrics."""
+        if set(self.classifiers) != set(refs):
+            raise ValueError(f"one reference per classifier: {sorted(self.classifiers)} vs {sorted(refs)}")
+        self.refs, self.metrics, self.evidence, self.out = refs, {}, {}, None if out is None else Path(out)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def run(self, refs: dict[str, Reference], x: torch.Tensor, y: torch.Tensor, out: Path | None = None) -> dict[str, float]:
+        """Every metric of one split: `refs` are its reference features, x and y its images and labels; figures into `out`."""
+        self.prepare(refs, out)
         self.timed("samples", self.prior_samples)
         if self.model.conditional:
-            self.timed("conditional", self.conditional_samples, test_y)
-        self.timed("interpolation", self.interpolation, val_x, val_y)
+            self.timed("conditional", self.conditional_samples, y)
+        self.timed("interpolation", self.interpolation, x, y)
         if self.model.has_encoder:
-            self.timed("reconstruction", self.reconstruction, test_x)
-            self.timed("latent_scatter", self.latent_scatter, test_x, test_y)
+            self.timed("reconstruction", self.reconstruction, x)
+            self.timed("latent_scatter", self.latent_scatter, x, y)
         if hasattr(self.model, "iwae_nll"):
-            self.timed("likelihood", self.likelihood, test_x, test_y)
+            self.timed("likelihood", self.likelihood, x, y)
         return self.metrics
+
+
+def protocol(p: EvaluateParams, refs: dict[str, Reference], data_hash: str) -> dict:
+    """What a measurement depends on besides the model: two evaluations with equal protocols are comparable.
+    The split and its data, the ruler (each evaluator's weights), every count, seed and bootstrap setting
+    (batch_size only chunks the work), and the measuring code itself."""
+    split = next(iter(refs.values())).split
+    code = hashlib.sha256(Path(str(metrics.__file__)).read_bytes() + Path(__file__).read_bytes()).hexdigest()
+    return {
+        "split": split,
+        "data": data_hash,
+        "evaluators": {suffix: ref.evaluator_hash for suffix, ref in sorted(refs.items())},
+        "evaluate": p.model_dump(exclude={"batch_size", "evaluators"}),
+        "code": code[:16],
+    }
+
+
+def fingerprint(protocol: dict) -> str:
+    """A short name of a protocol: equal fingerprints, comparable numbers."""
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_classifiers(folder: Path, device) -> dict[str, Classifier]:
+    try:
+        return evaluators.load_classifiers(folder, device)
+    except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as err:
+        raise StageError(f"{folder}: cannot load the evaluators ({err}); run `dvc repro reference`") from err
+
+
+def measure(
+    model: GenerativeModel,
+    evaluator: Path,
+    prepared: Path,
+    p: EvaluateParams,
+    device,
+    figures_dir: Path | None = None,
+    splits: tuple[str, ...] = SPLITS,
+) -> tuple[dict[str, dict], dict]:
+    """{split: metrics} of `model`, each carrying its protocol's fingerprint, and the validation split's evidence
+    (its protocol and per-sample, per-image values). The one evaluation path: the evaluate stage, and promotion
+    when it re-measures a champion under the candidate's protocol. Figures of the test split go to `figures_dir`."""
+    torch.manual_seed(p.seed)
+    job = Evaluation(model, load_classifiers(evaluator, device), p)
+    hashes = data.split_hashes(prepared)
+    results: dict[str, dict] = {}
+    evidence: dict = {}
+    for split in splits:
+        refs = load_references(evaluator, split, device)
+        part = data.load_split(prepared, split)
+        x, y = data.to_float(part.images, device), part.labels.to(device)
+        measured: dict = dict(job.run(refs, x, y, figures_dir if split == "test" else None))
+        terms = protocol(p, refs, hashes[split])
+        measured.update({f"evaluator_hash{suffix}": ref.evaluator_hash for suffix, ref in refs.items()})
+        measured.update({"protocol": fingerprint(terms), "split": split})
+        results[split] = measured
+        if split == "val":
+            evidence = {"protocol": terms, "fingerprint": measured["protocol"], **job.evidence}
+    return results, evidence
+
+
+def paired_comparisons(
+    keys: list[str], candidate: dict, champion: dict, refs: dict[str, Reference], p: EvaluateParams
+) -> list[Comparison]:
+    """Candidate minus champion on each metric of `keys` from their validation evidence (both measured under one
+    protocol), with a paired bootstrap interval: the same sample indices and reference images resampled for both
+    (FID_cls), or the same images (IWAE bound)."""
+    out = []
+    for key in keys:
+        if key.startswith("fid_cls"):
+            suffix = key.removeprefix("fid_cls")
+            a, b, ref = candidate["sample_feats"][suffix], champion["sample_feats"][suffix], refs[suffix].feats
+            if a.shape != b.shape:
+                raise StageError(f"{key}: {len(a)} candidate samples against {len(b)} of the champion: not one protocol")
+            point = metrics.fid(a, ref) - metrics.fid(b, ref)
+            counts = metrics.bootstrap_counts(len(a), p.bootstrap, p.bootstrap_seed)
+            ref_counts = metrics.bootstrap_counts(len(ref), p.bootstrap, p.bootstrap_seed + 1)
+            replicates = metrics.paired_fid_differences(a, b, ref, counts, ref_counts)
+        elif key.startswith("iwae_nll"):
+            a, b = candidate[key], champion[key]
+            point = float((a - b).mean())
+            replicates = metrics.paired_mean_differences(a, b, metrics.bootstrap_counts(len(a), p.bootstrap, p.bootstrap_seed))
+        else:
+            raise StageError(f"{key}: a paired comparison is defined for fid_cls and iwae_nll (the gate's primary metrics)")
+        lo, hi = metrics.band(point, replicates, p.bootstrap_level)
+        out.append(Comparison(key, point, lo, hi))
+    return out

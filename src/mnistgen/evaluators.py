@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import EvaluatorParams
-from .utils import StageError, progress_bar
+from .utils import StageError, progress_bar, sha256_file
 
 FEATURE_DIM = 128
 
@@ -34,6 +34,7 @@ class FeatureSpace:
 
 FEATURE_SPACES = (FeatureSpace("", "evaluator", "evaluator 1", ""), FeatureSpace("_e2", "evaluator2", "evaluator 2", "2"))
 SPACES_FILE = "spaces.json"  # in the evaluator folder: one entry per space (suffix, files, arch, width, hash)
+MANIFEST = "manifest.json"  # in a pinned evaluator version (evaluators/v1/): its weights' hashes and how they were trained
 
 
 class Classifier(nn.Module):
@@ -86,7 +87,7 @@ def read_spaces(folder: Path) -> list[dict]:
 
 
 def load_classifiers(folder: Path, device="cpu") -> dict[str, Classifier]:
-    """{suffix: Classifier} for every feature space the train_evaluator stage wrote."""
+    """{suffix: Classifier} for every feature space the reference stage wrote."""
     return {
         s["suffix"]: load_classifier(Path(folder) / s["classifier"], s["arch"], s["width"], device) for s in read_spaces(folder)
     }
@@ -139,3 +140,92 @@ def train_classifier(train_x, train_y, params: EvaluatorParams, progress: bool =
         print(f"evaluator epoch {epoch}/{params.epochs}: loss {mean_loss:.4f}, {time.perf_counter() - started:.1f} s")
     model.eval()
     return model
+
+
+def read_pinned(folder: Path) -> dict:
+    """A pinned evaluator version's manifest, every weight file checked against the hash it pins.
+
+    The evaluators are the ruler of every FID_cls, KID_cls and precision: a fresh clone on any CPU
+    must measure with the same weights, so a file that does not match its pinned hash is an error,
+    never a reason to retrain (retraining is `mnistgen evaluator train`, a new version)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise StageError(f"{folder / MANIFEST}: cannot read the pinned evaluators' manifest ({err})") from err
+    for space in manifest["spaces"]:
+        path = folder / space["classifier"]
+        found = sha256_file(path) if path.exists() else "missing"
+        if found != space["evaluator_hash"]:
+            raise StageError(
+                f"{path}: sha256 {found[:16]} does not match the pinned {space['evaluator_hash'][:16]} in {folder / MANIFEST}; "
+                "a ruler is never changed in place: train a new version with `mnistgen evaluator train`"
+            )
+    return manifest
+
+
+def train_pinned(train_x, train_y, val_x, val_y, recipes: dict[str, EvaluatorParams], out: Path, version: str, data: str) -> dict:
+    """Train every feature space's evaluator from its recipe and write a new pinned version to `out`
+    (weights and manifest). The explicit, versioned way to change the ruler."""
+    out.mkdir(parents=True, exist_ok=False)
+    spaces = []
+    for space in FEATURE_SPACES:
+        recipe = recipes[space.section]
+        model = train_classifier(train_x, train_y, recipe)
+        val_accuracy = accuracy(model, val_x, val_y)
+        if val_accuracy < recipe.min_val_accuracy:
+            raise StageError(
+                f"{space.section}: validation accuracy {val_accuracy:.4f} is below min_val_accuracy {recipe.min_val_accuracy}"
+            )
+        weights = f"classifier{space.files}.pt"
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, out / weights)
+        spaces.append(
+            {
+                "suffix": space.suffix,
+                "section": space.section,
+                "classifier": weights,
+                "arch": recipe.arch,
+                "width": recipe.width,
+                "evaluator_hash": sha256_file(out / weights),
+                "recipe": recipe.model_dump(),
+                "val_accuracy": val_accuracy,
+            }
+        )
+    manifest = {"version": version, "trained_on": data, "spaces": spaces}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mnistgen evaluator train --out evaluators/v2`: a new pinned ruler from params.yaml's evaluator recipes."""
+    import argparse
+    import sys
+
+    from . import data
+    from .config import ParamsError, load_section
+
+    parser = argparse.ArgumentParser(prog="mnistgen evaluator", description=main.__doc__)
+    parser.add_argument("action", choices=["train"])
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--out", type=Path, required=True, help="a new folder, e.g. evaluators/v2 (its name is the version)")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.exists():
+            raise StageError(f"{args.out}: exists; a pinned version is never overwritten, choose a new one")
+        recipes = {space.section: load_section(EvaluatorParams, space.section) for space in FEATURE_SPACES}
+        train, val = data.load_split(args.data, "train"), data.load_split(args.data, "val")
+        manifest = train_pinned(
+            data.to_float(train.images),
+            train.labels,
+            data.to_float(val.images),
+            val.labels,
+            recipes,
+            args.out,
+            args.out.name,
+            data.split_hashes(args.data)["train"],
+        )
+    except (StageError, ParamsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: pinned evaluators {manifest['version']}; set evaluate.evaluators: {args.out} in params.yaml to use them")
+    return 0

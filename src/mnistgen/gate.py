@@ -1,27 +1,29 @@
-"""The promotion gate: pure decisions from metrics (the registry side lives in tracking.py).
+"""The promotion gate: pure decisions from validation metrics and paired comparisons.
 
-Per model: every floor must hold (else the candidate is a regression and CI fails);
-with no champion the floors alone decide; otherwise the candidate must beat the
-champion on the primary metric by more than min_improvement + tolerance, or the
-champion stays. The tolerance absorbs run-to-run noise: a fixed number, or `band`: the
-two noise bands' facing half-widths combined (the candidate's half towards the champion
-plus the champion's half towards the candidate, so with min_improvement 0 the bands must
-not overlap). With agree_in_both_spaces the same must hold for the metric in the second
-evaluator's feature space (`<primary>_e2`) whenever both versions have it; every reason
-says what each space says.
+Per model, in this order:
+1. Every floor must hold, else the candidate is a regression (REJECT: CI fails, nothing registered).
+2. The grade: a run never takes @champion from a champion of a higher grade (smoke < sweep < default
+   < paper), and in team mode a smoke run never becomes champion at all.
+3. With no champion, the floors alone decide.
+4. Otherwise the candidate and the champion have been measured under one protocol (the promote stage
+   re-measures the champion when the fingerprints differ) and compared pairwise: the same validation
+   images, the same sample noise, one bootstrap resample applied to both. Each compared metric gives
+   the candidate's improvement and its interval. PROMOTE when the whole interval lies beyond the
+   metric's `training_noise` (the spread of the default run over training seeds); KEEP when it lies
+   below; INCONCLUSIVE (the champion stays) when it straddles it. With agree_in_both_spaces the
+   second evaluator's space (`<primary>_e2`) must say promote too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import Floor, GateParams
+from .config import GRADES, Floor, GateParams
 
 SECOND_SPACE = "_e2"  # suffix of a metric measured in the second evaluator's feature space
-Z95 = 1.959964  # a band from a standard error: estimate +- 1.96 standard errors
 
-PROMOTE, KEEP, REJECT = "promote", "keep champion", "reject"
+PROMOTE, KEEP, INCONCLUSIVE, REJECT = "promote", "keep champion", "inconclusive: keep champion", "reject"
 
 
 @dataclass
@@ -30,6 +32,22 @@ class FloorCheck:
     value: float | None
     limit: str
     ok: bool
+
+
+@dataclass
+class Comparison:
+    """Candidate minus champion on one metric, both measured under the same protocol, with its paired-bootstrap interval."""
+
+    metric: str
+    difference: float
+    lo: float
+    hi: float
+
+    def improvement(self, higher_is_better: bool) -> tuple[float, float, float]:
+        """How much better the candidate is (positive = better): estimate, low and high end."""
+        if higher_is_better:
+            return self.difference, self.lo, self.hi
+        return -self.difference, -self.hi, -self.lo
 
 
 @dataclass
@@ -43,10 +61,20 @@ class Decision:
     champion_version: str | None = None
     candidate_version: str | None = None
     floors: list[FloorCheck] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    candidate_protocol: str | None = None  # fingerprints: what each side's numbers were measured under
+    champion_protocol: str | None = None  # the champion's as registered (before any re-measurement)
+    remeasured: bool = False  # the champion was re-evaluated under the candidate's protocol
+    candidate_grade: str | None = None
+    champion_grade: str | None = None
 
     @property
     def breaks_floor(self) -> bool:
         return self.decision == REJECT
+
+    @property
+    def moves_champion(self) -> bool:
+        return self.decision == PROMOTE
 
 
 def check_floor(floor: Floor, metrics: dict[str, float]) -> FloorCheck:
@@ -62,40 +90,48 @@ def check_floor(floor: Floor, metrics: dict[str, float]) -> FloorCheck:
     return FloorCheck(floor.metric, value, " and ".join(limits), bool(ok))
 
 
-def improvement(candidate: float, champion: float, higher_is_better: bool) -> float:
-    """How much better the candidate is (positive = better), in the metric's own units."""
-    return candidate - champion if higher_is_better else champion - candidate
+def compared_metrics(gate: GateParams) -> list[str]:
+    """The metrics a paired comparison decides on: the primary, and its second-space twin when both spaces must agree."""
+    return [gate.primary] + ([gate.primary + SECOND_SPACE] if gate.agree_in_both_spaces else [])
 
 
-def band_of(metrics: dict[str, float], key: str) -> tuple[float, float] | None:
-    """The noise band of `key`: its bootstrap interval `<key>_lo`..`<key>_hi`, else +-1.96 standard errors."""
-    if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
-        return metrics[f"{key}_lo"], metrics[f"{key}_hi"]
-    if f"{key}_stderr" in metrics and key in metrics:
-        return metrics[key] - Z95 * metrics[f"{key}_stderr"], metrics[key] + Z95 * metrics[f"{key}_stderr"]
-    return None
+def verdict(comparison: Comparison, noise: float, higher_is_better: bool) -> tuple[str, str]:
+    """PROMOTE, KEEP or INCONCLUSIVE for one metric, and why."""
+    gain, lo, hi = comparison.improvement(higher_is_better)
+    said = f"{comparison.metric}: better by {gain:.4g} [{lo:.4g}, {hi:.4g}] (paired bootstrap), training noise {noise:.4g}"
+    if lo > noise:
+        return PROMOTE, said + ": better beyond the noise"
+    if hi <= noise:
+        return KEEP, said + (": worse beyond the noise" if hi < -noise else ": not better beyond the noise")
+    return INCONCLUSIVE, said + ": the interval straddles the noise"
 
 
-def required_gain(key: str, candidate: dict[str, float], champion: dict[str, float], gate: GateParams) -> tuple[float, str]:
-    """How much better the candidate must be on `key`, and how that number was made."""
-    if gate.tolerance != "band":
-        return gate.min_improvement + gate.tolerance, f"min_improvement {gate.min_improvement:g} + tolerance {gate.tolerance:g}"
-    mine, theirs = band_of(candidate, key), band_of(champion, key)
-    if mine is None:
-        raise KeyError(f"gate tolerance 'band': the candidate has no band for {key!r} ({key}_lo/_hi or {key}_stderr)")
-    # the half of each band that faces the other value when the candidate is the better one
-    mine_half = candidate[key] - mine[0] if gate.higher_is_better else mine[1] - candidate[key]
-    if theirs is None:  # a champion registered before bands existed: assume its noise is the candidate's
-        theirs_half, whose = mine_half, "the candidate's half-width twice (the champion has no band)"
-    else:
-        theirs_half = theirs[1] - champion[key] if gate.higher_is_better else champion[key] - theirs[0]
-        whose = "the facing band half-widths"
-    return gate.min_improvement + mine_half + theirs_half, f"min_improvement {gate.min_improvement:g} + {whose}"
+def grade_rank(grade: str | None) -> int:
+    return GRADES.index(grade) if grade in GRADES else -1  # an unknown (older) grade ranks lowest
 
 
-def decide(model: str, candidate: dict[str, float], champion: dict[str, float] | None, gate: GateParams) -> Decision:
+def settle(
+    model: str,
+    candidate: dict[str, float],
+    gate: GateParams,
+    candidate_grade: str,
+    champion_grade: str | None,
+    has_champion: bool,
+    team: bool = False,
+) -> Decision | None:
+    """The decision when no comparison is needed (a broken floor, a grade, no champion), else None."""
     floors = [check_floor(f, candidate) for f in gate.floors]
-    decision = Decision(model, KEEP, "", gate.primary, candidate, champion, floors=floors)
+    decision = Decision(
+        model,
+        KEEP,
+        "",
+        gate.primary,
+        candidate,
+        None,
+        floors=floors,
+        candidate_grade=candidate_grade,
+        champion_grade=champion_grade,
+    )
     broken = [f for f in floors if not f.ok]
     if broken:
         decision.decision = REJECT
@@ -105,37 +141,45 @@ def decide(model: str, candidate: dict[str, float], champion: dict[str, float] |
         return decision
     if gate.primary not in candidate:
         raise KeyError(f"gate.{model}.primary: metric {gate.primary!r} is not in the candidate's metrics")
-    if champion is None or gate.primary not in champion:
+    if team and candidate_grade == "smoke":
+        decision.reason = "a smoke run never becomes a team champion (grade smoke); registered, not promoted"
+        return decision
+    if not has_champion:
         decision.decision = PROMOTE
         decision.reason = "no champion yet; all floors hold"
         return decision
-    direction = "higher" if gate.higher_is_better else "lower"
-    keys = [gate.primary]
-    second = gate.primary + SECOND_SPACE
-    note = ""
-    if gate.agree_in_both_spaces:
-        if second in candidate and second in champion:
-            keys.append(second)
-        else:
-            note = f"; {second} not measured for {'the champion' if second in candidate else 'the candidate'}: decided in one feature space"
-    parts, wins = [], []
-    for key in keys:
-        gain = improvement(candidate[key], champion[key], gate.higher_is_better)
-        needed, how = required_gain(key, candidate, champion, gate)
-        wins.append(gain > needed)
-        parts.append(
-            f"{key} better by {gain:.4g} ({direction} is better), {'more' if wins[-1] else 'not more'} than the "
-            f"{needed:.4g} required ({how})"
-        )
-    decision.decision = PROMOTE if all(wins) else KEEP
-    spaces = ""
-    if len(keys) == 2:
-        spaces = (
-            "; holds in both feature spaces"
-            if all(wins)
-            else ("; holds in neither feature space" if not any(wins) else "; does not hold in both feature spaces")
-        )
-    decision.reason = "; ".join(parts) + spaces + note
+    if grade_rank(candidate_grade) < grade_rank(champion_grade):
+        decision.reason = f"grade {candidate_grade} is below the champion's {champion_grade}: the champion stays"
+        return decision
+    return None
+
+
+def decide(
+    model: str,
+    candidate: dict[str, float],
+    champion: dict[str, float] | None,
+    gate: GateParams,
+    comparisons: list[Comparison] | None = None,
+    candidate_grade: str = "default",
+    champion_grade: str | None = None,
+    team: bool = False,
+) -> Decision:
+    """The gate's decision for one model (see the module's docstring); `comparisons` are needed when it comes to comparing."""
+    settled = settle(model, candidate, gate, candidate_grade, champion_grade, champion is not None, team)
+    if settled is not None:
+        settled.champion = champion
+        return settled
+    if not comparisons:
+        raise ValueError(f"{model}: a champion exists, so the gate needs the paired comparison of the two")
+    decision = Decision(
+        model, KEEP, "", gate.primary, candidate, champion, candidate_grade=candidate_grade, champion_grade=champion_grade
+    )
+    decision.floors = [check_floor(f, candidate) for f in gate.floors]
+    verdicts = [verdict(c, gate.training_noise[c.metric], gate.higher_is_better) for c in comparisons]
+    outcomes = {v for v, _ in verdicts}
+    decision.comparisons = list(comparisons)
+    decision.decision = PROMOTE if outcomes == {PROMOTE} else (KEEP if KEEP in outcomes else INCONCLUSIVE)
+    decision.reason = "; ".join(why for _, why in verdicts)
     return decision
 
 
@@ -146,9 +190,13 @@ def _fmt(value: float | None) -> str:
 
 
 def to_markdown(decisions: list[Decision], exit_code: int) -> str:
-    verdict = {0: "decided", 1: "REGRESSION: a candidate breaks a floor; no alias moved", 2: "error; no alias moved"}[exit_code]
+    verdict_line = {0: "decided", 1: "REGRESSION: a candidate breaks a floor; no alias moved", 2: "error; no alias moved"}[
+        exit_code
+    ]
     lines = [
-        f"# Promotion gate: {verdict}",
+        f"# Promotion gate: {verdict_line}",
+        "",
+        "Decided on the validation split; the test split is the report's.",
         "",
         "| model | decision | candidate | champion | why |",
         "| --- | --- | --- | --- | --- |",
@@ -159,15 +207,13 @@ def to_markdown(decisions: list[Decision], exit_code: int) -> str:
             f"{'v' + d.champion_version if d.champion_version else 'none'} | {d.reason} |"
         )
     for d in decisions:
-        lines += [
-            "",
-            f"## {d.model}: {d.decision}",
-            "",
-            f"{d.reason}. Primary metric: `{d.primary}`.",
-            "",
-            "| metric | candidate | champion | floor | ok |",
-            "| --- | --- | --- | --- | --- |",
-        ]
+        measured = (
+            f"Protocols: candidate `{d.candidate_protocol}`, champion `{d.champion_protocol}`"
+            + (" (re-measured under the candidate's)" if d.remeasured else "")
+            + f". Grades: candidate {d.candidate_grade}, champion {d.champion_grade or '-'}."
+        )
+        lines += ["", f"## {d.model}: {d.decision}", "", f"{d.reason}. Primary metric: `{d.primary}`.", "", measured, ""]
+        lines += ["| metric | candidate | champion | floor | ok |", "| --- | --- | --- | --- | --- |"]
         floors = {f.metric: f for f in d.floors}
         shown = [d.primary] + [m for m in (d.primary + SECOND_SPACE,) if m in d.candidate] + [m for m in floors if m != d.primary]
         for metric in shown:
@@ -181,6 +227,7 @@ def to_markdown(decisions: list[Decision], exit_code: int) -> str:
 def to_json(decisions: list[Decision], exit_code: int) -> dict[str, Any]:
     return {
         "exit_code": exit_code,
+        "split": "val",
         "models": {
             d.model: {
                 "decision": d.decision,
@@ -188,6 +235,12 @@ def to_json(decisions: list[Decision], exit_code: int) -> dict[str, Any]:
                 "primary": d.primary,
                 "candidate_version": d.candidate_version,
                 "champion_version": d.champion_version,
+                "candidate_protocol": d.candidate_protocol,
+                "champion_protocol": d.champion_protocol,
+                "remeasured": d.remeasured,
+                "candidate_grade": d.candidate_grade,
+                "champion_grade": d.champion_grade,
+                "comparisons": [asdict(c) for c in d.comparisons],
                 "candidate": d.candidate,
                 "champion": d.champion,
                 "floors": [vars(f) for f in d.floors],

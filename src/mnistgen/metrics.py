@@ -230,17 +230,37 @@ def band(point: float, replicates: Sequence[float] | Tensor, level: float = 0.95
     return point - (mid - lo), point + (hi - mid)
 
 
+def weighted_stats(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of the rows of x (float64) repeated c[i] times each: one bootstrap resample."""
+    total = c.sum()
+    mu = c @ x / total
+    centred = x - mu
+    return mu, (centred * c[:, None]).T @ centred / (total - 1)
+
+
 def fid_replicates(feats: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Tensor) -> list[float]:
     """FID of each bootstrap resample (weights `counts` [rounds, n]) of feats against fixed reference stats."""
     x = feats.reshape(len(feats), -1).to(torch.float64)
+    return [fid_from_stats(*weighted_stats(x, c), ref_mu, ref_sigma) for c in counts.to(x.device)]
+
+
+def paired_fid_differences(a: Tensor, b: Tensor, reference: Tensor, counts: Tensor, ref_counts: Tensor) -> list[float]:
+    """FID(a) - FID(b) in each bootstrap round, with one resample of the sample indices for both (row i of a and of
+    b were drawn from the same noise) and one resample of the reference images for both: a paired bootstrap, whose
+    spread is that of the difference, smaller than two independent bands suggest when the two sets move together."""
+    xa, xb = (f.reshape(len(f), -1).to(torch.float64) for f in (a, b))
+    ref = reference.reshape(len(reference), -1).to(device=xa.device, dtype=torch.float64)
     out = []
-    for c in counts.to(x.device):
-        total = c.sum()
-        mu = c @ x / total
-        centred = x - mu
-        sigma = (centred * c[:, None]).T @ centred / (total - 1)
-        out.append(fid_from_stats(mu, sigma, ref_mu, ref_sigma))
+    for c, r in zip(counts.to(xa.device), ref_counts.to(xa.device), strict=True):
+        ref_stats = weighted_stats(ref, r)
+        out.append(fid_from_stats(*weighted_stats(xa, c), *ref_stats) - fid_from_stats(*weighted_stats(xb, c), *ref_stats))
     return out
+
+
+def paired_mean_differences(a: Tensor, b: Tensor, counts: Tensor) -> list[float]:
+    """mean(a) - mean(b) in each bootstrap round over paired per-item values (the same images scored by two models)."""
+    d = (a.to(torch.float64) - b.to(torch.float64)).to(counts.device)
+    return (counts @ d / counts.sum(1)).tolist()
 
 
 def kid_with_replicates(

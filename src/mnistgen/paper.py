@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 
 from . import gate
-from .config import GateParams, load_section, model_names
+from .config import GateParams, flatten, load_section, model_names
 from .profiles import merge
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its dvc.yaml, params and src/ (PYTHONPATH=src on a bare box)
@@ -51,10 +51,14 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: its dvc.yaml, para
 PACKED = ["paper_run.json", "params.yaml", "metrics", "reports", "evaluation", "curves", "logs"]
 
 
-def stage_commands(dvc_yaml: Path, models: list[str]) -> list[tuple[str, str]]:
-    """(stage name, command) for every stage of dvc.yaml in its order, foreach stages expanded over `models`."""
+def stage_commands(dvc_yaml: Path, models: list[str], params: dict | None = None) -> list[tuple[str, str]]:
+    """(stage name, command) for every stage of dvc.yaml in its order, foreach stages expanded over `models`;
+    `${section.key}` values come from `params` (params.yaml's), as DVC takes them."""
     spec = yaml.safe_load(dvc_yaml.read_text())
-    values = {f"paths.{k}": v for var in spec.get("vars", []) for k, v in var.get("paths", {}).items()}
+    values = {
+        **flatten(params or {}),
+        **{f"paths.{k}": v for var in spec.get("vars", []) for k, v in var.get("paths", {}).items()},
+    }
     commands = []
     for name, stage in spec["stages"].items():
         if "foreach" in stage:
@@ -97,6 +101,7 @@ def write_params(profile: Path | None, work: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     if profile is not None:
         merge(params, yaml.safe_load(profile.read_text()) or {})
+    params["evaluate"]["evaluators"] = str(ROOT / params["evaluate"]["evaluators"])  # the pinned ruler, from the repository
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -168,7 +173,7 @@ def check_floors(work: Path) -> int:
     params_file = work / "params.yaml"
     decisions = []
     for name in model_names(params_file):
-        metrics = json.loads((work / "metrics" / f"{name}.json").read_text())
+        metrics = json.loads((work / "metrics" / "val" / f"{name}.json").read_text())  # the gate reads validation
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         decisions.append(gate.decide(name, numeric, None, load_section(GateParams, f"gate.{name}", params_file)))
     code = 1 if any(d.breaks_floor for d in decisions) else 0
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     write_params(args.profile, args.work)
     models = model_names(args.work / "params.yaml")
-    commands = stage_commands(ROOT / "dvc.yaml", models)
+    commands = stage_commands(ROOT / "dvc.yaml", models, yaml.safe_load((args.work / "params.yaml").read_text()))
     steps = plan(commands, models)
     if args.jobs <= 0:
         import torch

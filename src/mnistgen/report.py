@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from scipy.stats import kendalltau
 
+from .card import cell, fmt
 from .evaluators import FEATURE_SPACES
 
 SPACES = {space.suffix: space.name for space in FEATURE_SPACES}  # metric-name suffix -> the feature space
@@ -44,7 +45,11 @@ COLUMNS = [
     ("recon_bce", "recon. BCE", False),
     ("nelbo_grey", "-ELBO grey (nats)", False),
     ("nelbo_binarized", "-ELBO binarised (nats)", False),
-    ("iwae_nll", "IWAE NLL (nats)", False),
+    ("iwae_nll", "IWAE bound on -log p(x) (nats)", False),
+    # The CVAE's bounds given each image's digit: -log p(x | y), another quantity, in rows of their own.
+    ("nelbo_grey_given_label", "-ELBO grey, given the digit (nats)", False),
+    ("nelbo_binarized_given_label", "-ELBO binarised, given the digit (nats)", False),
+    ("iwae_nll_given_label", "IWAE bound on -log p(x | y) (nats)", False),
     ("latent_silhouette", "latent silhouette by digit", True),
     ("label_fidelity", "label fidelity", True),
     ("fid_cls_per_class_mean", "per-class FID_cls (mean of 10)", False),
@@ -60,28 +65,6 @@ FIGURES = [
     "samples_by_class.png",
 ]
 FIDELITY_BAR = 0.9  # "keeps the requested digit": at least 9 samples in 10 are read as the digit asked for
-
-
-def fmt(value) -> str:
-    """Two decimals from 1 up (FID 13.75, -ELBO 103.16), three significant digits below (KID 0.0154, precision 0.492)."""
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        if value != 0 and abs(value) < 1e-3:
-            return f"{value:.2e}"
-        return f"{value:.2f}" if abs(value) >= 1 else f"{value:#.3g}"
-    return str(value)
-
-
-def cell(r: dict, key: str) -> str:
-    """A value with its noise band, '13.73 [13.52, 13.97]', or with its standard error."""
-    if key not in r:
-        return "–"
-    if f"{key}_lo" in r and f"{key}_hi" in r:
-        return f"{fmt(r[key])} [{fmt(r[f'{key}_lo'])}, {fmt(r[f'{key}_hi'])}]"
-    if r.get(f"{key}_stderr"):
-        return f"{fmt(r[key])} ± {fmt(r[f'{key}_stderr'])}"
-    return fmt(r[key])
 
 
 def winners(results: dict[str, dict]) -> dict[str, str]:
@@ -311,6 +294,20 @@ def table(results: dict[str, dict], real: dict, bold=lambda cell: f"**{cell}**")
 HEADLINE = ["fid_cls", "fid_cls_e2", "precision", "recall", "is_cls", "recon_mse", "iwae_nll", "label_fidelity"]
 
 
+def with_seed_spread(results: dict[str, dict], seeds: dict[str, dict], split: str = "test") -> dict[str, dict]:
+    """The results with each metric's standard deviation over training seeds (metrics/seeds/<model>.json, `mnistgen
+    seeds`) as `<key>_seed_sd` and the number of seeds as `seeds`, where a model has a seeds file measured under the
+    results' own protocol (a smoke run's figures never get the default run's spread)."""
+    out = {}
+    for name, r in results.items():
+        measured_alike = seeds.get(name, {}).get("protocols", {}).get(split) == r.get("protocol")
+        spread = seeds[name]["spread"][split] if measured_alike else {}
+        out[name] = {**r, **{f"{k}_seed_sd": v["sd"] for k, v in spread.items()}}
+        if spread:
+            out[name]["seeds"] = len(seeds[name]["seeds"])
+    return out
+
+
 def headline_table(results: dict[str, dict]) -> str:
     """The README's table: one row per model, the headline metrics with their bands (markdown)."""
     labels = {key: label for key, label, _ in COLUMNS}
@@ -331,18 +328,27 @@ def notes(results: dict[str, dict], evaluator: dict, agreement: dict[str, float]
         "A gap whose bands overlap is too close to call. ± is a standard error.",
         "Sharpness is measured on the prior samples and, in the real-data column, on the reference test digits.",
     ]
-    vae = results.get("vae", {})
-    if "likelihood_images" in vae:
-        which = "all" if vae.get("likelihood_all_test_images") else "a seeded random subset of"
+    counts = sorted({int(r["seeds"]) for r in results.values() if "seeds" in r})
+    if counts:
         lines.append(
-            f"The VAE's -ELBO (grey and binarised) and IWAE NLL (k = {vae.get('iwae_k', 0):.0f}) are all on the same "
-            f"{vae['likelihood_images']:.0f} test images ({which} the test set), binarised once with evaluate.binarize_seed."
+            f"sd: the standard deviation of a figure over {' or '.join(map(str, counts))} training seeds of the default run "
+            "(metrics/seeds/, `mnistgen seeds`): the training noise, which the bands above do not include. Another CPU "
+            "gives other floats; its figures fall within this spread, not on these digits."
+        )
+    vae = results.get("vae", results.get("cvae", {}))
+    if "likelihood_images" in vae:
+        which = "all" if vae.get("likelihood_all_images") else "a seeded random subset of"
+        lines.append(
+            f"The -ELBO (grey and binarised) and IWAE bounds (k = {vae.get('iwae_k', 0):.0f}) are all on the same "
+            f"{vae['likelihood_images']:.0f} test images ({which} the test set), binarised once with evaluate.binarize_seed. "
+            "The IWAE row bounds -log p(x) for the VAE and the CVAE alike (the CVAE's marginalises the digit over its "
+            "ten class priors); the CVAE's bounds given each image's digit bound -log p(x | y) and have rows of their own."
         )
     points = {r["interp_points"] for r in results.values() if "interp_points" in r}
     if points:
         lines.append(
             f"Interpolation FID_cls: {', '.join(f'{p:.0f}' for p in sorted(points))} interior points per model, "
-            "AE/VAE paths between held-out validation digits, bands resampling whole paths; it compares "
+            "AE/VAE paths between seeded pairs of test digits, bands resampling whole paths; it compares "
             "interpolations between models and is not on FID_cls's scale (fewer, correlated points)."
         )
     if agreement:

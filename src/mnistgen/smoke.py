@@ -33,6 +33,9 @@ OUTPUTS = (
     "curves/",
     "evaluation/",
 )  # produced by the pipeline: not copied
+RECORDS = (
+    "metrics/seeds/",
+)  # committed measurements the pipeline reads (the report shows them only beside figures measured alike)
 
 
 def copy_repo(dst: Path) -> None:
@@ -40,7 +43,7 @@ def copy_repo(dst: Path) -> None:
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     )
     for rel in listed.stdout.splitlines():
-        if rel.startswith(OUTPUTS) and not rel.endswith(".gitignore"):
+        if rel.startswith(OUTPUTS) and not rel.startswith(RECORDS) and not rel.endswith(".gitignore"):
             continue
         if (ROOT / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)

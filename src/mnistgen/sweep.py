@@ -172,6 +172,7 @@ class Objective:
             "optuna_trial": str(trial.number),
             "objective": self.name,
             "git_commit": tracking.git_commit(),
+            "grade": "sweep",  # a trial is never a champion over a full run
         }
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id

@@ -112,6 +112,11 @@ def permission_denied(err: BaseException) -> bool:
     return getattr(err, "error_code", None) == "PERMISSION_DENIED" or "403 != 200" in str(err)
 
 
+def is_team_server() -> bool:
+    """True when runs go to a tracking server (team mode), not to a local store."""
+    return tracking_uri().startswith(("http://", "https://"))
+
+
 def current_user() -> str | None:
     return os.environ.get("MLFLOW_TRACKING_USERNAME")
 

@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -102,12 +103,44 @@ def check_finite(metrics: dict[str, float], family: str, epoch: int) -> None:
         )
 
 
+def rng_state() -> dict:
+    """This process's RNG states: torch's CPU generator, and every CUDA device's when there are any."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class Checkpoint:
-    """models state, optimiser state, RNG states and history after each epoch, written atomically."""
+    """models state, optimiser state, RNG states and history after each epoch, written atomically.
+
+    Rank 0 writes the checkpoint; under torchrun every other rank writes its own RNG states beside it
+    (last.rank1.pt, ...), since each rank draws its own noise and must resume with its own generator."""
 
     def __init__(self, path: str | Path, fingerprint: dict):
         self.path = Path(path)
         self.fingerprint = sha256_json(fingerprint)
+
+    def rank_path(self, rank: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}.rank{rank}{self.path.suffix}")
+
+    def save_rank_rng(self, epoch: int) -> None:
+        """A rank other than 0: its RNG states after `epoch`."""
+        state = {"fingerprint": self.fingerprint, "epoch": epoch, "rng": rng_state()}
+        atomic_torch_save(state, self.rank_path(distributed.rank()))
+
+    def rank_rng(self, epoch: int) -> dict | None:
+        """This rank's own RNG states saved after `epoch`, or None (rank 0, or no matching file)."""
+        if distributed.rank() == 0 or not self.rank_path(distributed.rank()).exists():
+            return None
+        saved = torch.load(self.rank_path(distributed.rank()), map_location="cpu", weights_only=True)
+        return saved["rng"] if saved.get("fingerprint") == self.fingerprint and saved.get("epoch") == epoch else None
 
     def save(self, model, optimizers, schedulers, epoch, history, shuffle_rng, ema=None) -> None:
         state = {
@@ -118,10 +151,8 @@ class Checkpoint:
             "ema": None if ema is None else ema.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "schedulers": [s.state_dict() for s in schedulers],
-            "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle_rng.get_state()},
+            "rng": {**rng_state(), "shuffle": shuffle_rng.get_state()},
         }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         atomic_torch_save(state, self.path)
 
     def load(self) -> dict | None:
@@ -142,7 +173,8 @@ class Checkpoint:
         return state
 
 
-def restore(state, model, optimizers, schedulers, shuffle_rng, ema=None) -> None:
+def restore(state, model, optimizers, schedulers, shuffle_rng, ema=None, own_rng: dict | None = None) -> None:
+    """Everything back as it was after the checkpoint's epoch; `own_rng`: this rank's RNG states when not rank 0's."""
     model.load_state_dict(state["model"])
     for scheduler, saved in zip(schedulers, state["schedulers"]):
         scheduler.load_state_dict(saved)
@@ -150,10 +182,8 @@ def restore(state, model, optimizers, schedulers, shuffle_rng, ema=None) -> None
         ema.load_state_dict(state["ema"])
     for key, opt in optimizers.items():
         opt.load_state_dict(state["optimizers"][key])
-    torch.set_rng_state(state["rng"]["torch"])
-    shuffle_rng.set_state(state["rng"]["shuffle"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(own_rng or state["rng"])
+    shuffle_rng.set_state(state["rng"]["shuffle"])  # the shuffle is the same on every rank
 
 
 def step(
@@ -190,6 +220,27 @@ def ema_with_warmup(decay: float):
         torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
 
     return update
+
+
+def effective_decay(decay: float, steps: int) -> float:
+    """The decay ema_with_warmup applies at the last of `steps` updates: below `decay` when the run is too short
+    for the warm-up to reach it (the default CWGAN's 6,872 steps reach 0.99869, not 0.999)."""
+    return 0.0 if decay == 0 else min(decay, (1 + (steps - 1)) / (10 + (steps - 1)))
+
+
+@contextlib.contextmanager
+def sampling_weights(model: GenerativeModel, ema: AveragedModel | None):
+    """The weights the stage will save, in place for a while: the moving average's when there is one (then the
+    raw weights back), so that per-epoch curves, sample grids and a sweep's objective score the model that is kept."""
+    if ema is None:
+        yield
+        return
+    raw = {k: v.clone() for k, v in model.averaged().state_dict().items()}
+    model.averaged().load_state_dict(ema.module.state_dict())
+    try:
+        yield
+    finally:
+        model.averaged().load_state_dict(raw)
 
 
 def moving_average(model: GenerativeModel) -> AveragedModel | None:
@@ -276,6 +327,7 @@ def train(
     progress: bool = True,
     train_labels: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
+    raw_weights: dict | None = None,
 ) -> list[dict]:
     """Train `model` as its params say (epochs, batch size, schedule) on device-resident images in [0, 1].
 
@@ -283,6 +335,9 @@ def train(
     image); an unconditional one ignores them. Returns one dict of metrics per epoch. In a
     data-parallel run every rank passes the whole training set, and the params' batch size is the
     global batch, of which each rank trains on its slice (distributed.local_rows).
+
+    With `ema_decay` > 0 the moving average is what every epoch's validation losses and `on_epoch` see, and
+    what the model holds at the end; `raw_weights`, when given, receives the last raw weights of model.averaged().
     """
     if not model.conditional:
         train_labels = val_labels = None
@@ -305,7 +360,12 @@ def train(
     start_epoch = 0
     state = checkpoint.load() if checkpoint else None
     if checkpoint is not None and state is not None:
-        restore(state, model, optimizers, lr_schedules, shuffle_rng, ema)
+        own_rng = checkpoint.rank_rng(state["epoch"])
+        if distributed.rank() > 0 and own_rng is None:
+            raise StageError(
+                f"{checkpoint.rank_path(distributed.rank())}: this rank's RNG states for epoch {state['epoch']} are missing"
+            )
+        restore(state, model, optimizers, lr_schedules, shuffle_rng, ema, own_rng)
         history, start_epoch = state["history"], state["epoch"]
         if main:
             print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
@@ -320,7 +380,8 @@ def train(
         metrics = dict(zip(losses, means.tolist()))  # the one host sync of the epoch
         check_finite(metrics, model.family, epoch)
         seconds = time.perf_counter() - started
-        metrics.update(validation_losses(model, val_images, 1000, val_labels))
+        with sampling_weights(model, ema):
+            metrics.update(validation_losses(model, val_images, 1000, val_labels))
         check_finite(metrics, model.family, epoch)
         history.append(
             {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * params.batch_size / seconds}
@@ -332,10 +393,29 @@ def train(
             )
             if checkpoint:
                 checkpoint.save(model, optimizers, lr_schedules, epoch, history, shuffle_rng, ema)
+        elif checkpoint:
+            checkpoint.save_rank_rng(epoch)
             if on_epoch:
-                on_epoch(epoch, history[-1], model)
+                with sampling_weights(model, ema):
+                    on_epoch(epoch, history[-1], model)
     if ema is not None:  # the averaged weights are the ones that sample, are evaluated and registered
+        if raw_weights is not None:
+            raw_weights.update({k: v.clone() for k, v in model.averaged().state_dict().items()})
         model.averaged().load_state_dict(ema.module.state_dict())
     model.eval()
     model.fit_prior(train_images)
     return history
+
+
+def compile_in_place(model: GenerativeModel) -> list[str]:
+    """torch.compile each direct submodule in place (nn.Module.compile), except those the model differentiates
+    twice (a Wasserstein critic, WGAN's and CWGAN's alike: its gradient penalty uses create_graph=True), which
+    compiled graphs do not support, so they stay eager. Returns the compiled names.
+    """
+    names = []
+    for name, child in model.named_children():
+        if name in model.twice_differentiated:
+            continue
+        child.compile()
+        names.append(name)
+    return names

@@ -7,13 +7,16 @@ class and its params class) plus its section in params.yaml; nothing else lists 
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
 from ..config import PARAMS_FILE, ModelParams, describe, read_params, section
+from ..utils import StageError
 from .base import FAMILIES, GenerativeModel
 
 for _module in pkgutil.iter_modules(__path__):
@@ -43,4 +46,16 @@ def build_model(params: ModelParams) -> GenerativeModel:
     return FAMILIES[params.family](params)
 
 
-__all__ = ["FAMILIES", "GenerativeModel", "build_model", "load_model_params", "model_params", "params_union"]
+def load_trained(folder: Path, device: torch.device | str = "cpu") -> GenerativeModel:
+    """A trained model from its folder (config.json and weights.pt, as the train stage and a logged model hold them)."""
+    folder = Path(folder)
+    try:
+        params = model_params(json.loads((folder / "config.json").read_text()), f"{folder}/config.json")
+        model = build_model(params)
+        model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, json.JSONDecodeError) as err:
+        raise StageError(f"{folder}: cannot load the trained model ({err})") from err
+    return model.to(device).eval()
+
+
+__all__ = ["FAMILIES", "GenerativeModel", "build_model", "load_model_params", "load_trained", "model_params", "params_union"]

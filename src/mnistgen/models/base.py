@@ -34,6 +34,7 @@ class GenerativeModel(nn.Module):
     family: str = ""
     Params: type[ModelParams] = ModelParams
     has_encoder: bool = False
+    twice_differentiated: tuple[str, ...] = ()  # submodules whose loss needs a double backward: torch.compile cannot take them
     gaussian_latent: bool = True  # sample_latent draws from N(0, I): slerp paths make sense
     conditional: bool = False  # trained on (image, label) pairs and sampled for a requested digit
 

@@ -3,11 +3,13 @@
 The encoder's posterior q(z|x) is pulled towards its class's Gaussian (KL(q(z|x) || N(mu_y, I)),
 one learned mean mu_y per digit) instead of one N(0, I), so the latent space falls into ten
 clusters; the decoder sees only z, so sampling a 7 is z ~ N(mu_7, I), then decode. Its -ELBO
-and IWAE bound are bounds on -log p(x | y): conditional on the label.
+and IWAE bound given the label bound -log p(x | y); its IWAE bound with the label marginalised
+(log_prior without y) bounds -log p(x), like the VAE's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -15,7 +17,7 @@ from pydantic import PositiveFloat
 from torch import nn
 
 from .base import NUM_CLASSES
-from .vae import VAE, VAEParams
+from .vae import VAE, VAEParams, log_normal
 
 
 class CVAEParams(VAEParams):
@@ -40,6 +42,15 @@ class CVAE(VAE):
         if y is None:
             raise ValueError("cvae: the prior N(mu_y, I) needs the labels y")
         return self.class_means[y.to(self.class_means.device)].to(mu.dtype)
+
+    def log_prior(self, z, y=None):
+        """log p(z | y) given labels; without them the label is marginalised: log sum_y p(y) N(z; mu_y, I),
+        p(y) = 1/10. As the decoder sees only z, an IWAE bound with this prior bounds -log p(x), the VAE's quantity."""
+        if y is not None:
+            return super().log_prior(z, y)
+        means = self.class_means.to(z.dtype)  # [10, d]
+        per_class = log_normal(z.unsqueeze(-2), means, torch.zeros_like(means))  # [..., 10]
+        return torch.logsumexp(per_class, -1) - math.log(NUM_CLASSES)
 
     def decode(self, z, labels=None):
         return super().decode(z)  # the decoder sees only z: the digit lives in where z sits

@@ -67,6 +67,10 @@ class VAE(GenerativeModel):
         """The mean of the prior p(z) (the CVAE: p(z | y)) for each row of mu; N(0, I) here."""
         return torch.zeros_like(mu)
 
+    def log_prior(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        """log p(z) (the CVAE given labels y: log p(z | y)), summed over the latent dimensions."""
+        return log_normal(z, self.prior_loc(y, z), torch.zeros_like(z))
+
     def negative_elbo(self, x, beta: float = 1.0, y=None):
         """Per-image reconstruction (BCE) and KL terms and their sum, in nats (given labels y for the CVAE)."""
         mu, logvar = self.posterior(x)
@@ -99,14 +103,13 @@ class VAE(GenerativeModel):
         Samples are drawn in chunks so memory stays bounded for k = 5,000.
         """
         mu, logvar = self.posterior(x)
-        prior_mu = self.prior_loc(y, mu)
         parts = []
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
             z = mu + torch.randn(m, *mu.shape, device=mu.device) * (0.5 * logvar).exp()  # [m, N, d]
             logits = self.decoder(z.flatten(0, 1)).float()
             log_px_z = -bce_per_image(logits, x.repeat(m, 1, 1, 1)).view(m, -1)
-            log_pz = log_normal(z, prior_mu.expand_as(z), torch.zeros_like(z))
+            log_pz = self.log_prior(z, None if y is None else y.expand(m, -1))
             log_qz = log_normal(z, mu, logvar)
             parts.append(log_px_z + log_pz - log_qz)
         log_w = torch.cat(parts)  # [k, N]

@@ -79,6 +79,7 @@ class WGAN(GAN):
     family = "wgan"
     Params = WGANParams  # type: ignore[assignment]  # its own params class
     params: WGANParams
+    twice_differentiated = ("critic",)  # the gradient penalty differentiates the critic's gradient (create_graph=True)
 
     @property
     def n_critic(self) -> int:  # type: ignore[override]  # the params' value, not a class constant

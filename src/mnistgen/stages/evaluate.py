@@ -1,8 +1,14 @@
-"""Stage evaluate@<model>: every metric of the protocol for one model, in both evaluator feature
-spaces, its figures, and the same numbers logged into the model's MLflow training run.
+"""Stage evaluate@<model>: every metric of the protocol for one model, on the validation split and on the
+test split, in both evaluator feature spaces, its figures, and the same numbers logged into the model's
+MLflow training run.
+
+Each split has one role: metrics/val/<model>.json is what choices read (the promotion gate), and
+metrics/test/<model>.json is read only by the final report. Both come from the same samples. The
+validation measurement carries its protocol and fingerprint (evaluation.protocol), and its per-sample
+and per-image values (evidence.pt) from which the gate makes a paired comparison with the champion.
 
 Usage: python -m mnistgen.stages.evaluate <model> --data data/prepared --evaluator models/evaluator
-       --model-dir models/<model> --figures evaluation/<model> --metrics metrics/<model>.json   (paths from dvc.yaml)
+       --model-dir models/<model> --figures evaluation/<model> --metrics metrics   (paths from dvc.yaml)
 """
 
 import argparse
@@ -12,20 +18,10 @@ from pathlib import Path
 
 import torch
 
-from mnistgen import data, evaluation, evaluators, tracking
+from mnistgen import evaluation, tracking
 from mnistgen.config import EvaluateParams, load_section
-from mnistgen.models import GenerativeModel, build_model, model_params
+from mnistgen.models import load_trained
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
-
-
-def load_trained(folder: Path, device: torch.device) -> GenerativeModel:
-    try:
-        params = model_params(json.loads((folder / "config.json").read_text()), f"{folder}/config.json")
-        model = build_model(params)
-        model.load_state_dict(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, json.JSONDecodeError) as err:
-        raise StageError(f"{folder}: cannot load the trained model ({err}); run `dvc repro train@{folder.name}`") from err
-    return model.to(device).eval()
 
 
 def main() -> None:
@@ -38,35 +34,28 @@ def main() -> None:
     params = load_section(EvaluateParams, "evaluate")
     device = pick_device("auto")
     run = tracking.Run.resume(tracking.read_run_file(args.model_dir / "run.json").get("run_id"))
-    torch.manual_seed(params.seed)
-
     try:
-        classifiers = evaluators.load_classifiers(args.evaluator, device)
-    except (OSError, RuntimeError, KeyError, json.JSONDecodeError) as err:
-        raise StageError(f"{args.evaluator}: cannot load the evaluators ({err}); run `dvc repro train_evaluator`") from err
-    refs = evaluation.load_references(args.evaluator, device)
-    test, val = data.load_split(args.data, "test"), data.load_split(args.data, "val")
-    test_x, test_y = data.to_float(test.images, device), test.labels.to(device)
-    val_x, val_y = data.to_float(val.images, device), val.labels.to(device)
-    model = load_trained(args.model_dir, device)
+        model = load_trained(args.model_dir, device)
+    except StageError as err:
+        raise StageError(f"{err}; run `dvc repro train@{args.model}`") from err
 
     with atomic_dir(args.figures) as figures_dir:
-        job = evaluation.Evaluation(model, classifiers, refs, params, figures_dir)
-        results: dict[str, float | str] = dict(job.run(test_x, test_y, val_x, val_y))
-        hashes = {f"evaluator_hash{suffix}": ref.evaluator_hash for suffix, ref in refs.items()}
-        results.update(hashes)
-        write_json(args.metrics, {k: results[k] for k in sorted(results)})  # no timings: the report and promote depend on it
-        run.log_metrics({f"eval_{k}": v for k, v in results.items() if isinstance(v, (int, float))})
+        results, evidence = evaluation.measure(model, args.evaluator, args.data, params, device, figures_dir)
+        torch.save(evidence, figures_dir / evaluation.EVIDENCE)
+        for split, measured in results.items():  # no timings: the report and promote depend on these files
+            write_json(args.metrics / split / f"{args.model}.json", {k: measured[k] for k in sorted(measured)})
+            run.log_metrics({f"{split}_{k}": v for k, v in measured.items() if isinstance(v, (int, float))})
         run.log_metrics({"eval_seconds": time.perf_counter() - started})
-        run.set_tags(hashes)
+        run.set_tags({k: v for k, v in results["val"].items() if k.startswith("evaluator_hash")})
+        run.set_tags({"protocol": results["val"]["protocol"], "protocol_json": json.dumps(evidence["protocol"], sort_keys=True)})
         run.log_artifacts(figures_dir, "evaluation")
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in job.timings.items())
-    headline = (
-        f"FID_cls {results['fid_cls']:.2f} [{results['fid_cls_lo']:.2f}, {results['fid_cls_hi']:.2f}] "
-        f"(evaluator 2: {results['fid_cls_e2']:.2f}), IS_cls {results['is_cls']:.2f}, "
-        f"precision {results['precision']:.3f}, recall {results['recall']:.3f}, gradient magnitude {results['grad_mag']:.4f}"
-    )
-    print(f"evaluate {args.model}: {headline} ({timings}; total {time.perf_counter() - started:.0f} s)")
+    for split, r in results.items():
+        print(
+            f"evaluate {args.model} on {split}: FID_cls {r['fid_cls']:.2f} [{r['fid_cls_lo']:.2f}, {r['fid_cls_hi']:.2f}] "
+            f"(evaluator 2: {r['fid_cls_e2']:.2f}), IS_cls {r['is_cls']:.2f}, precision {r['precision']:.3f}, "
+            f"recall {r['recall']:.3f}" + (f", IWAE NLL {r['iwae_nll']:.2f}" if "iwae_nll" in r else "")
+        )
+    print(f"evaluate {args.model}: protocol {results['val']['protocol']}; {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

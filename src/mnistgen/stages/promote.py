@@ -1,99 +1,224 @@
 """Stage promote (also a command): register each evaluated model and apply the promotion gate.
 
-Exit status: 0 when the gate decided (promoted or kept the champion); 1 when a candidate
-breaks a floor (a regression: CI fails; nothing is registered, no alias moves); 2 on an
-error such as an unreachable registry (the registry is left as it was).
+The gate reads the validation split only (metrics/val/ and the validation evidence); the test split is
+the report's. Before a candidate is compared with the champion both must be measured alike: when the
+champion's protocol fingerprint differs from the candidate's, the champion is loaded from the registry
+by its alias and re-measured under the candidate's protocol with the evaluate stage's own code
+(evaluation.measure); when that is impossible, promotion refuses. The comparison is paired (the same
+validation images and sample noise, one bootstrap for both), and every move of @champion is written to
+the model's ledger; each new version gets its model card as description.
+
+Exit status: 0 when the gate decided (promoted, kept the champion, or inconclusive); 1 when a candidate
+breaks a floor (a regression: CI fails; nothing is registered, no alias moves); 2 on an error such as an
+unreachable registry or a champion that cannot be re-measured (the registry is left as it was).
 Writes promotion.json and promotion.md either way.
 
-Usage: python -m mnistgen.stages.promote --metrics metrics --models models --out reports   (paths from dvc.yaml)
+Usage: python -m mnistgen.stages.promote --metrics metrics/val --models models --evaluation evaluation
+       --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
 """
 
 import argparse
 import json
 import re
 import sys
+import tempfile
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-from mnistgen import gate, tracking
-from mnistgen.config import GateParams, ParamsError, load_section, model_names
+import torch
+
+from mnistgen import card, evaluation, gate, tracking
+from mnistgen.config import EvaluateParams, GateParams, ParamsError, load_section, model_names
+from mnistgen.models import load_trained
 from mnistgen.registry import ArtifactsUnavailable, Registry, registered_name
-from mnistgen.utils import StageError, atomic_write_text, write_json
+from mnistgen.utils import StageError, atomic_write_text, pick_device, write_json
+
+PROVENANCE = ("git_commit", "params_hash", "data_hash", "device", "torch_version", "grade", "family")
 
 
-def load_candidate(name: str, metrics_dir: Path, models_dir: Path) -> tuple[dict, dict]:
-    metrics_file, run_file = metrics_dir / f"{name}.json", models_dir / name / "run.json"
+class ChampionUnmeasurable(StageError):
+    """The champion was measured under another protocol and cannot be re-measured under the candidate's."""
+
+
+@dataclass
+class Candidate:
+    name: str
+    metrics: dict
+    run: dict
+    evidence: dict
+
+    @property
+    def numeric(self) -> dict[str, float]:
+        return {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))}
+
+
+@dataclass
+class Paths:
+    metrics: Path
+    models: Path
+    evaluation: Path
+    evaluator: Path
+    data: Path
+
+
+def load_candidate(name: str, paths: Paths) -> Candidate:
+    metrics_file, run_file, evidence_file = (
+        paths.metrics / f"{name}.json",
+        paths.models / name / "run.json",
+        paths.evaluation / name / evaluation.EVIDENCE,
+    )
     try:
-        metrics = json.loads(metrics_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise StageError(f"{metrics_file}: cannot read the candidate's metrics ({err}); run `dvc repro evaluate@{name}`") from err
+        measured = json.loads(metrics_file.read_text())
+        evidence = torch.load(evidence_file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, json.JSONDecodeError) as err:
+        raise StageError(
+            f"{name}: cannot read the candidate's validation metrics or evidence ({err}); run `dvc repro evaluate@{name}`"
+        ) from err
+    if measured.get("split") != "val" or evidence.get("fingerprint") != measured.get("protocol"):
+        raise StageError(
+            f"{metrics_file}: not the validation measurement that {evidence_file} belongs to; run `dvc repro evaluate@{name}`"
+        )
     run = tracking.read_run_file(run_file)
     if not run.get("run_id") or not run.get("model_uri"):
         raise StageError(f"{run_file}: the model was trained with tracking off; nothing to register")
-    return metrics, run
+    return Candidate(name, measured, run, evidence)
 
 
-def promote(metrics_dir: Path, models_dir: Path, registry_factory=Registry) -> tuple[list[gate.Decision], int]:
+def stored_evidence(run_id: str) -> dict | None:
+    """The validation evidence the champion's evaluate stage logged, or None when it cannot be read."""
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = download_artifacts(run_id=run_id, artifact_path=f"evaluation/{evaluation.EVIDENCE}", dst_path=tmp)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - absent or unreadable: the champion is re-measured instead
+        return None
+
+
+def remeasure(name: str, version, paths: Paths, params: EvaluateParams) -> tuple[dict, dict]:
+    """The champion's validation metrics and evidence under the candidate's protocol, with evaluation.measure."""
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=tmp)
+            weights = next(Path(tmp).rglob("weights.pt"))
+            model = load_trained(weights.parent, pick_device("auto"))
+            results, evidence = evaluation.measure(model, paths.evaluator, paths.data, params, model.device, splits=("val",))
+    except Exception as err:  # noqa: BLE001 - whatever stops it, promotion refuses rather than guesses
+        raise ChampionUnmeasurable(
+            f"{name}: champion v{version.version} was measured under protocol {version.tags.get('protocol', 'unknown')} and "
+            f"cannot be re-measured under the candidate's ({type(err).__name__}: {str(err)[:300]}); refusing to compare unlike numbers"
+        ) from err
+    return results["val"], evidence
+
+
+def decide(name: str, c: Candidate, registry: Registry, rule: GateParams, paths: Paths, params: EvaluateParams) -> gate.Decision:
+    """The gate's decision for one model; the champion re-measured under the candidate's protocol when its own differs."""
+    registered = registered_name(name)
+    version = registry.champion(registered)
+    tags = (version.tags or {}) if version else {}
+    grade = registry.client.get_run(c.run["run_id"]).data.tags.get("grade", "unknown")
+    decision = gate.settle(name, c.numeric, rule, grade, tags.get("grade"), version is not None, tracking.is_team_server())
+    if decision is None:  # both measured alike, then compared pairwise
+        champion_metrics, evidence, remeasured = Registry.version_metrics(version), None, False
+        if tags.get("protocol") == c.metrics["protocol"]:
+            evidence = stored_evidence(version.run_id)
+        if evidence is None or evidence.get("fingerprint") != c.metrics["protocol"]:
+            measured, evidence = remeasure(registered, version, paths, params)
+            champion_metrics, remeasured = {k: v for k, v in measured.items() if isinstance(v, (int, float))}, True
+        refs = evaluation.load_references(paths.evaluator, "val")
+        comparisons = evaluation.paired_comparisons(gate.compared_metrics(rule), c.evidence, evidence, refs, params)
+        decision = gate.decide(name, c.numeric, champion_metrics, rule, comparisons, grade, tags.get("grade"))
+        decision.remeasured = remeasured
+    elif version is not None:
+        decision.champion = Registry.version_metrics(version)
+    decision.champion_version = str(version.version) if version else None
+    decision.champion_protocol = tags.get("protocol", "unknown") if version else None
+    decision.candidate_protocol = c.metrics["protocol"]
+    return decision
+
+
+def promote(paths: Paths, registry_factory=Registry) -> tuple[list[gate.Decision], int]:
     models = model_names()
-    gates = {name: load_section(GateParams, f"gate.{name}") for name in models}
-    candidates = {name: load_candidate(name, metrics_dir, models_dir) for name in models}
+    rules = {name: load_section(GateParams, f"gate.{name}") for name in models}
+    params = load_section(EvaluateParams, "evaluate")
+    candidates = {name: load_candidate(name, paths) for name in models}
     registry = registry_factory()
-    decisions = []
-    for name in models:
-        champion = registry.champion(registered_name(name))
-        numeric = {k: v for k, v in candidates[name][0].items() if isinstance(v, (int, float))}
-        decision = gate.decide(name, numeric, champion[1] if champion else None, gates[name])
-        decision.champion_version = champion[0] if champion else None
-        decisions.append(decision)
+    decisions = [decide(name, candidates[name], registry, rules[name], paths, params) for name in models]
     if any(d.breaks_floor for d in decisions):
         return decisions, 1  # a regression: register nothing, move no alias
+    cards = {}
     try:
         for d in decisions:
-            metrics, run = candidates[d.model]
+            c = candidates[d.model]
             registered = registered_name(d.model)
-            run_tags = registry.client.get_run(run["run_id"]).data.tags
-            tags = {k: run_tags.get(k, "unknown") for k in ("git_commit", "params_hash", "device", "torch_version")}
+            run_tags = registry.client.get_run(c.run["run_id"]).data.tags
+            tags = {k: run_tags.get(k, "unknown") for k in PROVENANCE}
             tags.update(
                 {
-                    "data_hash": tracking.data_hash(),
-                    "evaluator_hash": metrics.get("evaluator_hash", "unknown"),
+                    "protocol": c.metrics["protocol"],
+                    "protocol_json": json.dumps(c.evidence["protocol"], sort_keys=True),
+                    "split": "val",
                     "gate_decision": d.decision,
+                    **{k: v for k, v in c.metrics.items() if k.startswith("evaluator_hash")},
                 }
             )
-            d.candidate_version = registry.register(registered, run["model_uri"], run["run_id"], tags, d.candidate)
+            d.candidate_version = registry.register(registered, c.run["model_uri"], c.run["run_id"], tags, c.numeric)
             registry.set_alias(registered, "challenger", d.candidate_version)
-            if d.decision == gate.PROMOTE:
-                registry.set_alias(registered, "champion", d.candidate_version)
+            if d.moves_champion and d.champion_version != d.candidate_version:
+                evidence = f"{d.reason}; protocols candidate {d.candidate_protocol}, champion {d.champion_protocol or 'none'}"
+                registry.move_champion(registered, d.candidate_version, "promote", evidence)
+            cards[d.model] = card.model_card(
+                d.model,
+                tags["family"],
+                d.candidate_version,
+                tags["grade"],
+                c.run["run_id"],
+                tags,
+                c.evidence["protocol"],
+                c.metrics["protocol"],
+                c.numeric,
+                rules[d.model].training_noise,
+                d.decision,
+                d.reason,
+            )
+            registry.describe(registered, d.candidate_version, cards[d.model])
     except BaseException:
-        registry.rollback()
+        registry.revert()
         raise
+    for d in decisions:  # last: an artifact cannot be taken back, so it is written once the registry is settled
+        registry.client.log_text(candidates[d.model].run["run_id"], cards[d.model], "model_card.md")
     return decisions, 0
 
 
 def summary(d: gate.Decision) -> str:
     """One unambiguous line per model for a CI log, e.g. 'vae: keep champion v1 (candidate v2 declined)'."""
-    if d.decision != gate.REJECT and d.candidate_version is None:  # decided, but the promotion stopped before registering it
-        was = f"champion v{d.champion_version}" if d.champion_version else "no champion"
+    was = f"champion v{d.champion_version}" if d.champion_version else "no champion"
+    if d.decision == gate.REJECT:
+        return f"{d.model}: reject (breaks a floor; not registered)"
+    if d.candidate_version is None:  # decided, but the promotion stopped before registering it
         return f"{d.model}: candidate not registered (the gate would {'promote it' if d.decision == gate.PROMOTE else 'keep the champion'}; {was} unchanged)"
     if d.decision == gate.PROMOTE:
         return f"{d.model}: promote v{d.candidate_version} to champion" + (
             f" (was v{d.champion_version})" if d.champion_version else ""
         )
-    if d.decision == gate.KEEP and d.candidate_version == d.champion_version:
+    if d.candidate_version == d.champion_version:
         return f"{d.model}: keep champion v{d.champion_version} (the candidate is that same run)"
-    if d.decision == gate.KEEP:
-        return f"{d.model}: keep champion v{d.champion_version} (candidate v{d.candidate_version} declined)"
-    return f"{d.model}: reject (breaks a floor; not registered)"
+    how = "inconclusive" if d.decision == gate.INCONCLUSIVE else "declined"
+    return f"{d.model}: keep {was} (candidate v{d.candidate_version} {how})"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--metrics", "--models", "--out"):
+    for flag in ("--metrics", "--models", "--evaluation", "--evaluator", "--data", "--out"):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args(argv)
     decisions: list[gate.Decision] = []
     try:
-        decisions, code = promote(args.metrics, args.models)
+        decisions, code = promote(Paths(args.metrics, args.models, args.evaluation, args.evaluator, args.data))
     except (StageError, ParamsError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2

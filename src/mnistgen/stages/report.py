@@ -1,12 +1,15 @@
 """Stage report: one comparison of every model and the real-data floor, as markdown and HTML.
 
+The report is the one reader of the test split's figures: it reads metrics/test/, nothing that
+chooses reads them (the gate reads metrics/val/).
+
 The models are the keys of params.yaml's `models` section; the real-data column scores each
 evaluator's training-image reference features against its test features with the same
 protocol as a model's samples (bands included), and measures the sharpness of the reference
 test digits (the first `evaluate.num_real` test images).
 
-Usage: python -m mnistgen.stages.report --metrics metrics --figures evaluation --curves curves
-       --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
+Usage: python -m mnistgen.stages.report --metrics metrics/test --evaluator-metrics metrics/evaluator.json --seeds metrics/seeds --figures evaluation
+       --curves curves --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
 """
 
 import argparse
@@ -39,14 +42,15 @@ def read_curves(folder: Path) -> dict[str, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--metrics", "--figures", "--curves", "--evaluator", "--data", "--out"):
+    for flag in ("--metrics", "--evaluator-metrics", "--seeds", "--figures", "--curves", "--evaluator", "--data", "--out"):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args()
     models = model_names()
     params = load_section(EvaluateParams, "evaluate")
-    results = {m: read_json(args.metrics / f"{m}.json") for m in models}
-    evaluator = read_json(args.metrics / "evaluator.json")
-    refs = evaluation.load_references(args.evaluator)
+    seeds = {m: read_json(args.seeds / f"{m}.json") for m in models if (args.seeds / f"{m}.json").exists()}
+    results = report.with_seed_spread({m: read_json(args.metrics / f"{m}.json") for m in models}, seeds)
+    evaluator = read_json(args.evaluator_metrics)
+    refs = evaluation.load_references(args.evaluator, "test")
     real = evaluation.real_data_row(refs, params)
     test = data.load_split(args.data, "test")
     real.update(metrics.sharpness(data.to_float(test.images[: params.num_real], torch.device("cpu")), params.batch_size))

@@ -12,6 +12,7 @@ processes (gloo on CPU, NCCL on CUDA), each on its slice of every global batch; 
 import argparse
 import contextlib
 import csv
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from mnistgen import data, distributed, figures, tracking, training
 from mnistgen.config import ModelParams, RunParams, flatten, load_section
 from mnistgen.models import build_model, load_model_params
-from mnistgen.utils import atomic_dir, pick_device, run_stage, seed_everything, sha256_json
+from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, seed_everything, sha256_json
 
 NOT_CURVES = {"epoch", "epoch_seconds", "images_per_second"}
 
@@ -78,6 +79,12 @@ class Stage:
     data: Path
 
     def __post_init__(self):
+        subset = {k: v for k, v in json.loads((self.data / "meta.json").read_text())["params"].items() if k.startswith("limit_")}
+        if self.run_params.grade != "smoke" and any(subset.values()):
+            raise StageError(
+                f"params.yaml: train.grade is {self.run_params.grade!r}, but {self.data} is a subset ({subset}): a subset run "
+                "is graded smoke (params-smoke.yaml)"
+            )
         self.data_hash = tracking.data_hash(self.data)
         self.params_hash = sha256_json({"train": self.run_params.model_dump(), "model": self.params.model_dump()})
         self.fixed_noise = torch.randn(64, self.params.latent_dim, generator=torch.Generator().manual_seed(self.run_params.seed))
@@ -96,6 +103,7 @@ class Stage:
             "git_commit": tracking.git_commit(),
             "data_hash": self.data_hash,
             "params_hash": self.params_hash,
+            "grade": self.run_params.grade,
             "device": str(self.device),
             "torch_version": torch.__version__,
         }
@@ -119,6 +127,9 @@ class Stage:
                 "code": sha256_json(training.library_code()),
             },
         )
+        if self.params.ema_decay > 0 and distributed.is_main():  # what the warm-up lets the average reach in this run
+            steps = training.batches(len(train_images), self.params.batch_size) * self.params.epochs
+            run.log_params({"ema_effective_decay": round(training.effective_decay(self.params.ema_decay, steps), 6)})
         return training.train(
             self.model,
             train_images,

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from .. import data
+from ..utils import sha256_file, write_json
 from . import stack
 
 ROOT = stack.ROOT
@@ -75,6 +76,14 @@ def write_synthetic_digits(prepared: Path, sizes: dict[str, int], seed: int = 0)
             r, c = 2 + (y // 5) * 12, 2 + (y % 5) * 5
             images[i, r : r + 10, c : c + 5] = 255
         data.save_split(data.Split(images, labels), prepared / f"{split}.pt")
+    write_json(  # as the prepare stage describes its output
+        prepared / "meta.json",
+        {
+            "params": {"synthetic": seed, "limit_train": 0, "limit_test": 0},
+            "sha256": {split: sha256_file(prepared / f"{split}.pt") for split in sizes},
+            "sizes": sizes,
+        },
+    )
 
 
 def client_env(s: stack.Settings, **changes) -> dict[str, str]:
@@ -241,9 +250,19 @@ def drill_store_down(s: stack.Settings) -> dict:
         _, err = proc.communicate(timeout=300)
         if proc.returncode != 0:
             return {"pass": False, "why": f"train {model} failed: {last_line(err)}"}
-        (folder / "metrics").mkdir(exist_ok=True)
-        metrics = {"recon_mse": 0.001, "iwae_nll": 50.0, "fid_cls": 1.0, "classes_present": 10, "evaluator_hash": "drill"}
-        (folder / "metrics" / f"{model}.json").write_text(json.dumps(metrics))
+        # What evaluate would leave: validation metrics and their evidence (the drill is about the store, not the metrics).
+        (folder / "metrics" / "val").mkdir(parents=True, exist_ok=True)
+        (folder / "evaluation" / model).mkdir(parents=True, exist_ok=True)
+        metrics = {
+            "recon_mse": 0.001,
+            "iwae_nll": 50.0,
+            "fid_cls": 1.0,
+            "classes_present": 10,
+            "split": "val",
+            "protocol": "drill",
+        }
+        (folder / "metrics" / "val" / f"{model}.json").write_text(json.dumps(metrics))
+        torch.save({"fingerprint": "drill", "protocol": {"split": "val"}}, folder / "evaluation" / model / "evidence.pt")
     before = registry_snapshot(s)
     stack.stop_swift(s)
     try:
@@ -252,12 +271,8 @@ def drill_store_down(s: stack.Settings) -> dict:
                 sys.executable,
                 "-m",
                 "mnistgen.stages.promote",
-                "--metrics",
-                "metrics",
-                "--models",
-                "models",
-                "--out",
-                "reports",
+                *("--metrics", "metrics/val", "--models", "models", "--evaluation", "evaluation"),
+                *("--evaluator", "models/evaluator", "--data", "data/prepared", "--out", "reports"),
             ],
             cwd=folder,
             env=env,

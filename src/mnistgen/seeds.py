@@ -1,0 +1,132 @@
+"""`mnistgen seeds`: the training noise of the default run, measured over training seeds.
+
+Seed 0 is the pipeline's own run (models/<m>, metrics/val|test/<m>.json, evaluation/<m>/evidence.pt);
+this command trains each model again with other values of train.seed, the same params otherwise,
+and measures each with the evaluate stage's code (evaluation.measure) on both splits. It writes
+metrics/seeds/<model>.json: every seed's headline metrics on validation and on test, their spread
+(mean, standard deviation, min, max), and the paired comparison of every pair of seeds on the
+gate's metrics, with the same code the gate uses. The gate's training_noise and the spread beside
+each figure in the README and the report come from these files.
+
+    mnistgen seeds                 # seeds 1 and 2 of every model (about 25 minutes on 2 CPU cores)
+    mnistgen seeds --models gan --seeds 1 2 3
+
+Run it after `dvc repro` whenever the training or evaluation code or params change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import data, evaluation, gate, training
+from .card import HEADLINE
+from .config import EvaluateParams, GateParams, ParamsError, RunParams, load_section, model_names
+from .models import build_model, load_model_params
+from .utils import StageError, pick_device, seed_everything, write_json
+
+
+def train_seed(name: str, seed: int, prepared: Path, device: torch.device):
+    """models.<name> trained as the train stage trains it, with train.seed = `seed`."""
+    run_params = load_section(RunParams, "train")
+    seed_everything(seed, run_params.deterministic)
+    train, val = data.load_split(prepared, "train"), data.load_split(prepared, "val")
+    model = build_model(load_model_params(name)).to(device)
+    training.train(
+        model,
+        data.to_float(train.images, device),
+        data.to_float(val.images, device),
+        seed=seed,
+        progress=False,
+        train_labels=train.labels.to(device),
+        val_labels=val.labels.to(device),
+    )
+    return model.eval()
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def summarise(name: str, measured: dict[int, dict], evidence: dict[int, dict], refs, p: EvaluateParams, rule: GateParams) -> dict:
+    """The seeds file of one model: per-seed headline metrics, their spread, and every pair's paired comparison."""
+    seeds = sorted(measured)
+    out: dict = {"model": name, "seeds": {}, "spread": {}, "pairs": []}
+    for seed in seeds:
+        out["seeds"][str(seed)] = {
+            split: {k: measured[seed][split][k] for k in HEADLINE if k in measured[seed][split]} for split in ("val", "test")
+        }
+    for split in ("val", "test"):
+        keys = [k for k in HEADLINE if all(k in measured[s][split] for s in seeds)]
+        out["spread"][split] = {k: spread([measured[s][split][k] for s in seeds]) for k in keys}
+    for a, b in itertools.combinations(seeds, 2):
+        comparisons = evaluation.paired_comparisons(gate.compared_metrics(rule), evidence[b], evidence[a], refs, p)
+        out["pairs"].append({"champion": a, "candidate": b, "comparisons": [asdict(c) for c in comparisons]})
+    out["protocol"] = measured[seeds[0]]["val"]["protocol"]  # the gate's: validation
+    out["protocols"] = {split: measured[seeds[0]][split]["protocol"] for split in ("val", "test")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mnistgen seeds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", help="keys of params.yaml's models (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="train.seed values besides the pipeline's own")
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--evaluator", type=Path, default=Path("models/evaluator"))
+    parser.add_argument("--out", type=Path, default=Path("metrics/seeds"))
+    parser.add_argument("--keep", type=Path, default=Path("seeds"), help="each seed's weights and evidence (not in git)")
+    args = parser.parse_args(argv)
+    try:
+        p = load_section(EvaluateParams, "evaluate")
+        own_seed = load_section(RunParams, "train").seed
+        device = pick_device("auto")
+        refs = evaluation.load_references(args.evaluator, "val", device)
+        for name in args.models or model_names():
+            started = time.perf_counter()
+            rule = load_section(GateParams, f"gate.{name}")
+            measured = {
+                own_seed: {split: json.loads(Path(f"metrics/{split}/{name}.json").read_text()) for split in ("val", "test")}
+            }
+            evidence = {
+                own_seed: torch.load(Path("evaluation") / name / evaluation.EVIDENCE, map_location=device, weights_only=True)
+            }
+            for seed in args.seeds:
+                model = train_seed(name, seed, args.data, device)
+                measured[seed], evidence[seed] = evaluation.measure(model, args.evaluator, args.data, p, device)
+                folder = args.keep / name / f"seed{seed}"
+                folder.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), folder / "weights.pt")
+                torch.save(evidence[seed], folder / evaluation.EVIDENCE)
+                print(f"seeds {name} seed {seed}: val fid_cls {measured[seed]['val']['fid_cls']:.3f}", flush=True)
+            if len({m["val"]["protocol"] for m in measured.values()}) != 1:
+                raise StageError(f"{name}: the seeds were measured under different protocols; run `dvc repro` first")
+            summary = summarise(name, measured, evidence, refs, p, rule)
+            write_json(args.out / f"{name}.json", summary)
+            val = summary["spread"]["val"]
+            print(
+                f"seeds {name}: {len(measured)} seeds in {time.perf_counter() - started:.0f} s; validation "
+                + ", ".join(f"{k} {v['mean']:.4g} (sd {v['sd']:.3g}, {v['min']:.4g}..{v['max']:.4g})" for k, v in val.items())
+            )
+    except (StageError, ParamsError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

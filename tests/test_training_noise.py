@@ -1,0 +1,88 @@
+"""What holds bit for bit, and what holds within the training noise.
+
+Bit for bit (the same commit on the same CPU): training twice with one seed gives the same weights, and
+measuring them twice the same metrics. Within the noise (another seed, or another CPU, whose floats
+differ): metrics/seeds/ holds the default run retrained with other seeds (`mnistgen seeds`), and the
+gate's training_noise must cover every pair of them, so that a rerun of the same commit neither
+promotes nor regresses.
+"""
+
+import json
+
+import pytest
+import torch
+from helpers import ROOT, pin_tiny_evaluators, tiny, tiny_evaluation_sections, write_prepared
+
+from mnistgen import data, evaluation, gate, training
+from mnistgen.config import EvaluateParams, GateParams, load_section, model_names
+from mnistgen.models import build_model
+
+MODELS = model_names(ROOT / "params.yaml")
+
+
+def seeds_of(name: str) -> dict:
+    return json.loads((ROOT / "metrics" / "seeds" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_seeds_were_measured_like_the_run_and_are_at_least_three(name):
+    seeds = seeds_of(name)
+    assert len(seeds["seeds"]) >= 3
+    assert seeds["protocol"] == json.loads((ROOT / "metrics" / "val" / f"{name}.json").read_text())["protocol"]
+    rule = load_section(GateParams, f"gate.{name}", ROOT / "params.yaml")
+    assert len(seeds["pairs"]) == len(seeds["seeds"]) * (len(seeds["seeds"]) - 1) // 2
+    assert all([c["metric"] for c in pair["comparisons"]] == gate.compared_metrics(rule) for pair in seeds["pairs"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_rerun_with_another_seed_is_neither_promoted_nor_regressed(name):
+    """Every pair of seeds, both ways round, through the gate's own verdict: never promote, never worse beyond the noise."""
+    rule = load_section(GateParams, f"gate.{name}", ROOT / "params.yaml")
+    for pair in seeds_of(name)["pairs"]:
+        for c in pair["comparisons"]:
+            forward = gate.Comparison(c["metric"], c["difference"], c["lo"], c["hi"])
+            backward = gate.Comparison(c["metric"], -c["difference"], -c["hi"], -c["lo"])
+            for comparison in (forward, backward):
+                outcome, why = gate.verdict(comparison, rule.training_noise[c["metric"]], rule.higher_is_better)
+                assert outcome != gate.PROMOTE and "worse beyond" not in why, (name, pair["champion"], pair["candidate"], why)
+
+
+def test_the_verdict_check_above_can_fail():
+    """A margin below the seeds' spread would promote one of them: the check is not blind."""
+    gan = seeds_of("gan")
+    widest = max((c for pair in gan["pairs"] for c in pair["comparisons"]), key=lambda c: abs(c["difference"]))
+    better = gate.Comparison(
+        widest["metric"], -abs(widest["difference"]), -abs(widest["difference"]) - 1e-9, -abs(widest["difference"]) + 1e-9
+    )
+    assert gate.verdict(better, 0.0, False)[0] == gate.PROMOTE
+
+
+def test_the_same_seed_on_the_same_cpu_gives_the_same_weights_and_metrics_bit_for_bit(tmp_path, monkeypatch):
+    write_prepared(tmp_path / "data" / "prepared")
+    pinned = pin_tiny_evaluators(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    import subprocess
+    import sys
+
+    from helpers import TINY_PINNED, write_params
+
+    write_params(tmp_path, **tiny_evaluation_sections())
+    subprocess.run(
+        [sys.executable, "-m", "mnistgen.stages.reference", "--data", "data/prepared", "--evaluators", TINY_PINNED]
+        + ["--out", "models/evaluator", "--metrics", "metrics/evaluator.json"],
+        check=True,
+        capture_output=True,
+    )
+    assert pinned.exists()
+    train, val = data.load_split("data/prepared", "train"), data.load_split("data/prepared", "val")
+    params = load_section(EvaluateParams, "evaluate")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model(tiny("vae", epochs=2))
+        training.train(model, data.to_float(train.images), data.to_float(val.images), seed=0, progress=False)
+        measured, _ = evaluation.measure(model.eval(), tmp_path / "models/evaluator", tmp_path / "data/prepared", params, "cpu")
+        runs.append((model.state_dict(), measured))
+    (first, a), (second, b) = runs
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert a == b
