@@ -181,3 +181,23 @@ def test_compiling_leaves_eager_only_what_is_differentiated_twice(family, eager)
     children = dict(model.named_children())
     assert compiled == set(children) - eager
     assert all((children[name]._compiled_call_impl is None) == (name in eager) for name in children)
+
+
+def test_every_epoch_callback_sees_the_averaged_weights_the_run_keeps(tmp_path):
+    """on_epoch runs once per epoch in the main process, with the moving average in place: the last epoch's view is the
+    model that is kept, not the raw weights (handed out through raw_weights)."""
+    model = build_model(tiny("gan", ema_decay=0.9))
+    seen, raw = [], {}
+    training.train(
+        model,
+        images(),
+        images(32, 1),
+        seed=0,
+        on_epoch=lambda epoch, row, m: seen.append((epoch, {k: v.clone() for k, v in m.averaged().state_dict().items()})),
+        progress=False,
+        raw_weights=raw,
+    )
+    assert [epoch for epoch, _ in seen] == list(range(1, model.params.epochs + 1))
+    kept = model.averaged().state_dict()
+    assert all(torch.equal(seen[-1][1][k], kept[k]) for k in kept)
+    assert any(not torch.equal(raw[k], kept[k]) for k in kept if kept[k].is_floating_point())

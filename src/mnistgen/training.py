@@ -393,11 +393,11 @@ def train(
             )
             if checkpoint:
                 checkpoint.save(model, optimizers, lr_schedules, epoch, history, shuffle_rng, ema)
-        elif checkpoint:
-            checkpoint.save_rank_rng(epoch)
             if on_epoch:
                 with sampling_weights(model, ema):
                     on_epoch(epoch, history[-1], model)
+        elif checkpoint:
+            checkpoint.save_rank_rng(epoch)
     if ema is not None:  # the averaged weights are the ones that sample, are evaluated and registered
         if raw_weights is not None:
             raw_weights.update({k: v.clone() for k, v in model.averaged().state_dict().items()})
