@@ -108,8 +108,10 @@ def test_metrics_follow_the_protocol(pipeline):
     assert "recon_mse" in json.loads((work / "metrics/test/ae.json").read_text()) and "recon_mse" not in json.loads(
         (work / "metrics/test/gan.json").read_text()
     )
-    cvae = json.loads((work / "metrics/test/cvae.json").read_text())  # -log p(x) >= -log p(x | y) - log 10 ... and above it
-    assert cvae["iwae_nll_given_label"] < cvae["iwae_nll"] < cvae["iwae_nll_given_label"] + 2.31
+    # -log p(x) = -log p(x | y) + log 10 + log p(y | x) <= -log p(x | y) + 2.303: the CVAE's marginal bound can exceed its
+    # bound given the digit by at most log 10, plus the two estimates' own sampling noise (k = 100 here)
+    cvae = json.loads((work / "metrics/test/cvae.json").read_text())
+    assert cvae["iwae_nll"] < cvae["iwae_nll_given_label"] + 2.303 + 0.3, cvae
     for figure in ("samples.png", "interpolation_linear.png", "class_histogram.png"):
         assert (work / "evaluation/gan" / figure).stat().st_size > 1000
     for figure in ("reconstructions.png", "latent_scatter.png"):
@@ -178,15 +180,15 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     classifier = Classifier()  # the first evaluator: the default architecture
     classifier.load_state_dict(torch.load(work / "models/evaluator/classifier.pt", weights_only=True))
     classifier.eval()
-    ref = evaluation.Reference(**torch.load(work / "models/evaluator/reference.pt", weights_only=True))
-    real = metrics.fid(ref.train_feats, ref.test_feats)
+    ref = evaluation.load_references(work / "models/evaluator", "test")[""]
+    real = metrics.fid(ref.train_feats, ref.feats)
     noise = metrics.fid(
-        classifier.features_and_probs(torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))[0], ref.test_feats
+        classifier.features_and_probs(torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))[0], ref.feats
     )
     torch.manual_seed(0)
     broken = build_model(load_model_params("gan", work / "params.yaml")).eval()  # untrained
     with torch.no_grad():
-        broken_fid = metrics.fid(classifier.features_and_probs(broken.sample(2000))[0], ref.test_feats)
+        broken_fid = metrics.fid(classifier.features_and_probs(broken.sample(2000))[0], ref.feats)
     assert real < 0.05 * noise and real < 0.05 * broken_fid, (real, noise, broken_fid)
 
 

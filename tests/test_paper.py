@@ -159,7 +159,7 @@ def test_the_deadline_kills_the_stage_in_flight_and_the_results_still_come_back(
     assert result.returncode == 2, (result.stdout + result.stderr)[-4000:]
     summary = json.loads((work / "paper_run.json").read_text())
     statuses = [row["status"] for row in summary["stages"]]
-    killed = statuses.index("killed (deadline passed)")
-    assert set(statuses[:killed]) <= {"ok"} and all(s.startswith("not run") for s in statuses[killed + 1 :]), statuses
+    killed = statuses.index("killed (deadline passed)")  # the stages in flight (model chains run side by side) are killed
+    assert set(statuses[:killed]) <= {"ok"} and all(s.startswith(("not run", "killed")) for s in statuses[killed + 1 :]), statuses
     assert summary["seconds"] < 45  # killed at the deadline, not when the stage would have ended
     assert (out / "paper_run.tar.gz").exists()

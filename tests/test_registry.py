@@ -290,6 +290,8 @@ def test_a_champion_measured_under_another_protocol_is_remeasured_under_the_cand
 
 
 def test_a_champion_that_cannot_be_remeasured_makes_promotion_refuse(workspace, capsys):
+    if tracking.is_team_server():
+        pytest.skip("the champion's weights are removed from the embedded store's files; the team's live in Swift")
     before = champion_of("vae")
     for weights in Path("mlartifacts").rglob("weights.pt"):  # the champion's logged model loses its weights
         weights.unlink()
@@ -308,7 +310,8 @@ def test_a_smoke_candidate_cannot_displace_a_default_champion(workspace):
     candidate("vae", epochs=3, grade="smoke")  # better, but a smoke run
     code, report = promote_now()
     assert code == 0 and report["models"]["vae"]["decision"] == gate.KEEP
-    assert "grade smoke is below the champion's default" in report["models"]["vae"]["reason"]
+    reason = report["models"]["vae"]["reason"]  # on a team server the stricter rule speaks first
+    assert "grade smoke is below the champion's default" in reason or "never becomes a team champion" in reason
     assert aliases("vae")["champion"] == champion
 
 

@@ -125,8 +125,8 @@ class EvaluateParams(Section):
 
 
 class ReferenceParams(Section):
-    """The two keys of `evaluate` that choose the evaluator's reference images: all train_evaluator
-    reads of that section, so changing another key (iwae_k, ...) does not retrain the evaluator."""
+    """The keys of `evaluate` that choose the reference images and the ruler: all the reference stage reads of
+    that section, so changing another key (iwae_k, ...) does not recompute the references."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
     seed: int

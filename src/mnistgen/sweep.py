@@ -12,7 +12,7 @@ and is scored on the *validation* split only (the test split is never read):
 
 - families with a likelihood or reconstruction loss (AE, VAE, CVAE): the validation loss (the VAE's -ELBO);
 - GAN families: FID_cls of `sweep.fid_samples` samples against the validation images, in the first evaluator's
-  feature space (--evaluator, the train_evaluator stage's output); their losses do not compare across trials.
+  feature space (--evaluator, the reference stage's output); their losses do not compare across trials.
 
 The value is reported after every epoch; MedianPruner stops a trial whose value is worse than the median of
 earlier trials at the same epoch. In MLflow (experiment `sweep.experiment`) the study is one parent run and
@@ -109,7 +109,7 @@ class ValidationFID:
         try:
             self.classifier = load_classifiers(evaluator, val_images.device)[""]
         except (OSError, KeyError, RuntimeError, json.JSONDecodeError) as err:
-            raise StageError(f"{evaluator}: cannot load the evaluator ({err}); run `dvc repro train_evaluator`") from err
+            raise StageError(f"{evaluator}: cannot load the evaluator ({err}); run `dvc repro reference`") from err
         self.val_feats = self.classifier.features_and_probs(val_images)[0]
         self.samples, self.seed = samples, seed
 
@@ -151,7 +151,7 @@ class Objective:
             if evaluator is None:
                 raise StageError(
                     f"{model}: a GAN family is scored by FID_cls on the validation images: give --evaluator "
-                    "(the train_evaluator stage's folder, e.g. models/evaluator)"
+                    "(the reference stage's folder, e.g. models/evaluator)"
                 )
             self.fid = ValidationFID(evaluator, self.val_x, sweep.fid_samples, run_params.seed)
 
