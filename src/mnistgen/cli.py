@@ -7,6 +7,7 @@ MLproject entry points call `dvc repro` too. Everything else starts here:
     mnistgen sweep MODEL [--trials N ...]                an Optuna search on the validation split
     mnistgen seeds [--models M ...] [--seeds 1 2]        the default run's spread over training seeds
     mnistgen registry history|rollback MODEL ...         who was @champion when; move it back (recorded)
+    mnistgen pr check|promote                            team mode: verify a pull request's pulled run; promote it on merge
     mnistgen evaluator train --out evaluators/vN         a new pinned ruler (a new protocol)
     mnistgen profile PROFILE.yaml                        apply a params profile to params.yaml
     mnistgen serve MODEL [--alias champion]              serve a registered version over HTTP
@@ -27,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import evaluators, paper, profiles, registry, seeds, smoke, sweep
+from . import evaluators, paper, profiles, pull_request, registry, seeds, smoke, sweep
 from .team import __main__ as team_main
 from .team import drills
 
@@ -80,6 +81,7 @@ COMMANDS = {
     "sweep": sweep.main,
     "seeds": seeds.main,
     "registry": registry.main,
+    "pr": pull_request.main,
     "evaluator": evaluators.main,
     "profile": profiles.main,
     "serve": serve,

@@ -189,12 +189,12 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def to_markdown(decisions: list[Decision], exit_code: int) -> str:
+def to_markdown(decisions: list[Decision], exit_code: int, dry_run: bool = False) -> str:
     verdict_line = {0: "decided", 1: "REGRESSION: a candidate breaks a floor; no alias moved", 2: "error; no alias moved"}[
         exit_code
     ]
     lines = [
-        f"# Promotion gate: {verdict_line}",
+        f"# Promotion gate{' (dry run: nothing registered, no alias moved)' if dry_run else ''}: {verdict_line}",
         "",
         "Decided on the validation split; the test split is the report's.",
         "",

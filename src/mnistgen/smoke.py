@@ -4,10 +4,11 @@ CI's smoke run and the end-to-end test both use this. The copy gets its own git 
 MLflow store (sqlite:///mlflow.db inside the copy) and params.yaml with params-smoke.yaml
 applied (comments kept). A gate regression (promote exits 1) fails `dvc repro`, and so this script.
 
-Usage: [MNIST_MIRROR=../shared/mnist] mnistgen smoke [--workdir DIR] [--overrides FILE] [--keep-tracking-uri]
+Usage: [MNIST_MIRROR=../shared/mnist] mnistgen smoke [--workdir DIR] [--overrides FILE] [--keep-tracking-uri] [--target STAGE]
 
 With --keep-tracking-uri the stages track and register on MLFLOW_TRACKING_URI (the team server;
-credentials from MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the copy's embedded store.
+credentials from MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the copy's embedded store. With
+--target report it stops before promote, as a teammate's run for a pull request does (docs/team.md).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         help="track and register on MLFLOW_TRACKING_URI (a team server; with MLFLOW_TRACKING_USERNAME/PASSWORD) "
         "instead of the workspace's own embedded store",
     )
+    parser.add_argument("--target", default=None, help="reproduce this stage and what it depends on only (dvc repro TARGET)")
     args = parser.parse_args(argv)
     if args.keep_tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
         parser.error("--keep-tracking-uri needs MLFLOW_TRACKING_URI")
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     store = os.environ["MLFLOW_TRACKING_URI"] if args.keep_tracking_uri else "its own sqlite:///mlflow.db"
     print(f"smoke: workspace {workdir}, MLflow store {store}")
     started = time.perf_counter()
-    first = dvc("repro", cwd=workdir, keep_tracking_uri=args.keep_tracking_uri)
+    targets = [args.target] if args.target else []
+    first = dvc("repro", *targets, cwd=workdir, keep_tracking_uri=args.keep_tracking_uri)
     elapsed = time.perf_counter() - started
     promotion = workdir / "reports" / "promotion.md"
     if promotion.exists():
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smoke: dvc repro failed (exit {first.returncode}) after {elapsed:.0f} s", file=sys.stderr)
         return 1
     started = time.perf_counter()
-    second = dvc("repro", cwd=workdir, capture=True, keep_tracking_uri=args.keep_tracking_uri)
+    second = dvc("repro", *targets, cwd=workdir, capture=True, keep_tracking_uri=args.keep_tracking_uri)
     if second.returncode != 0 or "up to date" not in second.stdout:
         print(f"smoke: a second dvc repro was not a no-op:\n{second.stdout}{second.stderr}", file=sys.stderr)
         return 1

@@ -76,6 +76,11 @@ def client():
     return _mlflow().MlflowClient()
 
 
+def download_artifacts(artifact_uri: str, dst: str | Path) -> str:
+    """Download `artifact_uri` (runs:/..., models:/...) into dst; the local path."""
+    return _mlflow().artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst))
+
+
 def check_reachable() -> None:
     """Fail before any work starts when the tracking store cannot be reached."""
     uri = tracking_uri()

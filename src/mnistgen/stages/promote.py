@@ -15,6 +15,7 @@ Writes promotion.json and promotion.md either way.
 
 Usage: python -m mnistgen.stages.promote --metrics metrics/val --models models --evaluation evaluation
        --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
+       [--dry-run]   decide and write the reports only: what `mnistgen pr check` shows on a pull request
 """
 
 import argparse
@@ -141,7 +142,8 @@ def decide(name: str, c: Candidate, registry: Registry, rule: GateParams, paths:
     return decision
 
 
-def promote(paths: Paths, registry_factory=Registry) -> tuple[list[gate.Decision], int]:
+def promote(paths: Paths, registry_factory=Registry, dry_run: bool = False) -> tuple[list[gate.Decision], int]:
+    """Decide for every model, then (unless `dry_run`, which only reads the registry) register and move aliases."""
     models = model_names()
     rules = {name: load_section(GateParams, f"gate.{name}") for name in models}
     params = load_section(EvaluateParams, "evaluate")
@@ -150,6 +152,8 @@ def promote(paths: Paths, registry_factory=Registry) -> tuple[list[gate.Decision
     decisions = [decide(name, candidates[name], registry, rules[name], paths, params) for name in models]
     if any(d.breaks_floor for d in decisions):
         return decisions, 1  # a regression: register nothing, move no alias
+    if dry_run:  # a pull request's preview: what the gate would do, with the registry untouched
+        return decisions, 0
     cards = {}
     try:
         for d in decisions:
@@ -196,11 +200,11 @@ def promote(paths: Paths, registry_factory=Registry) -> tuple[list[gate.Decision
 
 def summary(d: gate.Decision) -> str:
     """One unambiguous line per model for a CI log, e.g. 'vae: keep champion v1 (candidate v2 declined)'."""
-    was = f"champion v{d.champion_version}" if d.champion_version else "no champion"
+    keep = f"keep champion v{d.champion_version}" if d.champion_version else "leave @champion unset"
     if d.decision == gate.REJECT:
         return f"{d.model}: reject (breaks a floor; not registered)"
-    if d.candidate_version is None:  # decided, but the promotion stopped before registering it
-        return f"{d.model}: candidate not registered (the gate would {'promote it' if d.decision == gate.PROMOTE else 'keep the champion'}; {was} unchanged)"
+    if d.candidate_version is None:  # decided, but not registered: a dry run, or a promotion that stopped first
+        return f"{d.model}: candidate not registered (the gate would {'promote it' if d.decision == gate.PROMOTE else keep})"
     if d.decision == gate.PROMOTE:
         return f"{d.model}: promote v{d.candidate_version} to champion" + (
             f" (was v{d.champion_version})" if d.champion_version else ""
@@ -208,17 +212,19 @@ def summary(d: gate.Decision) -> str:
     if d.candidate_version == d.champion_version:
         return f"{d.model}: keep champion v{d.champion_version} (the candidate is that same run)"
     how = "inconclusive" if d.decision == gate.INCONCLUSIVE else "declined"
-    return f"{d.model}: keep {was} (candidate v{d.candidate_version} {how})"
+    return f"{d.model}: {keep} (candidate v{d.candidate_version} {how})"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     for flag in ("--metrics", "--models", "--evaluation", "--evaluator", "--data", "--out"):
         parser.add_argument(flag, type=Path, required=True)
+    parser.add_argument("--dry-run", action="store_true", help="decide and write the reports; register nothing, move no alias")
     args = parser.parse_args(argv)
     decisions: list[gate.Decision] = []
     try:
-        decisions, code = promote(Paths(args.metrics, args.models, args.evaluation, args.evaluator, args.data))
+        paths = Paths(args.metrics, args.models, args.evaluation, args.evaluator, args.data)
+        decisions, code = promote(paths, dry_run=args.dry_run)
     except (StageError, ParamsError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
@@ -238,8 +244,8 @@ def main(argv=None) -> int:
             print(f"error: promotion failed, registry left as it was: {err}", file=sys.stderr)
         code = 2
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "promotion.md", gate.to_markdown(decisions, code))
-    write_json(args.out / "promotion.json", gate.to_json(decisions, code))
+    atomic_write_text(args.out / "promotion.md", gate.to_markdown(decisions, code, dry_run=args.dry_run))
+    write_json(args.out / "promotion.json", {**gate.to_json(decisions, code), "dry_run": args.dry_run})
     print(f"promote: exit {code}; {'; '.join(summary(d) for d in decisions) or 'no decision'} ({args.out}/promotion.md)")
     return code
 

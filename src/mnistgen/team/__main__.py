@@ -13,15 +13,14 @@ from . import stack
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mnistgen team", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "env", "status", "dvc-remote", "drills"])
-    parser.add_argument("--user", default="ci", choices=["ci", "reader", "admin"], help="which account `env` prints")
+    parser.add_argument("--user", default="ci", choices=["ci", "trainer", "reader", "admin"], help="which account `env` prints")
     args = parser.parse_args(argv)
     try:
         settings = stack.Settings.load(create=args.command == "up")
         if args.command == "up":
             stack.up(settings)
-            print("\n# a teammate (or CI) sets:")
-            print(stack.exports(settings, "ci"))
-            print(f"# read-only account: mnistgen team env --user reader; secrets in {settings.env_file}")
+            # never the secrets themselves: this output ends up in CI logs
+            print(f'team: secrets in {settings.env_file}; a client sets `eval "$(mnistgen team env --user trainer|reader|ci)"`')
         elif args.command == "down":
             stack.down(settings)
         elif args.command == "env":

@@ -17,6 +17,7 @@ tracked files or on a process's command line.
 | TEAM_MLFLOW_WORKERS | 2 | uvicorn workers of mlflow server |
 | TEAM_PG_PASSWORD, TEAM_S3_SECRET, TEAM_ADMIN_PASSWORD, TEAM_CI_PASSWORD, TEAM_READER_PASSWORD, TEAM_FLASK_SECRET | generated | secrets |
 | TEAM_OPTUNA_PASSWORD | generated | PostgreSQL role `optuna`, owner of database `optuna` alone: the shared sweeps' studies |
+| TEAM_TRAINER_PASSWORD | generated | MLflow account `trainer`: logs runs (a full pipeline for a pull request); may not register or move aliases |
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ SECRET_KEYS = (
     "TEAM_READER_PASSWORD",
     "TEAM_FLASK_SECRET",
     "TEAM_OPTUNA_PASSWORD",
+    "TEAM_TRAINER_PASSWORD",
 )
 
 
@@ -72,7 +74,14 @@ def new_secret() -> str:
 
 # Secrets added after stacks were in use: `up` generates them, but loading does not require them, so `down`, `env`
 # and `status` keep working on an env file written before them (the next `up` adds them and what they guard).
-LATER_SECRET_KEYS = ("TEAM_OPTUNA_PASSWORD",)
+LATER_SECRET_KEYS = ("TEAM_OPTUNA_PASSWORD", "TEAM_TRAINER_PASSWORD")
+USERS = ("ci", "trainer", "reader")  # MLflow accounts besides admin (docs/team.md says what each may do)
+# Each account's grants through a role of the default workspace (reader has the server's default_permission, READ):
+# ci registers versions and moves aliases of any model; trainer logs runs in any experiment and reads the registry.
+ROLES = {
+    "ci": ("ci-writer", "runs, versions and aliases", {"experiment": "MANAGE", "registered_model": "MANAGE"}),
+    "trainer": ("trainer-runs", "runs only: the registry stays read-only", {"experiment": "EDIT"}),
+}
 DEFAULTS = {
     "TEAM_HOST": "127.0.0.1",
     "TEAM_PG_PORT": "55432",
@@ -161,6 +170,8 @@ class Settings:
 
     def client_env(self, user: str = "ci") -> dict[str, str]:
         """What a teammate (or CI) sets: the server's address and one MLflow account."""
+        if not self.values.get(f"TEAM_{user.upper()}_PASSWORD"):
+            raise StackError(f"no password for account {user} in {self.env_file}: run `mnistgen team up` once to add it")
         return {
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "MLFLOW_TRACKING_USERNAME": user,
@@ -560,29 +571,20 @@ def auth_client(s: Settings):
 
 
 def ensure_users(s: Settings) -> str:
-    """Users ci and reader (created once; passwords kept in step with the settings). Returns how ci was granted."""
+    """The accounts of USERS (created once; passwords kept in step with the settings) and their roles (ROLES).
+    Returns what each was granted."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         auth = auth_client(s)
-        for user in ("ci", "reader"):
+        for user in USERS:
             password = s[f"TEAM_{user.upper()}_PASSWORD"]
             try:
                 auth.get_user(user)
                 auth.update_user_password(user, password)
             except Exception:  # noqa: BLE001 - not there yet
                 auth.create_user(user, password)
-        # ci: MANAGE on every experiment and registered model through a role in the default workspace,
-        # so it may create runs, register versions of any model (even one an admin made) and move aliases.
         try:
-            roles = {r.name: r for r in auth.list_roles("default")}
-            role = roles.get("ci-writer") or auth.create_role("default", "ci-writer", "runs, versions and aliases")
-            have = {(p.resource_type, p.resource_pattern) for p in auth.list_role_permissions(role.id)}
-            for rtype in ("experiment", "registered_model"):
-                if (rtype, "*") not in have:
-                    auth.add_role_permission(role.id, rtype, "*", "MANAGE")
-            if "ci-writer" not in {r.name for r in auth.list_user_roles("ci")}:
-                auth.assign_role("ci", role.id)
-            return "role ci-writer: MANAGE on experiment/* and registered_model/*"
+            return "; ".join(grant_role(auth, user, *ROLES[user]) for user in ROLES)
         except Exception as err:  # noqa: BLE001 - a server without roles: ci creates (and so manages) what it registers
             return f"no role support ({err}); ci manages what it creates"
     finally:
@@ -591,6 +593,19 @@ def ensure_users(s: Settings) -> str:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def grant_role(auth, user: str, role_name: str, description: str, permissions: dict[str, str]) -> str:
+    """`user` holds role `role_name` with `permissions` (resource type -> permission on every resource '*')."""
+    roles = {r.name: r for r in auth.list_roles("default")}
+    role = roles.get(role_name) or auth.create_role("default", role_name, description)
+    have = {(p.resource_type, p.resource_pattern) for p in auth.list_role_permissions(role.id)}
+    for rtype, permission in permissions.items():
+        if (rtype, "*") not in have:
+            auth.add_role_permission(role.id, rtype, "*", permission)
+    if role_name not in {r.name for r in auth.list_user_roles(user)}:
+        auth.assign_role(user, role.id)
+    return f"{user}: role {role_name} ({', '.join(f'{p} on {t}/*' for t, p in permissions.items())})"
 
 
 # ---------------------------------------------------------------- the whole stack
@@ -656,13 +671,13 @@ def up(s: Settings, log=print) -> dict:
         "step_seconds": times,
         "rss_mb": memory,
         "rss_mb_total": round(sum(memory.values()), 1),
-        "ci_grant": grant,
+        "grants": grant,
         "tracking_uri": s.tracking_uri,
         "s3_endpoint": s.s3_endpoint,
     }
     (s.state / "stack.json").write_text(json.dumps(record, indent=1))
     log(
-        f"team: stack up in {total} s, {record['rss_mb_total']:.0f} MB resident ({', '.join(f'{k} {v:.0f}' for k, v in memory.items())}); ci: {grant}"
+        f"team: stack up in {total} s, {record['rss_mb_total']:.0f} MB resident ({', '.join(f'{k} {v:.0f}' for k, v in memory.items())}); {grant}"
     )
     return record
 
