@@ -57,6 +57,11 @@ def test_the_verdict_check_above_can_fail():
     assert gate.verdict(better, 0.0, False)[0] == gate.PROMOTE
 
 
+def test_a_zero_difference_reads_as_zero_not_minus_zero():
+    _, said = gate.verdict(gate.Comparison("fid_cls", 0.0, 0.0, 0.0), 1.0, higher_is_better=False)
+    assert "better by 0 [0, 0]" in said and "-0" not in said
+
+
 def test_the_same_seed_on_the_same_cpu_gives_the_same_weights_and_metrics_bit_for_bit(tmp_path, monkeypatch):
     write_prepared(tmp_path / "data" / "prepared")
     pinned = pin_tiny_evaluators(tmp_path)

@@ -97,7 +97,7 @@ def compared_metrics(gate: GateParams) -> list[str]:
 
 def verdict(comparison: Comparison, noise: float, higher_is_better: bool) -> tuple[str, str]:
     """PROMOTE, KEEP or INCONCLUSIVE for one metric, and why."""
-    gain, lo, hi = comparison.improvement(higher_is_better)
+    gain, lo, hi = (x + 0.0 for x in comparison.improvement(higher_is_better))  # + 0.0: never a "-0" in the text
     said = f"{comparison.metric}: better by {gain:.4g} [{lo:.4g}, {hi:.4g}] (paired bootstrap), training noise {noise:.4g}"
     if lo > noise:
         return PROMOTE, said + ": better beyond the noise"

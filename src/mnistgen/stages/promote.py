@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ class Candidate:
     metrics: dict
     run: dict
     evidence: dict
+    run_tags: dict[str, str] = field(default_factory=dict)  # the MLflow run's tags, read once the registry is open
 
     @property
     def numeric(self) -> dict[str, float]:
@@ -121,7 +122,7 @@ def decide(name: str, c: Candidate, registry: Registry, rule: GateParams, paths:
     registered = registered_name(name)
     version = registry.champion(registered)
     tags = (version.tags or {}) if version else {}
-    grade = registry.client.get_run(c.run["run_id"]).data.tags.get("grade", "unknown")
+    grade = c.run_tags.get("grade", "unknown")
     decision = gate.settle(name, c.numeric, rule, grade, tags.get("grade"), version is not None, tracking.is_team_server())
     if decision is None:  # both measured alike, then compared pairwise
         champion_metrics, evidence, remeasured = Registry.version_metrics(version), None, False
@@ -149,6 +150,8 @@ def promote(paths: Paths, registry_factory=Registry, dry_run: bool = False) -> t
     params = load_section(EvaluateParams, "evaluate")
     candidates = {name: load_candidate(name, paths) for name in models}
     registry = registry_factory()
+    for c in candidates.values():
+        c.run_tags = registry.client.get_run(c.run["run_id"]).data.tags
     decisions = [decide(name, candidates[name], registry, rules[name], paths, params) for name in models]
     if any(d.breaks_floor for d in decisions):
         return decisions, 1  # a regression: register nothing, move no alias
@@ -159,8 +162,7 @@ def promote(paths: Paths, registry_factory=Registry, dry_run: bool = False) -> t
         for d in decisions:
             c = candidates[d.model]
             registered = registered_name(d.model)
-            run_tags = registry.client.get_run(c.run["run_id"]).data.tags
-            tags = {k: run_tags.get(k, "unknown") for k in PROVENANCE}
+            tags = {k: c.run_tags.get(k, "unknown") for k in PROVENANCE}
             tags.update(
                 {
                     "protocol": c.metrics["protocol"],
