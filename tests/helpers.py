@@ -218,6 +218,11 @@ def post_invocation(port: int, body: bytes | dict) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
+def git(*args: str, cwd: Path) -> None:
+    """A git command as a throw-away committer."""
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], cwd=cwd, check=True, capture_output=True)
+
+
 def enter_world(world: Path, folder: Path) -> None:
     """The world's data, pinned evaluators and references, copied into a test's folder."""
     for name in ("data", "evaluators", "models"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import clear_registry, use_team_account
-from helpers import TINY_EVALUATE, tiny_model_params
+from helpers import TINY_EVALUATE, git, tiny_model_params
 from mlflow.exceptions import MlflowException
 
 from mnistgen import pull_request, smoke, tracking
@@ -50,10 +50,6 @@ def run(*args: str, cwd: Path, env: dict, check: bool = True, timeout: float = 9
             f"{' '.join(args)} (exit {result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
         )
     return result
-
-
-def git(*args: str, cwd: Path) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], cwd=cwd, check=True, capture_output=True)
 
 
 def account_env(stack, user: str) -> dict:
@@ -115,7 +111,9 @@ def test_pull_request_flow_promotes_the_version_the_pulled_run_logged(team_stack
     git("checkout", "-q", "--", ".", cwd=clone)
 
     # on merge, as ci: the same checks, then only the promote stage
-    promoted = run("mnistgen", "pr", "promote", "--no-pull", cwd=clone, env=ci)
+    # (the venv not on PATH, as CI calls .venv/bin/mnistgen: the stage's `python` must still be the venv's)
+    bare_path = os.pathsep.join(p for p in ci["PATH"].split(os.pathsep) if Path(p) != BIN)
+    promoted = run(str(BIN / "mnistgen"), "pr", "promote", "--no-pull", cwd=clone, env={**ci, "PATH": bare_path})
     assert "promote v1 to champion" in promoted.stdout, promoted.stdout
     champion = tracking.client().get_model_version_by_alias("mnist-vae", "champion")
     assert champion.run_id == logged["run_id"] and champion.tags["grade"] == "default"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import clear_registry, use_team_account
-from helpers import ROOT, enter_world, write_params, write_prepared
+from helpers import ROOT, enter_world, git, write_params, write_prepared
 from mlflow.exceptions import MlflowException
 from test_registry import candidate, champion_of, promote_now, snapshot
 
@@ -140,10 +140,6 @@ def dvc(*args, cwd, env) -> subprocess.CompletedProcess:
     )
     assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout}{result.stderr}"
     return result
-
-
-def git(*args, cwd):
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], cwd=cwd, check=True, capture_output=True)
 
 
 def test_dvc_push_then_a_fresh_clone_pulls_and_reproduces_nothing(team_stack, tmp_path):

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import tracking
+from . import smoke, tracking
 from .config import ParamsError, RunParams, load_section, model_names
 from .utils import StageError, sha256_file
 
@@ -41,14 +41,10 @@ METRICS, MODELS = Path("metrics"), Path("models")  # dvc.yaml's layout: metrics/
 SPLITS = ("val", "test")
 
 
-class CheckFailed(StageError):
-    """The pulled outputs, dvc.lock and the logged runs do not agree."""
-
-
 def dvc(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    """A dvc command of this environment (the venv's, beside this Python)."""
-    exe = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    return subprocess.run([exe, *args], capture_output=capture, text=True)
+    """A dvc command here, with this environment's bin first on PATH (the stage commands' `python`), on the
+    tracking server of the environment."""
+    return smoke.dvc(*args, cwd=Path.cwd(), capture=capture, keep_tracking_uri=True)
 
 
 def pull() -> None:
@@ -95,7 +91,7 @@ def logged_weights_sha256(model_uri: str) -> str:
         tracking.download_artifacts(model_uri, tmp)
         found = list(Path(tmp).rglob("weights.pt"))
         if len(found) != 1:
-            raise CheckFailed(f"{model_uri}: the logged model holds {len(found)} weights.pt files, not one")
+            raise StageError(f"{model_uri}: the logged model holds {len(found)} weights.pt files, not one")
         return sha256_file(found[0])
 
 

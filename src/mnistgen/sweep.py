@@ -46,7 +46,7 @@ from .config import (
     section,
     validate_section,
 )
-from .evaluators import load_classifiers
+from .evaluation import load_classifiers
 from .models import build_model, model_params
 from .training import DivergenceError
 from .utils import StageError, pick_device, seed_everything
@@ -106,10 +106,7 @@ class ValidationFID:
     """FID_cls of a model's samples against the validation images, in the first evaluator's feature space."""
 
     def __init__(self, evaluator: Path, val_images: torch.Tensor, samples: int, seed: int):
-        try:
-            self.classifier = load_classifiers(evaluator, val_images.device)[""]
-        except (OSError, KeyError, RuntimeError, json.JSONDecodeError) as err:
-            raise StageError(f"{evaluator}: cannot load the evaluator ({err}); run `dvc repro reference`") from err
+        self.classifier = load_classifiers(evaluator, val_images.device)[""]
         self.val_feats = self.classifier.features_and_probs(val_images)[0]
         self.samples, self.seed = samples, seed
 
