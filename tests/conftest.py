@@ -79,7 +79,6 @@ def team_stack():
     from mnistgen.team import stack
 
     state = Path(tempfile.mkdtemp(prefix="mnistgen-team-test-", dir="/var/tmp"))
-    os.chmod(state, 0o755)  # PostgreSQL runs as an unprivileged user when the tests run as root
     base = free_port_block(6)
     overrides = {
         "TEAM_HOST": "127.0.0.1",

@@ -78,7 +78,7 @@ def test_pull_request_flow_promotes_the_version_the_pulled_run_logged(team_stack
     trainer, reader, ci = (account_env(team_stack, user) for user in ("trainer", "reader", "ci"))
 
     # the teammate: the pipeline up to the report against the team server, the outputs pushed, the lock committed
-    run("mnistgen", "team", "dvc-remote", cwd=origin, env=trainer)
+    run("mnistgen", "team", "dvc-remote", "--user", "trainer", cwd=origin, env=trainer)
     run("dvc", "repro", "report", cwd=origin, env=trainer, timeout=1500)
     run("dvc", "push", "-q", cwd=origin, env=trainer)
     git("add", "-A", cwd=origin)
@@ -88,7 +88,7 @@ def test_pull_request_flow_promotes_the_version_the_pulled_run_logged(team_stack
 
     # CI on the pull request, in a clean clone, as reader: pull, check, the gate's decision as a dry run
     git("clone", "-q", str(origin), str(clone), cwd=tmp_path)
-    run("mnistgen", "team", "dvc-remote", cwd=clone, env=reader)
+    run("mnistgen", "team", "dvc-remote", "--user", "reader", cwd=clone, env=reader)
     checked = run("mnistgen", "pr", "check", cwd=clone, env=reader)
     assert "agree" in checked.stdout and "candidate not registered (the gate would promote it" in checked.stdout
     assert "dry run" in (clone / "artifacts" / "promotion.md").read_text()

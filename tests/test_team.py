@@ -20,6 +20,8 @@ from mlflow.exceptions import MlflowException
 from test_registry import candidate, champion_of, promote_now, snapshot
 
 from mnistgen import tracking
+from mnistgen.team import stack
+from mnistgen.team.__main__ import set_dvc_remote
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 
@@ -166,19 +168,23 @@ def test_dvc_push_then_a_fresh_clone_pulls_and_reproduces_nothing(team_stack, tm
             outs: [bigger.txt]
     """)
     )
-    prefix = f"s3://{team_stack['TEAM_BUCKET']}/dvc-test-{uuid.uuid4().hex[:8]}"
-    dvc("remote", "add", "-d", "team", prefix, cwd=origin, env=env)
-    dvc("remote", "modify", "team", "endpointurl", team_stack.s3_endpoint, cwd=origin, env=env)
-    for key, value in (("access_key_id", team_stack.s3_access_key), ("secret_access_key", team_stack["TEAM_S3_SECRET"])):
-        dvc("remote", "modify", "--local", "team", key, value, cwd=origin, env=env)  # secrets: .dvc/config.local only
+    dvc("remote", "add", "team", "s3://placeholder", cwd=origin, env=env)  # as .dvc/config names it; dvc-remote fills it
+    set_dvc_remote(team_stack, "trainer", origin)  # the trainer's key pushes
+    config = (origin / ".dvc" / "config.local").read_text()
+    assert team_stack.s3_secret("trainer") in config and (origin / ".dvc" / "config.local").stat().st_mode & 0o777 == 0o600
+    prefix = f"s3://{team_stack.dvc_bucket}/dvc-test-{uuid.uuid4().hex[:8]}"
+    dvc("remote", "modify", "team", "url", prefix, cwd=origin, env=env)
+    dvc("remote", "modify", "--local", "--unset", "team", "url", cwd=origin, env=env)
     dvc("repro", cwd=origin, env=env)
     dvc("push", cwd=origin, env=env)
     git("add", "-A", cwd=origin)
     git("commit", "-qm", "pipeline", cwd=origin)
     assert "secret_access_key" not in (origin / ".dvc" / "config").read_text()
     subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
-    # the clone authenticates through the environment instead of a config.local
-    clone_env = {**env, "AWS_ACCESS_KEY_ID": team_stack.s3_access_key, "AWS_SECRET_ACCESS_KEY": team_stack["TEAM_S3_SECRET"]}
+    # the clone authenticates through the environment instead of a config.local, with the reader's key
+    clone_env = {**env, **stack.dvc_remote_env(team_stack, "reader")}
+    dvc("remote", "modify", "--local", "team", "endpointurl", team_stack.s3_endpoint, cwd=clone, env=env)
+    dvc("remote", "default", "--local", "team", cwd=clone, env=env)
     dvc("pull", cwd=clone, env=clone_env)
     assert (clone / "bigger.txt").read_text() == "digits\n" * 1000 * 1000
     repro = dvc("repro", cwd=clone, env=clone_env)

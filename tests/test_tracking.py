@@ -280,3 +280,98 @@ def test_the_code_shipped_with_a_logged_model_imports_on_its_own(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+STAGE_SCRIPT = """
+import time
+from mnistgen import tracking
+with tracking.Run.start("stage", "train vae", {}) as run:
+    print(run.run_id, flush=True)
+    time.sleep(120)
+"""
+
+
+def start_stage(store_uri: str, **env) -> tuple[subprocess.Popen, str]:
+    """A stage process with an open run (heartbeat every 0.2 s); returns it and its run id once the run exists."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STAGE_SCRIPT],
+        env={**os.environ, "MLFLOW_TRACKING_URI": store_uri, "MNISTGEN_HEARTBEAT_SECONDS": "0.2", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, proc.stdout.readline().strip()
+
+
+def test_sigterm_and_sigint_end_the_run_killed(store):
+    import signal
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc, run_id = start_stage(uri)
+        assert store.get_run(run_id).info.status == "RUNNING"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        assert proc.returncode != 0
+        assert store.get_run(run_id).info.status == "KILLED", proc.stderr.read()[-2000:]
+
+
+def test_a_run_whose_process_was_sigkilled_is_failed_by_the_next_run_of_its_stage(store, monkeypatch):
+    import signal
+    import time
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    dead, dead_run = start_stage(uri)
+    live, live_run = start_stage(uri)  # the same stage, running elsewhere: its heartbeat stays fresh
+    try:
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(timeout=60)
+        assert store.get_run(dead_run).info.status == "RUNNING"  # nobody could mark it
+        time.sleep(3.5)
+        monkeypatch.setenv("MNISTGEN_STALE_SECONDS", "3")  # 15 missed beats: the live run, beating every 0.2 s, is fresh
+        with tracking.Run.start("stage", "other stage", {}):  # another stage's start leaves both alone
+            pass
+        assert store.get_run(dead_run).info.status == "RUNNING"
+        with tracking.Run.start("stage", "train vae", {}):
+            pass
+        failed = store.get_run(dead_run)
+        assert failed.info.status == "FAILED" and failed.data.tags["mnistgen.failed_because"].startswith("no heartbeat for")
+        assert store.get_run(live_run).info.status == "RUNNING"
+    finally:
+        live.kill()
+
+
+def test_the_client_retries_a_failing_server_three_times_then_fails_in_one_line(monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mnistgen.utils import StageError
+
+    requests = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(503)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"):
+        monkeypatch.delenv(var, raising=False)  # the project's defaults, not another test's
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with pytest.raises(StageError) as failed:
+            tracking.check_reachable()
+    finally:
+        server.shutdown()
+    assert len(requests) == 4  # one try and three retries, with backoff
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith(
+        f"MLflow tracking store http://127.0.0.1:{server.server_address[1]} cannot be reached"
+    )

@@ -3,7 +3,7 @@
 The pipeline itself runs through DVC (`dvc repro`), whose stages are the modules of mnistgen.stages; the
 MLproject entry points call `dvc repro` too. Everything else starts here:
 
-    mnistgen team up|down|status|env|dvc-remote|drills   team mode (PostgreSQL, Swift S3, mlflow server)
+    mnistgen team up|down|restart|status|env|dvc-remote|drills  team mode (PostgreSQL, Swift S3, mlflow server)
     mnistgen sweep MODEL [--trials N ...]                an Optuna search on the validation split
     mnistgen seeds [--models M ...] [--seeds 1 2]        the default run's spread over training seeds
     mnistgen registry history|rollback MODEL ...         who was @champion when; move it back (recorded)

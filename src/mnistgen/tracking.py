@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Self
 
@@ -35,6 +38,19 @@ MODEL_CODE = (
 # switch instead: open http://<server>/#/experiments/<id>?workflowType=machine_learning.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# A started run sets this tag to the time (unix seconds) every HEARTBEAT_SECONDS while its process lives. A RUNNING
+# run whose heartbeat is older than the staleness limit (MNISTGEN_STALE_SECONDS, 10 min) belongs to a process that
+# died (SIGKILL, a lost machine): the next run of the same stage marks it FAILED, from any machine.
+HEARTBEAT_TAG = "mnistgen.heartbeat"
+HEARTBEAT_SECONDS = float(os.environ.get("MNISTGEN_HEARTBEAT_SECONDS", "60"))
+
+
+def stale_seconds() -> float:
+    return float(os.environ.get("MNISTGEN_STALE_SECONDS", "600"))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, `kill`): unwinds like Ctrl-C, so the run ends KILLED."""
 
 
 def enabled() -> bool:
@@ -59,10 +75,16 @@ def dvc_experiment_tags() -> dict[str, str]:
 
 
 def _mlflow():
-    # An unreachable server should fail fast with one message, not retry for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # A server that blips (a restart, a 5xx) gets 3 retries with backoff (about 1, 2, 4 s); one that stays down fails the
+    # stage with one line (check_reachable, Run.__exit__) within seconds, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0.5")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A team server's artifacts stream through it (its permission checks; the CA of MLFLOW_TRACKING_SERVER_CERT_PATH),
+    # not by presigned URLs straight to its object store.
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     import warnings
 
     warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
@@ -177,11 +199,15 @@ class Run:
     """One MLflow run; a no-op when tracking is off, so the library works on a bare GPU box.
 
     A context manager, like `mlflow.start_run`: `with Run.start(...) as run:` ends the run
-    FINISHED when the block completes and FAILED when it raises.
+    FINISHED when the block completes, KILLED on SIGINT or SIGTERM, and FAILED when it raises.
+    While a started run is open, a thread beats its heartbeat (HEARTBEAT_TAG).
     """
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, beat: bool = False):
         self.run_id = run_id
+        self.beat = beat and run_id is not None
+        self._stop = threading.Event()
+        self._sigterm: Any = None
 
     @classmethod
     def start(cls, experiment: str, run_name: str, tags: dict[str, str]) -> Run:
@@ -190,8 +216,11 @@ class Run:
             return cls(None)
         check_reachable()
         _fail_unfinished()
-        run = client().create_run(experiment_id(experiment), run_name=run_name, tags={**dvc_experiment_tags(), **tags})
-        return cls(run.info.run_id)
+        experiment = experiment_id(experiment)
+        fail_stale_runs(experiment, run_name)
+        tags = {**dvc_experiment_tags(), **tags, HEARTBEAT_TAG: str(int(time.time()))}
+        run = client().create_run(experiment, run_name=run_name, tags=tags)
+        return cls(run.info.run_id, beat=True)
 
     @classmethod
     def resume(cls, run_id: str | None) -> Run:
@@ -201,11 +230,32 @@ class Run:
         return cls(None)
 
     def __enter__(self) -> Self:
+        if self.beat:
+            threading.Thread(target=self._heartbeat, name=f"heartbeat {self.run_id}", daemon=True).start()
+        if self.run_id and threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         return self
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                client().set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception:  # noqa: BLE001, S112 - a missed beat is harmless; the stage reports a store that stays down
+                continue
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
         if exc_type is None:
             self.end("FINISHED")
+            return
+        if issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM: the user or the runner stopped it
+            try:
+                self.end("KILLED")
+            except Exception as err:  # noqa: BLE001 - the interruption is what the user must see
+                _remember_unfinished(self.run_id)
+                print(f"warning: could not mark MLflow run {self.run_id} KILLED: {_first_line(err)}")
             return
         try:
             self.end("FAILED")
@@ -335,6 +385,30 @@ def model_requirements() -> list[str]:
 
 
 UNFINISHED = Path("checkpoints") / "unfinished_mlflow_runs.json"  # runs whose end the store did not hear (git-ignored)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def fail_stale_runs(experiment: str, run_name: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this stage (experiment and run name) whose heartbeat is older than the
+    staleness limit: their process died without ending them. A run with a fresh heartbeat (a live run on another
+    machine) is left alone. Returns the runs marked."""
+    now = time.time()
+    quoted = "'" + run_name.replace("'", "\\'") + "'"
+    runs = client().search_runs(
+        [experiment], filter_string=f"attributes.status = 'RUNNING' and attributes.run_name = {quoted}", max_results=100
+    )
+    marked = []
+    for run in runs:
+        beat = float(run.data.tags.get(HEARTBEAT_TAG, run.info.start_time / 1000))
+        if now - beat > stale_seconds():
+            client().set_terminated(run.info.run_id, "FAILED")
+            client().set_tag(run.info.run_id, "mnistgen.failed_because", f"no heartbeat for {now - beat:.0f} s")
+            print(f"note: marked MLflow run {run.info.run_id} FAILED (its process stopped beating {now - beat:.0f} s ago)")
+            marked.append(run.info.run_id)
+    return marked
 
 
 def _first_line(err: BaseException) -> str:

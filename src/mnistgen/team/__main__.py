@@ -1,24 +1,45 @@
-"""mnistgen team up|down|env|status|dvc-remote  (see mnistgen/team/__init__.py)."""
+"""mnistgen team up|down|restart|env|status|dvc-remote  (drills: mnistgen team drills; see mnistgen/team/__init__.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
+from pathlib import Path
 
 from . import stack
 
 
+def set_dvc_remote(settings: stack.Settings, user: str, repo_dir: Path = Path()) -> Path:
+    """Remote 'team' of this repository, with `user`'s S3 key, as the default: written through DVC's own config API into
+    .dvc/config.local (git-ignored by DVC), 0600, so the secret is never on a command line."""
+    from dvc.repo import Repo
+
+    config = stack.dvc_remote_config(settings, user)
+    old_umask = os.umask(0o077)  # the file is private from its first byte
+    try:
+        with Repo(str(repo_dir)) as repo, repo.config.edit("local") as local:
+            local["remote"]["team"] = config
+            local["core"]["remote"] = "team"
+            path = Path(repo.dvc_dir) / "config.local"
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mnistgen team", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "env", "status", "dvc-remote", "drills"])
-    parser.add_argument("--user", default="ci", choices=["ci", "trainer", "reader", "admin"], help="which account `env` prints")
+    parser.add_argument("command", choices=["up", "down", "restart", "env", "status", "dvc-remote"])
+    parser.add_argument(
+        "--user", default="ci", choices=["ci", "trainer", "reader", "admin"], help="whose account `env` and `dvc-remote` use"
+    )
     args = parser.parse_args(argv)
     try:
-        settings = stack.Settings.load(create=args.command == "up")
-        if args.command == "up":
-            stack.up(settings)
+        settings = stack.Settings.load(create=args.command in ("up", "restart"))
+        if args.command in ("up", "restart"):
+            (stack.up if args.command == "up" else stack.restart)(settings)
             # never the secrets themselves: this output ends up in CI logs
             print(f'team: secrets in {settings.env_file}; a client sets `eval "$(mnistgen team env --user trainer|reader|ci)"`')
         elif args.command == "down":
@@ -28,19 +49,9 @@ def main(argv=None) -> int:
         elif args.command == "status":
             print(json.dumps(stack.status(settings)))
         elif args.command == "dvc-remote":
-            # the credentials go to .dvc/config.local (git-ignored by DVC), the endpoint of this stack too
-            for key, value in (
-                ("url", f"s3://{settings['TEAM_BUCKET']}/dvc"),
-                ("endpointurl", settings.s3_endpoint),
-                ("access_key_id", settings.s3_access_key),
-                ("secret_access_key", settings["TEAM_S3_SECRET"]),
-            ):
-                subprocess.run(["dvc", "remote", "modify", "--local", "team", key, value], check=True)
-            subprocess.run(["dvc", "remote", "default", "--local", "team"], check=True)
-            print(
-                f"team: .dvc/config.local points remote 'team' at {settings.s3_endpoint} with its credentials (the default remote)"
-            )
-    except (stack.StackError, subprocess.CalledProcessError) as err:
+            path = set_dvc_remote(settings, args.user)
+            print(f"team: {path} points remote 'team' at {settings.s3_endpoint} with {args.user}'s key (the default remote)")
+    except stack.StackError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -193,7 +193,7 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
         "traceback": "Traceback" in err,
     }
     restart = time.perf_counter()
-    stack.start_mlflow(s)
+    stack.start_mlflow(s, stack.os_user(s))
     restart_seconds = time.perf_counter() - restart
     status_after_restart = client.get_run(run.info.run_id).info.status
     second = train(folder, "vae", env)
@@ -228,7 +228,7 @@ def drill_pg_restart(s: stack.Settings) -> dict:
     out1, err1 = first.communicate(timeout=300)
     t = time.perf_counter()
     stack.stop_postgres(s)
-    stack.start_postgres(s)
+    stack.start_postgres(s, stack.os_user(s))
     restart_seconds = time.perf_counter() - t
     second = train(folder, "vae", env)
     out2, err2 = second.communicate(timeout=300)
@@ -281,7 +281,7 @@ def drill_store_down(s: stack.Settings) -> dict:
             timeout=600,
         )
     finally:
-        stack.start_swift(s)
+        stack.start_swift(s, stack.os_user(s))
     after = registry_snapshot(s)
     errors = [line for line in promoted.stderr.splitlines() if line.startswith("error:")]
     ok = promoted.returncode == 2 and before == after and "Traceback" not in promoted.stderr
