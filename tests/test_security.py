@@ -296,13 +296,17 @@ def status_of(call) -> int:
         return err.get_http_status_code()
 
 
-def test_only_admin_and_ci_create_registered_models_or_move_aliases(team_stack, monkeypatch):
+def test_only_admin_and_ci_create_registered_models_or_move_aliases_and_readers_create_nothing(team_stack, monkeypatch):
     from conftest import clear_registry
 
     clear_registry(team_stack)
     for user in ("reader", "trainer"):
         client = mlflow_as(team_stack, user, monkeypatch)
         assert status_of(lambda c=client, u=user: c.create_registered_model(f"mnist-anything-{u}")) == 403
+    reader = mlflow_as(team_stack, "reader", monkeypatch)
+    assert status_of(lambda: reader.create_experiment(f"reader-{time.time_ns()}")) == 403  # a reader creates nothing
+    trainer = mlflow_as(team_stack, "trainer", monkeypatch)
+    assert status_of(lambda: trainer.create_experiment(f"trainer-{time.time_ns()}")) == 200
     ci = mlflow_as(team_stack, "ci", monkeypatch)
     assert status_of(lambda: ci.create_registered_model("mnist-by-ci")) == 200
     experiment = ci.create_experiment(f"security-{time.time_ns()}")
@@ -321,15 +325,21 @@ def test_only_admin_and_ci_create_registered_models_or_move_aliases(team_stack, 
     clear_registry(team_stack)
 
 
-def test_the_registry_rule_matches_every_create_and_alias_route():
-    from mnistgen.team.server_auth import registry_write
+def test_the_rules_match_every_create_and_alias_route():
+    from mnistgen.team.server_auth import refused
 
-    for prefix in ("/api/2.0/mlflow", "/ajax-api/2.0/mlflow", "/api/2.0/mlflow/"):
-        assert registry_write("POST", f"{prefix.rstrip('/')}/registered-models/create")
-        assert registry_write("POST", f"{prefix.rstrip('/')}/registered-models/alias")
-        assert registry_write("DELETE", f"{prefix.rstrip('/')}/registered-models/alias/")
-        assert not registry_write("GET", f"{prefix.rstrip('/')}/registered-models/alias")
-        assert not registry_write("POST", f"{prefix.rstrip('/')}/runs/create")
+    for prefix in ("/api/2.0/mlflow", "/ajax-api/2.0/mlflow"):
+        for user in ("reader", "trainer", "someone-new"):
+            assert refused(user, "POST", f"{prefix}/registered-models/create")
+            assert refused(user, "POST", f"{prefix}/registered-models/alias")
+            assert refused(user, "DELETE", f"{prefix}/registered-models/alias/")
+            assert not refused(user, "GET", f"{prefix}/registered-models/alias")
+            assert not refused(user, "POST", f"{prefix}/runs/search")
+        for user in ("reader", "someone-new"):
+            assert refused(user, "POST", f"{prefix}/experiments/create")
+            assert refused(user, "POST", f"{prefix}/logged-models/create")
+        assert not refused("trainer", "POST", f"{prefix}/experiments/create")
+        assert not refused("ci", "POST", f"{prefix}/registered-models/create")
 
 
 # ---------------------------------------------------------------- secrets

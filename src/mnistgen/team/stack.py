@@ -79,6 +79,7 @@ SECRET_KEYS = (
 LATER_SECRET_KEYS = SECRET_KEYS[6:]
 USERS = ("ci", "trainer", "reader")  # MLflow accounts besides admin (docs/team.md says what each may do)
 REGISTRY_WRITERS = ("admin", "ci")  # the only accounts that may create registered models or move aliases
+RUN_WRITERS = ("admin", "ci", "trainer")  # the only ones that may create experiments and the like (server_auth.py)
 # Each account's grants through a role of the default workspace (reader has the server's default_permission, READ):
 # ci registers versions and moves aliases of any model (EDIT: no delete, no permission changes); trainer logs runs.
 ROLES = {
