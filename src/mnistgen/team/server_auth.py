@@ -31,6 +31,6 @@ def refused(user: str, method: str, path: str) -> bool:
 def authenticate():
     """basic-auth's Authorization (or its 401), or a 403 for what `refused` holds back."""
     authorization = authenticate_request_basic_auth()
-    if isinstance(authorization, Response) or not refused(authorization.username, request.method, request.path):
+    if isinstance(authorization, Response) or not refused(authorization.username or "", request.method, request.path):
         return authorization
     return make_forbidden_response()
