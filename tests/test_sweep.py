@@ -260,6 +260,7 @@ def test_team_settings_give_the_sweeps_storage_and_an_older_env_file_still_loads
 
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{k}=secret{i}\n" for i, k in enumerate(stack.SECRET_KEYS) if k != "TEAM_OPTUNA_PASSWORD"))
+    env_file.chmod(0o600)  # as `team up` writes it (one others may read is refused)
     older = stack.Settings.load(env_file=env_file, overrides={"TEAM_PG_PORT": "55432", "TEAM_HOST": "127.0.0.1"})
     assert older.optuna_storage is None and "MNISTGEN_OPTUNA_STORAGE" not in stack.exports(older, "ci")
     with pytest.raises(stack.StackError, match="TEAM_CI_PASSWORD"):  # the other secrets stay required

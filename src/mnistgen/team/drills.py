@@ -87,7 +87,8 @@ def write_synthetic_digits(prepared: Path, sizes: dict[str, int], seed: int = 0)
 
 
 def client_env(s: stack.Settings, **changes) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_", "MLFLOW_S3"))}
+    # the stages get the users' defaults (retries included), not this process's fast-failing client settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_", "MLFLOW_S3", "MLFLOW_HTTP_"))}
     env.update(s.client_env("ci"))
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.update(changes)

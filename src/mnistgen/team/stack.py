@@ -304,31 +304,37 @@ def service_python(s: Settings, user: str) -> str:
 def _service_python(state: str, user: str) -> str:
     """The interpreter the servers run on. As root, the service user may not read this venv's interpreter (pyenv keeps
     it under /root): then a venv of the system's Python of the same version, in the state folder, that imports this
-    venv's packages (a .pth file). Fails closed, naming the path, when the service user cannot run the servers."""
-    probe_code = "import swift, mlflow, psycopg, mnistgen.team.server_auth"
+    venv's packages (a .pth file). Fails closed, naming the path, when the service user can run neither."""
     if not as_root():
         return sys.executable
+
+    def runs(python: str) -> str:
+        """'' when `user` can import the servers with `python`, else why not."""
+        probe = run_as(
+            user, [python, "-c", "import swift, mlflow, psycopg, mnistgen.team.server_auth"], capture_output=True, text=True
+        )
+        return "" if probe.returncode == 0 else (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+
+    why = runs(sys.executable)
+    if not why:
+        return sys.executable
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    site_packages = next(p for p in sys.path if p.startswith(sys.prefix) and p.endswith("site-packages"))
-    own = Path(state) / "venv"
-    candidates = [sys.executable, str(own / "bin" / "python"), f"/usr/bin/{version}", f"/usr/local/bin/{version}"]
-    last = ""
-    for python in candidates:
-        if python.startswith(str(own)) and not (own / "bin" / "python").exists():
-            base = next((c for c in candidates[2:] if Path(c).exists()), None)
-            if base is None:
-                continue
-            subprocess.run([base, "-m", "venv", "--without-pip", str(own)], check=True, capture_output=True)
-            pth = own / "lib" / version / "site-packages" / "mnistgen-team.pth"
+    own = Path(state) / "venv" / "bin" / "python"
+    system = next((p for p in (f"/usr/bin/{version}", f"/usr/local/bin/{version}") if Path(p).exists()), None)
+    if not own.exists() and system:
+        made = subprocess.run([system, "-m", "venv", "--without-pip", str(own.parents[1])], capture_output=True, text=True)
+        if made.returncode == 0:
+            site_packages = next(p for p in sys.path if p.startswith(sys.prefix) and p.endswith("site-packages"))
+            pth = own.parents[1] / "lib" / version / "site-packages" / "mnistgen-team.pth"
             pth.write_text(f"import site; site.addsitedir({site_packages!r})\n")
-            chown_tree(own, user)
-        probe = run_as(user, [python, "-c", probe_code], capture_output=True, text=True)
-        if probe.returncode == 0:
-            return python
-        last = (probe.stderr.strip().splitlines() or [str(probe.returncode)])[-1]
+            chown_tree(own.parents[1], user)
+    if own.exists():
+        why = runs(str(own))
+        if not why:
+            return str(own)
     raise StackError(
-        f"the service user {user} cannot run the team servers from {sys.prefix} ({last}): make the venv and the checkout "
-        f"readable to it (o+rx on their folders), or install a {version} it can run"
+        f"the service user {user} cannot run the team servers from {sys.prefix} ({why}): make the venv and the checkout "
+        f"readable to it (o+rx on their folders), or install {version} where it can run it"
     )
 
 
