@@ -25,7 +25,7 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from conftest import free_port_block, team_missing
+from conftest import free_port_block, team_missing, use_team_account
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -280,10 +280,7 @@ def test_swift_back_ends_listen_on_127_0_0_1_only_and_the_proxy_on_team_host(rem
 
 
 def mlflow_as(settings: stack.Settings, user: str, monkeypatch) -> MlflowClient:
-    password = settings["TEAM_ADMIN_PASSWORD"] if user == "admin" else settings[f"TEAM_{user.upper()}_PASSWORD"]
-    env = {**settings.ca_env(), "MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    use_team_account(monkeypatch, settings, user)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
@@ -455,8 +452,6 @@ def test_off_loopback_every_server_speaks_tls_and_plain_http_gets_nothing(remote
             get(base + path, cafile=None)
     # a real client over TLS: a run with an artifact, through the server to the object store and back
     client = mlflow_as(settings, "ci", monkeypatch)
-    for key, value in settings.client_env("ci").items():
-        monkeypatch.setenv(key, value)
     run = client.create_run(client.create_experiment(f"tls-{time.time_ns()}"))
     note = Path(tempfile.mkdtemp()) / "note.txt"
     note.write_text("over TLS")

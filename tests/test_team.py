@@ -20,7 +20,6 @@ from mlflow.exceptions import MlflowException
 from test_registry import candidate, champion_of, promote_now, snapshot
 
 from mnistgen import tracking
-from mnistgen.team import stack
 from mnistgen.team.__main__ import set_dvc_remote
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
@@ -182,7 +181,7 @@ def test_dvc_push_then_a_fresh_clone_pulls_and_reproduces_nothing(team_stack, tm
     assert "secret_access_key" not in (origin / ".dvc" / "config").read_text()
     subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
     # the clone authenticates through the environment instead of a config.local, with the reader's key
-    clone_env = {**env, **stack.dvc_remote_env(team_stack, "reader")}
+    clone_env = {**env, **team_stack.s3_env("reader")}
     dvc("remote", "modify", "--local", "team", "endpointurl", team_stack.s3_endpoint, cwd=clone, env=env)
     dvc("remote", "default", "--local", "team", cwd=clone, env=env)
     dvc("pull", cwd=clone, env=clone_env)

@@ -1064,8 +1064,3 @@ def dvc_remote_config(s: Settings, user: str) -> dict[str, str]:
     if s.tls:
         config["ssl_verify"] = str(s.ca_file)
     return config
-
-
-def dvc_remote_env(s: Settings, user: str) -> dict[str, str]:
-    """DVC reads the remote's credentials from these (or from .dvc/config.local)."""
-    return {"AWS_ACCESS_KEY_ID": s.s3_access_key(user), "AWS_SECRET_ACCESS_KEY": s.s3_secret(user), **s.ca_env()}
