@@ -154,10 +154,13 @@ def test_quality_at_fixed_clock_fills_the_seconds_and_scores_both_spaces(evaluat
         rows_file,
     )
     rows = {(r["model"], r["label"]): r for r in map(json.loads, rows_file.read_text().splitlines())}
-    assert set(rows) == {("gan", "tiny"), ("gan", "tiny (raw weights)"), ("vae", "tiny")}, rows.keys()
+    gan_peer, vae_peer = ("gan", "baseline: PyTorch-GAN gan"), ("vae", "baseline: PyTorch examples VAE")
+    assert set(rows) == {("gan", "tiny"), ("gan", "tiny (raw weights)"), ("vae", "tiny"), gan_peer, vae_peer}, rows.keys()
     for model in ("gan", "vae"):
         assert re.search(rf"^{model}: [0-9.]+ s per epoch \(from 300 timed steps\)$", out, re.MULTILINE), out
     for (model, label), row in rows.items():
+        if label.startswith("baseline"):
+            continue  # below
         # 2 s of a tiny MLP is many epochs: the clock, not the profile's `epochs: 1`, chose them
         assert row["epochs"] > 1 and row["sets"] == ["models.gan.ema_decay=0.9"], row
         assert row["split"] == "val", row  # a benchmark chooses settings: it is scored on validation, never on test
@@ -173,6 +176,19 @@ def test_quality_at_fixed_clock_fills_the_seconds_and_scores_both_spaces(evaluat
     # the raw weights are the same run's before the average replaced them: other weights, other scores
     assert rows["gan", "tiny (raw weights)"]["fid_cls"] != rows["gan", "tiny"]["fid_cls"]
     assert rows["gan", "tiny (raw weights)"]["epochs"] == rows["gan", "tiny"]["epochs"]
+    # each peer's recipe trained for about the seconds ours took (its own epochs fill them) and scored the same way,
+    # then printed beside ours with both bands
+    for peer, ours in ((gan_peer, rows["gan", "tiny"]), (vae_peer, rows["vae", "tiny"])):
+        row = rows[peer]
+        assert row["split"] == "val" and row["epochs"] >= 1 and row["protocol"] == ours["protocol"], row
+        assert row["fid_cls"] != ours["fid_cls"], (row, ours)  # another network, not a copy of ours
+        assert re.search(
+            rf"^  FID e1 +ours {ours['fid_cls']:.3f} \[[0-9.]+, [0-9.]+\] +baseline {row['fid_cls']:.3f} \[[0-9.]+, [0-9.]+\] +"
+            rf"baseline / ours {row['fid_cls'] / ours['fid_cls']:.2f}x$",
+            out,
+            re.MULTILINE,
+        ), out
+    assert math.isfinite(rows[vae_peer]["iwae_nll"]) and re.search(r"^  IWAE NLL +ours .* baseline / ours", out, re.MULTILINE)
 
 
 def test_quality_at_fixed_clock_names_a_bad_override():
@@ -184,3 +200,78 @@ def test_quality_at_fixed_clock_names_a_bad_override():
         timeout=120,
     )
     assert result.returncode != 0 and "models.gan.no_such_key is not a key of params.yaml" in result.stderr, result.stderr
+
+
+PEER_CHECK = """
+import json, torch
+import peer_recipes
+from torch import nn
+
+out = {}
+for family in ("gan", "wgan"):
+    name, params = peer_recipes.baseline(family)
+    model = peer_recipes.build_baseline(params)
+    linears = lambda net: [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, nn.Linear)]
+    norms = [m.eps for m in model.generator.modules() if isinstance(m, nn.BatchNorm1d)]
+    seen = []
+    model.critic.register_forward_hook(lambda module, args, result: seen.append(args[0].detach()))
+    real = torch.zeros(8, 1, 28, 28)
+    real[:, :, :14] = 1.0  # half black, half white: [0, 1] as the harness gives every model
+    torch.manual_seed(0)
+    optimizers = model.make_optimizers()
+    for step in range(params.n_critic if family == "wgan" else 1):
+        model.train_step(real, optimizers, step)
+    first = seen[0]  # the critic's first call of the first step scores the real batch
+    images = model.sample(4)
+    out[family] = {
+        "name": name,
+        "generator": linears(model.generator),
+        "critic": linears(model.critic),
+        "bn_eps": norms,
+        "lr": [params.lr, params.critic_lr],
+        "betas": list(params.betas),
+        "batch": params.batch_size,
+        "latent": params.latent_dim,
+        "n_critic": getattr(params, "n_critic", 1),
+        "gp": getattr(params, "gp_weight", 0.0),
+        "critic_real_range": [first.min().item(), first.max().item()],
+        "fakes_below_zero": any(bool((s < 0).any()) for s in seen[1:]),
+        "sample_range": [images.min().item(), images.max().item()],
+    }
+name, params = peer_recipes.baseline("vae")
+vae = peer_recipes.build_baseline(params)
+before = vae.decoder[-2].bias.clone()
+vae.init_from_data(torch.full((4, 1, 28, 28), 0.9))
+out["vae"] = {"name": name, "hidden": params.hidden, "latent": params.latent_dim, "lr": params.lr, "batch": params.batch_size,
+              "decay": params.lr_decay, "binarize": params.dynamic_binarization, "bias_kept": bool(torch.equal(before, vae.decoder[-2].bias))}
+print(json.dumps(out))
+"""
+
+
+def test_peer_recipes_are_the_peers_networks_and_settings():
+    """The baselines are PyTorch-GAN's networks and hyper-parameters and the PyTorch examples VAE's, and the GANs
+    train on [-1, 1] images (their scaling) while handing the evaluation [0, 1] samples."""
+    result = subprocess.run(
+        [sys.executable, "-c", PEER_CHECK], cwd=ROOT / "benchmarks", capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    generator = [[100, 128], [128, 256], [256, 512], [512, 1024], [1024, 784]]
+    for family, name in (("gan", "PyTorch-GAN gan"), ("wgan", "PyTorch-GAN wgan_gp")):
+        peer = out[family]
+        assert peer["name"] == name and peer["generator"] == generator, peer
+        assert peer["critic"] == [[784, 512], [512, 256], [256, 1]] and peer["bn_eps"] == [0.8, 0.8, 0.8], peer
+        assert peer["lr"] == [2e-4, 2e-4] and peer["betas"] == [0.5, 0.999], peer
+        assert peer["batch"] == 64 and peer["latent"] == 100, peer
+        assert peer["critic_real_range"] == [-1.0, 1.0], peer  # the real batch, rescaled to [-1, 1]
+        assert peer["fakes_below_zero"], peer  # tanh fakes in [-1, 1] too
+        assert peer["sample_range"][0] >= 0.0 and peer["sample_range"][1] <= 1.0, peer
+    assert out["wgan"]["n_critic"] == 5 and out["wgan"]["gp"] == 10.0 and out["gan"]["n_critic"] == 1
+    vae = out["vae"]
+    assert vae["name"] == "PyTorch examples VAE" and (vae["hidden"], vae["latent"], vae["lr"], vae["batch"]) == (
+        400,
+        20,
+        1e-3,
+        128,
+    )
+    assert not vae["decay"] and not vae["binarize"] and vae["bias_kept"], vae  # PyTorch's default output bias

@@ -31,7 +31,7 @@ from . import data, evaluators, figures, metrics
 from .config import EvaluateParams
 from .evaluators import FEATURE_SPACES, Classifier, read_spaces
 from .gate import Comparison
-from .utils import StageError, progress_bar
+from .utils import StageError, memory_format, progress_bar
 
 if TYPE_CHECKING:  # types only: the report stage imports this module without any model family
     from .models.base import GenerativeModel
@@ -183,7 +183,8 @@ class Evaluation:
         """`classifiers` maps each feature space's suffix (SPACES) to its evaluator."""
         if "" not in classifiers:
             raise ValueError(f"the first feature space's evaluator is needed, got {sorted(classifiers)}")
-        self.model, self.p = model.eval(), p
+        # The device's faster conv layout, as in training: 1.3x on the IWAE bound's decoder passes on a 2-core CPU
+        self.model, self.p = model.eval().to(memory_format=memory_format(model.device)), p
         self.out: Path | None = None
         self.classifiers = {k: c.eval() for k, c in classifiers.items()}
         self.refs: dict[str, Reference] = {}
@@ -364,8 +365,10 @@ class Evaluation:
         idx = likelihood_subset(len(x), p.iwae_images, p.seed + 3).to(x.device)
         grey, binarised = x[idx], binarised_all[idx]
         n = len(idx)
-        images_per_call = 100
-        chunk = max(1, min(p.iwae_k, 20_000 // images_per_call))  # ~20,000 decoder passes per call bounds memory
+        # ~4,000 decoder passes per call: their activations stay in cache. 20,000 took 2.1x as long on a 2-core
+        # Xeon (5.0 s against 2.4 s per 100 images at k = 1,000, channels_last as below)
+        images_per_call = 20
+        chunk = max(1, min(p.iwae_k, 4_000 // images_per_call))
 
         def stderr(values):
             return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
