@@ -197,7 +197,7 @@ def test_binarize_seed_changes_the_binarisation_and_is_what_likelihood_uses(smal
 
 
 def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_vae, monkeypatch, tmp_path):
-    """150 images (not a multiple of the 100-image IWAE chunk) out of 300: exactly those 150, for both bounds."""
+    """150 images (not a multiple of the 20-image IWAE call) out of 300: exactly those 150, for both bounds."""
     vae, _ = small_vae
     x = torch.rand(300, 1, 28, 28)
     seen = {"iwae": [], "elbo": []}
@@ -219,6 +219,28 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     assert len(set(idx.tolist())) == 150 and idx.max() >= 150  # a random subset, not the first 150
     assert torch.equal(evaluation.likelihood_subset(300, 0, 3), torch.arange(300))
     assert job.metrics["likelihood_all_images"] == 0.0
+
+
+def test_the_iwae_bound_runs_in_cache_sized_calls_and_conv_nets_in_the_faster_layout(small_vae, monkeypatch, tmp_path):
+    """At most 4,000 decoder passes a call (20,000 took twice as long on a 2-core CPU: docs/benchmarks.md), every
+    image once; and the evaluated model's conv weights in the device's layout (channels_last on a CPU), as in training."""
+    vae, _ = small_vae
+    calls = []
+    iwae = vae.iwae_nll
+    monkeypatch.setattr(
+        vae,
+        "iwae_nll",
+        lambda images, k, chunk=100, y=None: calls.append((len(images), min(k, chunk))) or iwae(images, k, chunk, y=y),
+    )
+    x = torch.rand(100, 1, 28, 28)
+    job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, _params(iwae_images=0, iwae_k=1000))
+    job.prepare({"": _fake_reference()}, tmp_path)
+    job.likelihood(x, torch.arange(len(x)) % 10)
+    assert sum(n for n, _ in calls) == 100 and max(n * chunk for n, chunk in calls) <= 4000, calls
+    conv = build_model(tiny("vae", arch="conv", width=4))
+    assert not conv.decoder[4].weight.is_contiguous(memory_format=torch.channels_last)  # as built
+    evaluation.Evaluation(conv, {"": _FakeClassifier()}, _params())
+    assert conv.decoder[4].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 class _FakeClassifier(torch.nn.Module):
