@@ -233,7 +233,8 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def _param_names(page: _Page) -> set[str]:
-    return {t for t in page.texts if re.fullmatch(r"(model|train)\.[a-z_]+", t)}
+    # every params section's key, and the one param a run with a moving average adds (train.py)
+    return {t for t in page.texts if re.fullmatch(r"(model|train)\.[a-z_]+|ema_effective_decay", t)}
 
 
 @pytest.mark.slow
