@@ -95,7 +95,8 @@ def train_and_score(build, params, train_x, train_y, val_xy, p: EvaluateParams, 
     same run), train it with the project's harness and score it on validation; with --raw-too and a moving
     average, the raw weights of the same run are scored too."""
     seed_everything(args.seed)
-    model = build(params).to(args.device_)
+    device = train_x.device  # where the data already is
+    model = build(params).to(device)
     raw: dict = {}  # the last raw weights, before the moving average replaces them
     started = time.perf_counter()
     training.train(
@@ -109,11 +110,11 @@ def train_and_score(build, params, train_x, train_y, val_xy, p: EvaluateParams, 
         val_labels=val_xy[1],
     )
     seconds = time.perf_counter() - started
-    rows = [(args.label, score(model, args.evaluator, args.data, p, args.device_))]
+    rows = [(args.label, score(model, args.evaluator, args.data, p, device))]
     if args.raw_too and model.params.ema_decay > 0:
         model.averaged().load_state_dict(raw)
         model.fit_prior(train_x)
-        rows.append((f"{args.label} (raw weights)", score(model, args.evaluator, args.data, p, args.device_)))
+        rows.append((f"{args.label} (raw weights)", score(model, args.evaluator, args.data, p, device)))
     return seconds, rows
 
 
@@ -164,7 +165,7 @@ def main() -> None:
     add_run_options(parser)
     add_profile_option(parser)
     args = parser.parse_args()
-    device = args.device_ = device_from(args)
+    device = device_from(args)
     all_params = apply_sets(load_params(args.profile), args.sets)
     p = EvaluateParams(**section(all_params, "evaluate"))
 

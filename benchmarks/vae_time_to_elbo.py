@@ -53,6 +53,7 @@ import contextlib
 import math
 import time
 
+import peer_recipes
 import torch
 from bench_common import ROOT, PerSampleMNIST, add_run_options, device_from, sync
 from torch import nn
@@ -181,26 +182,17 @@ def test_nelbo(model, test_images: torch.Tensor, batch_size: int = 2000) -> floa
 
 
 def vae_params(batch_size: int, lr: float, epochs: int, warmup: float):
-    """The whole models.vae section of ours: the tutorial's 784-400-20 MLP with the ELBO (beta 1) on grey
-    pixels, so the two runs differ only in how they train. epochs 0 = a constant lr (no budget)."""
-    return models.model_params(
-        {
-            "family": "vae",
-            "arch": "mlp",
-            "hidden": 400,
-            "latent_dim": 20,
-            "width": 16,  # conv channels: unused by an mlp
-            "beta": 1.0,
-            "dynamic_binarization": False,
-            "epochs": epochs or 1000,
-            "batch_size": batch_size,
-            "lr": lr,
-            "lr_warmup": warmup if epochs else 0.0,
-            "lr_decay": bool(epochs),
-            "ema_decay": 0.0,
-        },
-        "vae_time_to_elbo",
-    )
+    """The peers' VAE section (peer_recipes: the examples' 784-400-20 MLP, the ELBO with beta 1 on grey pixels)
+    with our training settings, so the two runs differ only in how they train. epochs 0 = a constant lr (no budget)."""
+    _, examples = peer_recipes.RECIPES["vae"]
+    training_settings = {
+        "epochs": epochs or 1000,
+        "batch_size": batch_size,
+        "lr": lr,
+        "lr_warmup": warmup if epochs else 0.0,
+        "lr_decay": bool(epochs),
+    }
+    return models.model_params({**examples, **training_settings}, "vae_time_to_elbo")
 
 
 def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int, label: str = "ours") -> dict:
@@ -208,9 +200,9 @@ def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int
     seed_everything(args.seed)
     started = time.perf_counter()
     train_images, val_images, test_images = (data.to_float(splits[k].images, device) for k in ("train", "val", "test"))
-    model = build_model(vae_params(batch_size, lr, epochs, args.warmup)).to(device)
-    if args.no_bias_init:
-        model.init_from_data = lambda images: None  # the ablation: PyTorch's default output-bias init
+    # The ablation --no-bias-init is the peers' model class: PyTorch's default output bias, not the log-odds start
+    build = peer_recipes.ExamplesVAE if args.no_bias_init else build_model
+    model = build(vae_params(batch_size, lr, epochs, args.warmup)).to(device)
     history = []
 
     def check(epoch: int, metrics: dict, model) -> None:

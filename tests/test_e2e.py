@@ -143,6 +143,12 @@ def test_mlflow_holds_a_run_and_a_champion_per_model(pipeline):
     for name, run in runs.items():
         assert {"test_fid_cls", "test_fid_cls_lo", "val_fid_cls_e2_hi", "val_grad_mag"} <= set(run.data.metrics)
         assert run.data.tags["evaluator_hash"] and run.data.tags["evaluator_hash_e2"] and run.data.tags["grade"] == "smoke"
+        # where the seconds went: each part of the evaluation per split, inside the stage's total; and on what CPU
+        parts = {k: v for k, v in run.data.metrics.items() if k.startswith("eval_seconds_")}
+        expected = {"samples", "interpolation"} | ({"likelihood"} if name in ("vae", "cvae") else set())
+        assert {f"eval_seconds_{split}_{part}" for split in ("val", "test") for part in expected} <= set(parts), parts
+        assert all(v > 0 for v in parts.values()) and sum(parts.values()) < run.data.metrics["eval_seconds"]
+        assert run.data.tags["cpu"] and int(run.data.tags["torch_threads"]) >= 1
         champion = client.get_model_version_by_alias(f"mnist-{name}", "champion")  # a local store: smoke may be champion
         assert champion.run_id == run.info.run_id and champion.tags["protocol"] == run.data.tags["protocol"]
         assert float(champion.tags["metric.fid_cls"]) == pytest.approx(run.data.metrics["val_fid_cls"])  # chosen on validation

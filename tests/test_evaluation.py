@@ -201,9 +201,9 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     vae, _ = small_vae
     x = torch.rand(300, 1, 28, 28)
     seen = {"iwae": [], "elbo": []}
-    iwae, elbo = vae.iwae_nll, vae.negative_elbo
+    iwae, elbo = vae.iwae_nlls, vae.negative_elbo
     monkeypatch.setattr(
-        vae, "iwae_nll", lambda images, k, chunk=100, y=None: seen["iwae"].append(images) or iwae(images, k, chunk, y=y)
+        vae, "iwae_nlls", lambda images, k, chunk, priors: seen["iwae"].append(images) or iwae(images, k, chunk, priors)
     )
     monkeypatch.setattr(
         vae, "negative_elbo", lambda images, beta=1.0, y=None: seen["elbo"].append(images) or elbo(images, beta, y=y)
@@ -226,11 +226,11 @@ def test_the_iwae_bound_runs_in_cache_sized_calls_and_conv_nets_in_the_faster_la
     image once; and the evaluated model's conv weights in the device's layout (channels_last on a CPU), as in training."""
     vae, _ = small_vae
     calls = []
-    iwae = vae.iwae_nll
+    iwae = vae.iwae_nlls
     monkeypatch.setattr(
         vae,
-        "iwae_nll",
-        lambda images, k, chunk=100, y=None: calls.append((len(images), min(k, chunk))) or iwae(images, k, chunk, y=y),
+        "iwae_nlls",
+        lambda images, k, chunk, priors: calls.append((len(images), min(k, chunk))) or iwae(images, k, chunk, priors),
     )
     x = torch.rand(100, 1, 28, 28)
     job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, _params(iwae_images=0, iwae_k=1000))
@@ -241,6 +241,39 @@ def test_the_iwae_bound_runs_in_cache_sized_calls_and_conv_nets_in_the_faster_la
     assert not conv.decoder[4].weight.is_contiguous(memory_format=torch.channels_last)  # as built
     evaluation.Evaluation(conv, {"": _FakeClassifier()}, _params())
     assert conv.decoder[4].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_cvae_bound_given_the_label_reuses_the_marginal_bounds_draws_and_decoder_passes(tmp_path):
+    """Each bound equals the one computed alone from the same seed, and both together cost k decoder passes per
+    image, not 2k. The evaluation asks for both on the test split only, in one pass."""
+    cvae = build_model(tiny("cvae")).eval()
+    x = (torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    y = torch.arange(6) % 10
+    alone = []
+    for labels in (None, y):
+        torch.manual_seed(5)
+        alone.append(cvae.iwae_nll(x, 16, chunk=5, y=labels))
+    decoded = []
+    hook = cvae.decoder.register_forward_hook(lambda module, inputs, out: decoded.append(len(out)))
+    torch.manual_seed(5)
+    together = cvae.iwae_nlls(x, 16, chunk=5, priors=[None, y])
+    hook.remove()
+    assert sum(decoded) == 16 * len(x)
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)
+    assert not torch.equal(*together)  # the two priors give two bounds
+
+    asked = []
+    bound = cvae.iwae_nlls
+    cvae.iwae_nlls = lambda images, k, chunk, priors: asked.append(len(priors)) or bound(images, k, chunk, priors)
+    job = evaluation.Evaluation(cvae, {"": _FakeClassifier()}, _params(iwae_images=0, iwae_k=8))
+    for split in ("val", "test"):
+        reference = _fake_reference()
+        reference.split = split
+        job.prepare({"": reference}, tmp_path)
+        job.likelihood(x, y)
+        assert ("iwae_nll_given_label" in job.metrics) == (split == "test")
+    assert asked == [1, 2]  # one call per split (6 images), the test split's with both priors
 
 
 class _FakeClassifier(torch.nn.Module):

@@ -82,13 +82,15 @@ def test_train_stage_logs_params_curves_tags_and_model(trained):
     for key in ("git_commit", "data_hash", "params_hash", "device", "torch_version"):
         assert run.data.tags[key]
     assert run.data.tags["device"] == "cpu"
+    # where the seconds were measured: the CPU, and how many of its logical CPUs torch's threads use
+    assert run.data.tags["cpu"] and 1 <= int(run.data.tags["torch_threads"]) <= int(run.data.tags["cpus"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert artifacts == {"samples/samples_epoch_001.png", "samples/samples_epoch_002.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {"figures/curves.png", "figures/samples.png"}
     record = json.loads((work / "models" / "vae" / "run.json").read_text())
     assert record["run_id"] == run.info.run_id and record["model_uri"].startswith("models:/")
     assert (work / "curves" / "vae" / "kl.csv").read_text().startswith("epoch,train,val")
-    assert "train vae: 2 epochs" in result.stdout
+    assert "train vae: 2 epochs" in result.stdout and f"on cpu ({run.data.tags['torch_threads']} threads)" in result.stdout
 
 
 def test_logged_model_has_signature_and_predicts_images(trained):

@@ -373,30 +373,35 @@ class Evaluation:
         def stderr(values):
             return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
 
-        def bounds(labels: torch.Tensor | None, suffix: str) -> None:
-            def given(i, count):
-                return None if labels is None else labels[i : i + count]
+        priors: dict[str, torch.Tensor | None] = {"": None}  # suffix -> labels given (None: the marginal bound)
+        if self.model.conditional and self.refs[""].split == "test":  # a report row; what chooses uses the marginal bound
+            priors["_given_label"] = y[idx]
 
-            per_batch = range(0, n, p.batch_size)
-            nll = torch.cat(
-                [
-                    vae.iwae_nll(binarised[i : i + images_per_call], p.iwae_k, chunk, y=given(i, images_per_call))
-                    for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}{suffix}")
-                ]
+        def given(labels: torch.Tensor | None, i: int, count: int) -> torch.Tensor | None:
+            return None if labels is None else labels[i : i + count]
+
+        per_call = [  # the bounds share their draws and decoder passes: they differ only in log p(z)
+            vae.iwae_nlls(
+                binarised[i : i + images_per_call],
+                p.iwae_k,
+                chunk,
+                [given(labels, i, images_per_call) for labels in priors.values()],
             )
+            for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")
+        ]
+        for (suffix, labels), nll in zip(priors.items(), map(torch.cat, zip(*per_call))):
             self.metrics.update({f"iwae_nll{suffix}": nll.mean().item(), f"iwae_nll{suffix}_stderr": stderr(nll)})
             self.evidence[f"iwae_nll{suffix}"] = nll  # per image: the paired comparison's unit
             if labels is None and self.model.conditional:
-                return  # the CVAE's ELBO needs a label (its marginal prior has no closed-form KL)
+                continue  # the CVAE's ELBO needs a label (its marginal prior has no closed-form KL)
             for name, images in (("grey", grey), ("binarized", binarised)):
                 nelbo = torch.cat(
-                    [vae.negative_elbo(images[i : i + p.batch_size], y=given(i, p.batch_size))[2] for i in per_batch]
+                    [
+                        vae.negative_elbo(images[i : i + p.batch_size], y=given(labels, i, p.batch_size))[2]
+                        for i in range(0, n, p.batch_size)
+                    ]
                 )
                 self.metrics.update({f"nelbo_{name}{suffix}": nelbo.mean().item(), f"nelbo_{name}{suffix}_stderr": stderr(nelbo)})
-
-        bounds(None, "")
-        if self.model.conditional and self.refs[""].split == "test":  # a report row; what chooses uses the marginal bound
-            bounds(y[idx], "_given_label")
         self.metrics.update(
             {
                 "iwae_images": float(n),
@@ -411,6 +416,7 @@ class Evaluation:
         if set(self.classifiers) != set(refs):
             raise ValueError(f"one reference per classifier: {sorted(self.classifiers)} vs {sorted(refs)}")
         self.refs, self.metrics, self.evidence, self.out = refs, {}, {}, None if out is None else Path(out)
+        self.timings = {}
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
 
@@ -464,10 +470,12 @@ def measure(
     device,
     figures_dir: Path | None = None,
     splits: tuple[str, ...] = SPLITS,
+    timings: dict[str, float] | None = None,
 ) -> tuple[dict[str, dict], dict]:
     """{split: metrics} of `model`, each carrying its protocol's fingerprint, and the validation split's evidence
     (its protocol and per-sample, per-image values). The one evaluation path: the evaluate stage, and promotion
-    when it re-measures a champion under the candidate's protocol. Figures of the test split go to `figures_dir`."""
+    when it re-measures a champion under the candidate's protocol. Figures of the test split go to `figures_dir`;
+    the seconds of each part, "<split>_<part>", into `timings` (kept out of the metrics, which are reproducible)."""
     torch.manual_seed(p.seed)
     job = Evaluation(model, load_classifiers(evaluator, device), p)
     hashes = data.split_hashes(prepared)
@@ -478,6 +486,8 @@ def measure(
         part = data.load_split(prepared, split)
         x, y = data.to_float(part.images, device), part.labels.to(device)
         measured: dict = dict(job.run(refs, x, y, figures_dir if split == "test" else None))
+        if timings is not None:
+            timings.update({f"{split}_{part}": seconds for part, seconds in job.timings.items()})
         terms = protocol(p, refs, hashes[split])
         measured.update({f"evaluator_hash{suffix}": ref.evaluator_hash for suffix, ref in refs.items()})
         measured.update({"protocol": fingerprint(terms), "split": split})

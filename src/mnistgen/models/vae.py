@@ -102,15 +102,20 @@ class VAE(GenerativeModel):
         -log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x); k = 1 is the ELBO.
         Samples are drawn in chunks so memory stays bounded for k = 5,000.
         """
+        return self.iwae_nlls(x, k, chunk, [y])[0]
+
+    @torch.no_grad()
+    def iwae_nlls(self, x: torch.Tensor, k: int, chunk: int = 100, priors=(None,)) -> list[torch.Tensor]:
+        """The IWAE bound once per prior of `priors` (labels y: p(z | y); None: p(z), the CVAE's marginal), all
+        from the same k draws and decoder passes, which are most of the cost: the bounds differ only in log p(z)."""
         mu, logvar = self.posterior(x)
-        parts = []
+        parts: list[list[torch.Tensor]] = [[] for _ in priors]
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
             z = mu + torch.randn(m, *mu.shape, device=mu.device) * (0.5 * logvar).exp()  # [m, N, d]
             logits = self.decoder(z.flatten(0, 1)).float()
             log_px_z = -bce_per_image(logits, x.repeat(m, 1, 1, 1)).view(m, -1)
-            log_pz = self.log_prior(z, None if y is None else y.expand(m, -1))
             log_qz = log_normal(z, mu, logvar)
-            parts.append(log_px_z + log_pz - log_qz)
-        log_w = torch.cat(parts)  # [k, N]
-        return -(torch.logsumexp(log_w, 0) - math.log(k))
+            for part, y in zip(parts, priors):
+                part.append(log_px_z + self.log_prior(z, None if y is None else y.expand(m, -1)) - log_qz)
+        return [-(torch.logsumexp(torch.cat(part), 0) - math.log(k)) for part in parts]  # each over its [k, N] weights

@@ -40,12 +40,13 @@ def main() -> None:
         raise StageError(f"{err}; run `dvc repro train@{args.model}`") from err
 
     with atomic_dir(args.figures) as figures_dir:
-        results, evidence = evaluation.measure(model, args.evaluator, args.data, params, device, figures_dir)
+        timings: dict[str, float] = {}  # where the seconds go, per split and part: MLflow and stdout only
+        results, evidence = evaluation.measure(model, args.evaluator, args.data, params, device, figures_dir, timings=timings)
         torch.save(evidence, figures_dir / evaluation.EVIDENCE)
         for split, measured in results.items():  # no timings: the report and promote depend on these files
             write_json(args.metrics / split / f"{args.model}.json", {k: measured[k] for k in sorted(measured)})
             run.log_metrics({f"{split}_{k}": v for k, v in measured.items() if isinstance(v, (int, float))})
-        run.log_metrics({"eval_seconds": time.perf_counter() - started})
+        run.log_metrics({"eval_seconds": time.perf_counter() - started, **{f"eval_seconds_{k}": v for k, v in timings.items()}})
         run.set_tags({k: v for k, v in results["val"].items() if k.startswith("evaluator_hash")})
         run.set_tags({"protocol": results["val"]["protocol"], "protocol_json": json.dumps(evidence["protocol"], sort_keys=True)})
         run.log_artifacts(figures_dir, "evaluation")
@@ -55,7 +56,8 @@ def main() -> None:
             f"(evaluator 2: {r['fid_cls_e2']:.2f}), IS_cls {r['is_cls']:.2f}, precision {r['precision']:.3f}, "
             f"recall {r['recall']:.3f}" + (f", IWAE NLL {r['iwae_nll']:.2f}" if "iwae_nll" in r else "")
         )
-    print(f"evaluate {args.model}: protocol {results['val']['protocol']}; {time.perf_counter() - started:.0f} s")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+    print(f"evaluate {args.model}: protocol {results['val']['protocol']}; {time.perf_counter() - started:.0f} s ({parts})")
 
 
 if __name__ == "__main__":

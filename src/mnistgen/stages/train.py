@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import csv
 import json
+import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +62,25 @@ def main() -> None:
                 stage.log_history(run, history)
                 stage.write_outputs(run, history, args.out, args.curves)
                 print(
-                    f"train {args.model}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device}, "
+                    f"train {args.model}: {params.epochs} epochs in {time.perf_counter() - started:.0f} s on {device} "
+                    f"({torch.get_num_threads()} threads), "
                     f"{final_loss(history[-1])}, run {run.run_id}"
                 )
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what platform knows): training seconds depend on it."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def host_tags() -> dict[str, str]:
+    """Where the seconds were measured: the CPU, the CPUs this process may use, and the threads torch uses of
+    them. torch starts one thread per physical core, so where two logical CPUs share a core it uses one."""
+    return {"cpu": cpu_name(), "cpus": str(len(os.sched_getaffinity(0))), "torch_threads": str(torch.get_num_threads())}
 
 
 def final_loss(last: dict) -> str:
@@ -106,6 +124,7 @@ class Stage:
             "grade": self.run_params.grade,
             "device": str(self.device),
             "torch_version": torch.__version__,
+            **host_tags(),
         }
         if distributed.world_size() > 1:
             tags["world_size"] = str(distributed.world_size())
