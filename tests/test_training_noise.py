@@ -91,3 +91,46 @@ def test_the_same_seed_on_the_same_cpu_gives_the_same_weights_and_metrics_bit_fo
     (first, a), (second, b) = runs
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert a == b
+
+
+def test_seeds_reuse_kept_weights_only_when_the_training_inputs_are_todays(tmp_path, monkeypatch):
+    """`mnistgen seeds --reuse` measures a kept seed again without training it only while dvc.lock records the
+    same train@<model> inputs it was trained from; otherwise (or without --reuse) the seed is trained again."""
+    from mnistgen import seeds
+
+    monkeypatch.chdir(tmp_path)
+    lock = {
+        "stages": {
+            "train@vae": {
+                "cmd": "train",
+                "deps": [{"path": "src/mnistgen/training.py", "md5": "a"}],
+                "params": {"params.yaml": {"models.vae": {"lr": 0.01}}},
+            }
+        }
+    }
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
+    trained = []
+
+    def train_seed(name, seed, prepared, device):
+        trained.append(seed)
+        torch.manual_seed(len(trained))  # each training gives other weights
+        return build_model(tiny("vae"))
+
+    monkeypatch.setattr(seeds, "train_seed", train_seed)
+    folder = tmp_path / "seeds" / "vae" / "seed1"
+
+    def weights(model):
+        return [v.clone() for v in model.state_dict().values()]
+
+    first = weights(seeds.seed_model("vae", 1, folder, tmp_path, torch.device("cpu"), reuse=True))  # nothing kept yet
+    again = weights(seeds.seed_model("vae", 1, folder, tmp_path, torch.device("cpu"), reuse=True))
+    assert trained == [1] and all(torch.equal(a, b) for a, b in zip(first, again))  # the kept weights, measured again
+    seeds.seed_model("vae", 1, folder, tmp_path, torch.device("cpu"), reuse=False)
+    assert trained == [1, 1]  # without --reuse every seed trains
+    lock["stages"]["train@vae"]["params"]["params.yaml"]["models.vae"]["lr"] = 0.02  # the training changed
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock))
+    changed = weights(seeds.seed_model("vae", 1, folder, tmp_path, torch.device("cpu"), reuse=True))
+    assert trained == [1, 1, 1] and not all(torch.equal(a, b) for a, b in zip(first, changed))
+    (tmp_path / "dvc.lock").unlink()  # no record of the inputs: nothing can be reused
+    seeds.seed_model("vae", 1, folder, tmp_path, torch.device("cpu"), reuse=True)
+    assert trained == [1, 1, 1, 1]

@@ -10,8 +10,12 @@ each figure in the README and the report come from these files.
 
     mnistgen seeds                 # seeds 1 and 2 of every model (about 25 minutes on 2 CPU cores)
     mnistgen seeds --models gan --seeds 1 2 3
+    mnistgen seeds --reuse         # only the evaluation changed: measure the kept weights again, train no seed
 
-Run it after `dvc repro` whenever the training or evaluation code or params change.
+Run it after `dvc repro` whenever the training or evaluation code or params change. Each seed's weights are
+kept in seeds/<model>/seed<N> with the digest of what dvc.lock records as train@<model>'s inputs (its code,
+params and data); `--reuse` measures the kept weights again only where that digest is today's, and trains
+the others.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import data, evaluation, gate, training
 from .card import HEADLINE
 from .config import EvaluateParams, GateParams, ParamsError, RunParams, load_section, model_names
-from .models import build_model, load_model_params
-from .utils import StageError, pick_device, seed_everything, write_json
+from .models import build_model, load_model_params, load_trained
+from .utils import StageError, pick_device, seed_everything, sha256_json, write_json
 
 
 def train_seed(name: str, seed: int, prepared: Path, device: torch.device):
@@ -50,6 +55,29 @@ def train_seed(name: str, seed: int, prepared: Path, device: torch.device):
         val_labels=val.labels.to(device),
     )
     return model.eval()
+
+
+def training_inputs(name: str, lock: Path = Path("dvc.lock")) -> str | None:
+    """What dvc.lock records as train@<name>'s inputs (code, params, data) as one digest: equal digests, the same
+    training but for the seed. None where the lock has no such stage."""
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+    stage = stages.get(f"train@{name}")
+    return None if stage is None else sha256_json({"deps": stage.get("deps"), "params": stage.get("params")})
+
+
+def seed_model(name: str, seed: int, folder: Path, prepared: Path, device: torch.device, reuse: bool):
+    """Seed `seed` of models.<name>, loaded from `folder` as the evaluate stage loads a trained model: the kept
+    weights with `reuse` where they were trained from today's inputs, else trained now and kept there."""
+    inputs, record = training_inputs(name), folder / "inputs.json"
+    kept = reuse and inputs is not None and record.exists() and json.loads(record.read_text()) == {"train": inputs}
+    if not kept:
+        model = train_seed(name, seed, prepared, device)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, folder / "weights.pt")
+        (folder / "config.json").write_text(model.params.model_dump_json(indent=2) + "\n")
+        write_json(record, {"train": inputs})
+    print(f"seeds {name} seed {seed}: {'the kept weights' if kept else 'trained'}", flush=True)
+    return load_trained(folder, device)
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -90,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluator", type=Path, default=Path("models/evaluator"))
     parser.add_argument("--out", type=Path, default=Path("metrics/seeds"))
     parser.add_argument("--keep", type=Path, default=Path("seeds"), help="each seed's weights and evidence (not in git)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure a seed's kept weights again where they were trained from today's inputs"
+    )
     args = parser.parse_args(argv)
     try:
         p = load_section(EvaluateParams, "evaluate")
@@ -106,11 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 own_seed: torch.load(Path("evaluation") / name / evaluation.EVIDENCE, map_location=device, weights_only=True)
             }
             for seed in args.seeds:
-                model = train_seed(name, seed, args.data, device)
-                measured[seed], evidence[seed] = evaluation.measure(model, args.evaluator, args.data, p, device)
                 folder = args.keep / name / f"seed{seed}"
-                folder.mkdir(parents=True, exist_ok=True)
-                torch.save(model.state_dict(), folder / "weights.pt")
+                model = seed_model(name, seed, folder, args.data, device, args.reuse)
+                measured[seed], evidence[seed] = evaluation.measure(model, args.evaluator, args.data, p, device)
                 torch.save(evidence[seed], folder / evaluation.EVIDENCE)
                 print(f"seeds {name} seed {seed}: val fid_cls {measured[seed]['val']['fid_cls']:.3f}", flush=True)
             if len({m["val"]["protocol"] for m in measured.values()}) != 1:
