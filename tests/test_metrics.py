@@ -301,3 +301,13 @@ def test_sharpness_of_a_flat_image_is_zero_and_a_unit_ramp_has_gradient_one():
     assert sharpness(torch.full((4, 1, 28, 28), 0.5))["grad_mag"] == pytest.approx(0.0, abs=1e-7)
     ramp = torch.arange(28.0).repeat(28, 1)[None, None] / 100  # rises 0.01 per pixel
     assert sharpness(ramp)["grad_mag"] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_knn_radius_is_the_distance_to_the_kth_other_point():
+    """Each point's radius is its k-th nearest neighbour's distance, itself not counted; across the row batches."""
+    from mnistgen import metrics
+
+    x = torch.randn(2_500, 6, generator=torch.Generator().manual_seed(0))  # more rows than one distance batch
+    for k in (1, 3, 5):
+        expected = torch.cdist(x, x).sort(dim=1).values[:, k]
+        assert torch.equal(metrics._knn_radii(x, k), expected), k
