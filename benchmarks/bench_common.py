@@ -45,7 +45,7 @@ def add_profile_option(parser: argparse.ArgumentParser, default: str | None = No
         "--params",
         dest="profile",
         default=default,
-        help="a profile applied to params.yaml as `python -m mnistgen.profiles` does (e.g. "
+        help="a profile applied to params.yaml as `mnistgen profile` does (e.g. "
         f"params-paper.yaml); 'none' = params.yaml as it is (default: {default or 'none'})",
     )
 

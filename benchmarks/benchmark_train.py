@@ -7,7 +7,7 @@ Usage (from the repo root):
     python benchmarks/benchmark_train.py --variants eager channels_last compile --repeats 5 --skip-baseline
 
 For each model (section `models.<name>` of params.yaml, with --profile applied as
-`python -m mnistgen.profiles` does, but only in memory) it times the same number of
+`mnistgen profile` does, but only in memory) it times the same number of
 `model.train_step` calls two ways, on the same device, with the same batch size:
 
   ours        the project's harness: training.train's inner loop (bench_common.Harness) around

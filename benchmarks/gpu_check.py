@@ -14,7 +14,7 @@ the rest once it is spent):
      files in --mnist (read with mnistgen.data.read_pair, MNIST_MIRROR set to that folder,
      split with make_splits and the prepare section), and moves the training set to the device once;
   3. per model (section models.<name> of params.yaml with --profile applied, in memory, as
-     `python -m mnistgen.profiles` does), with its batch size: the project's harness
+     `mnistgen profile` does), with its batch size: the project's harness
      (bench_common.Harness, training.train's inner loop: device tensor, seeded randperm per
      epoch, slices, training.schedules, then the one step, training.step) for --warmup +
      --steps steps, under training.step's bf16 autocast and again in fp32 (that autocast

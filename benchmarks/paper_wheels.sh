@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the paper-grade run (mnistgen.paper) needs on a GPU box and the box lacks, made ready here:
+# What the paper-grade run (mnistgen.commands.paper) needs on a GPU box and the box lacks, made ready here:
 #   .whl/        wheels for the box's Python 3.12: pydantic (mnistgen.config) and great_expectations (the validate
 #                stage) with those of their dependencies the box's image does not hold (device README, KINDS.md)
 #   .gpu_mnist/  the four MNIST files: ../shared does not travel to the box

@@ -10,6 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a real pipeline, a server, a browser or a drill belongs to the slow tier."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ("e2e", "browser", "drill", "team")):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def mnist_mirror() -> Path:
     """The offline copy of the four official MNIST files (MNIST_MIRROR, else ../shared/mnist)."""
@@ -34,10 +41,10 @@ def team_missing() -> str | None:
     """Why the team stack cannot start here (None when it can)."""
     import importlib.util
 
-    from mnistgen.team import stack
+    from mnistgen.team.settings import PG_BIN
 
-    if not (stack.PG_BIN / "initdb").exists():
-        return f"team stack: PostgreSQL is not installed ({stack.PG_BIN}/initdb; apt-get install postgresql)"
+    if not (PG_BIN / "initdb").exists():
+        return f"team stack: PostgreSQL is not installed ({PG_BIN}/initdb; apt-get install postgresql)"
     for module, package in (("swift", "swift"), ("psycopg", "psycopg[binary]"), ("boto3", "boto3"), ("flask_wtf", "flask-wtf")):
         if importlib.util.find_spec(module) is None:
             return f"team stack: {package} is not installed (pip install -r requirements-team.lock)"
@@ -69,7 +76,7 @@ def free_port_block(count: int) -> int:
 @pytest.fixture(scope="session")
 def team_stack():
     """The team stack (PostgreSQL, Swift s3api, mlflow server + basic-auth), started once for the session on free
-    loopback ports in a private state folder, and stopped at the end. Yields team.stack.Settings."""
+    loopback ports in a private state folder, and stopped at the end. Yields team.settings.Settings."""
     reason = team_missing()
     if reason:
         pytest.skip(reason)
@@ -77,6 +84,7 @@ def team_stack():
     import tempfile
 
     from mnistgen.team import stack
+    from mnistgen.team.settings import Settings
 
     state = Path(tempfile.mkdtemp(prefix="mnistgen-team-test-", dir="/var/tmp"))
     base = free_port_block(6)
@@ -87,7 +95,7 @@ def team_stack():
         "TEAM_MLFLOW_PORT": str(base + 1),
         "TEAM_S3_PORT": str(base + 2),
     }
-    settings = stack.Settings.load(env_file=state / ".env", create=True, overrides=overrides)
+    settings = Settings.load(env_file=state / ".env", create=True, overrides=overrides)
     try:
         stack.up(settings, log=lambda *_: None)
         yield settings

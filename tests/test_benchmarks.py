@@ -53,6 +53,26 @@ def test_time_to_elbo_runs_the_harness_with_its_schedule(prepared):
     assert re.search(r"^ +64 +0\.01 +2 \| +[0-9.]+ s \| +1 \|", out, re.MULTILINE), out
     assert re.search(r"^ +128 +0\.005 +const \| +[0-9.]+ s \| +1 \|", out, re.MULTILINE), out
     assert re.search(r"speed-up: [0-9.]+x", out), out
+    # each run stops on the validation split; the test figure of its weights is reported after the clocks
+    assert "epoch 1:" in out and "validation -ELBO" in out and re.search(r"validation -ELBO [0-9.]+, test -ELBO [0-9.]+", out), (
+        out
+    )
+
+
+def test_the_gate_error_rate_benchmark_prints_each_metrics_rate_and_power():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/gate_error_rate.py", "--models", "gan", "vae", "--rounds", "400"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| gan") or line.startswith("| vae")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("gan", "fid_cls"), ("gan", "fid_cls_e2"), ("vae", "iwae_nll")]
+    for r in rows:
+        rate, power_5 = float(r[8]), float(r[14])
+        assert 0 <= rate <= 0.2 and 0 <= power_5 <= 1
 
 
 def test_benchmark_variants_table_has_every_variant(prepared):

@@ -185,7 +185,8 @@ def synthetic(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("prepared")
     write_prepared(folder, n_train=200, n_val=10, n_test=400)
-    train, test = data.load_split(folder, "train"), data.load_split(folder, "test")
+    with data.reading_test("evaluate"):
+        train, test = data.load_split(folder, "train"), data.load_split(folder, "test")
     train_x, test_x = data.to_float(train.images), data.to_float(test.images)
     templates = torch.stack([train_x[train.labels == d].mean(0).flatten() for d in range(10)])
     classifier = TemplateClassifier(templates)

@@ -101,7 +101,7 @@ def test_params_are_frozen_and_have_no_defaults_in_code():
 @pytest.mark.parametrize("family", MODELS)
 def test_dvc_repro_stops_at_once_on_a_key_of_another_family(tmp_path, family):
     """`dvc repro train@<family>` fails before any training with one line naming the key; nothing is written."""
-    from mnistgen import smoke
+    from mnistgen.commands import smoke
 
     work = smoke.make_workspace(tmp_path / "w", None)
     write_prepared(work / "data" / "prepared")

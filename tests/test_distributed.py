@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,34 @@ RUN_SECTION = {
 
 
 # ------------------------------------------------------------------ one process
+
+
+GLOO_LOST_PEER = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:51234: Connection reset by peer"
+
+
+class FailingAllReduce(torch.autograd.Function):
+    """A collective in a backward pass whose peer is gone: what the global batch norm's all-reduce meets."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t * 1
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(GLOO_LOST_PEER)
+
+
+def test_a_lost_peer_in_a_backward_pass_is_told_apart_from_a_bug():
+    """autograd re-raises a backward's error without the frames that raised it, so nothing of torch.distributed is left
+    in its traceback: the message must tell a lost peer apart (else rank 0 prints gloo's raw traceback)."""
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError) as raised:
+        FailingAllReduce.apply(x).sum().backward()
+    frames = [f.filename for f in traceback.extract_tb(raised.value.__traceback__)]
+    assert not any("torch/distributed/" in f for f in frames)  # the frame-based check alone would miss it
+    assert distributed.from_collective(raised.value)
+    assert distributed.brief(raised.value) == "Read error [127.0.0.1]:51234: Connection reset by peer"
+    assert not distributed.from_collective(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 2x2)"))
 
 
 def test_the_ranks_slices_make_up_the_global_batch(monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import tiny_model_params, write_params, write_prepared
 
-from mnistgen import smoke as smoke_pipeline
+from mnistgen.commands import smoke as smoke_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.drill]
 

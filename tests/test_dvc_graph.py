@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from mnistgen import smoke
+from mnistgen.commands import smoke
 from mnistgen.config import model_names
 
 # Files a stage reads as code without importing them: the logged model's own code.
@@ -145,7 +145,7 @@ TRAIN_EVALUATE = {f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS}
         ("params.yaml", "bootstrap: 100", "bootstrap: 50", {"report", "promote", *EVALUATE}),
         # the evaluators' recipe is read by `mnistgen evaluator train` alone: editing it never retrains the ruler
         ("params.yaml", "  width: 16\n  epochs: 3", "  width: 16\n  epochs: 2", set()),
-        ("params.yaml", "training_noise: {iwae_nll: ", "training_noise: {iwae_nll: 1", {"promote"}),
+        ("params.yaml", "  alpha: 0.05 ", "  alpha: 0.01 ", {"promote"}),
     ],
 )
 def test_an_edit_reruns_exactly_the_stages_that_read_it(committed_workspace, rel, old, new, expected):

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import ROOT, tiny
+from helpers import ROOT, repo_params, tiny
 
-from mnistgen import evaluation, report, training
+from mnistgen import evaluation, likelihood, report, training
+from mnistgen.config import EvaluateParams
 from mnistgen.models import build_model
 from mnistgen.models.base import bce_per_image
 
@@ -184,11 +185,11 @@ def test_a_gap_within_two_standard_errors_is_too_close_to_call():
 
 def test_binarize_seed_changes_the_binarisation_and_is_what_likelihood_uses(small_vae, monkeypatch, tmp_path):
     x = torch.rand(300, 1, 28, 28)
-    assert torch.equal(evaluation.binarize(x, 0), evaluation.binarize(x, 0))
-    assert not torch.equal(evaluation.binarize(x, 0), evaluation.binarize(x, 1))
+    assert torch.equal(likelihood.binarize(x, 0), likelihood.binarize(x, 0))
+    assert not torch.equal(likelihood.binarize(x, 0), likelihood.binarize(x, 1))
     seen = []
-    real_binarize = evaluation.binarize
-    monkeypatch.setattr(evaluation, "binarize", lambda images, seed: seen.append(seed) or real_binarize(images, seed))
+    real_binarize = likelihood.binarize
+    monkeypatch.setattr(likelihood, "binarize", lambda images, seed: seen.append(seed) or real_binarize(images, seed))
     vae, _ = small_vae
     job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, _params(binarize_seed=17, iwae_k=2))
     job.prepare({"": _fake_reference()}, tmp_path)
@@ -203,10 +204,12 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     seen = {"iwae": [], "elbo": []}
     iwae, elbo = vae.iwae_nlls, vae.negative_elbo
     monkeypatch.setattr(
-        vae, "iwae_nlls", lambda images, k, chunk, priors: seen["iwae"].append(images) or iwae(images, k, chunk, priors)
+        vae, "iwae_nlls", lambda images, k, chunk, priors, gen: seen["iwae"].append(images) or iwae(images, k, chunk, priors, gen)
     )
     monkeypatch.setattr(
-        vae, "negative_elbo", lambda images, beta=1.0, y=None: seen["elbo"].append(images) or elbo(images, beta, y=y)
+        vae,
+        "negative_elbo",
+        lambda images, beta=1.0, y=None, eps=None: seen["elbo"].append(images) or elbo(images, beta, y=y, eps=eps),
     )
     job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, _params(iwae_images=150, iwae_k=2))
     job.prepare({"": _fake_reference()}, tmp_path)
@@ -215,9 +218,9 @@ def test_elbo_and_iwae_use_the_same_images_and_never_read_past_the_subset(small_
     elbo_binarised = torch.cat(seen["elbo"][len(seen["elbo"]) // 2 :])  # grey batches first, then the binarised ones
     assert len(iwae_images) == 150 and job.metrics["iwae_images"] == 150 and job.metrics["likelihood_images"] == 150
     assert torch.equal(iwae_images, elbo_binarised)  # the same (binarised) images in both bounds
-    idx = evaluation.likelihood_subset(300, 150, 3)
+    idx = likelihood.likelihood_subset(300, 150, 3)
     assert len(set(idx.tolist())) == 150 and idx.max() >= 150  # a random subset, not the first 150
-    assert torch.equal(evaluation.likelihood_subset(300, 0, 3), torch.arange(300))
+    assert torch.equal(likelihood.likelihood_subset(300, 0, 3), torch.arange(300))
     assert job.metrics["likelihood_all_images"] == 0.0
 
 
@@ -230,7 +233,7 @@ def test_the_iwae_bound_runs_in_cache_sized_calls_and_conv_nets_in_the_faster_la
     monkeypatch.setattr(
         vae,
         "iwae_nlls",
-        lambda images, k, chunk, priors: calls.append((len(images), min(k, chunk))) or iwae(images, k, chunk, priors),
+        lambda images, k, chunk, priors, gen: calls.append((len(images), min(k, chunk))) or iwae(images, k, chunk, priors, gen),
     )
     x = torch.rand(100, 1, 28, 28)
     job = evaluation.Evaluation(vae, {"": _FakeClassifier()}, _params(iwae_images=0, iwae_k=1000))
@@ -265,7 +268,9 @@ def test_the_cvae_bound_given_the_label_reuses_the_marginal_bounds_draws_and_dec
 
     asked = []
     bound = cvae.iwae_nlls
-    cvae.iwae_nlls = lambda images, k, chunk, priors: asked.append(len(priors)) or bound(images, k, chunk, priors)
+    cvae.iwae_nlls = lambda images, k, chunk, priors, generator: (
+        asked.append(len(priors)) or bound(images, k, chunk, priors, generator)
+    )
     job = evaluation.Evaluation(cvae, {"": _FakeClassifier()}, _params(iwae_images=0, iwae_k=8))
     for split in ("val", "test"):
         reference = _fake_reference()
@@ -330,3 +335,47 @@ def test_interpolation_paths_start_from_the_held_out_images_and_have_bands(small
     for key in ("interp_linear_fid_cls", "interp_linear_fid_cls_e2", "interp_slerp_fid_cls_e2"):
         assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"]
     assert "interp_linear_midpoint_confidence_e2_stderr" in m
+
+
+@pytest.mark.parametrize("family", ["gan", "cwgan", "vae"])
+def test_the_draws_depend_on_the_seed_not_on_the_batch_size(family):
+    """Every sample's noise and a conditional model's label mix are drawn at once on a CPU generator, then decoded in
+    batches: evaluate.batch_size only chunks the work, as the protocol (which leaves it out) says."""
+    torch.manual_seed(0)
+    model = build_model(tiny(family, arch="conv", width=8)).eval()
+    drawn = [evaluation.draw(model, 300, torch.Generator().manual_seed(5), size) for size in (64, 128, 300)]
+    assert all(torch.equal(drawn[0], other) for other in drawn[1:])
+    assert not torch.equal(drawn[0], evaluation.draw(model, 300, torch.Generator().manual_seed(6), 64))
+
+
+def test_the_fingerprint_names_the_device_the_torch_and_the_measuring_code_but_not_its_docstrings(monkeypatch):
+    from mnistgen import protocol
+    from mnistgen.models import FAMILIES
+
+    documented = 'def f(x):\n    """Doc."""\n    # a comment\n    return x + 1\n'
+    assert protocol.without_docstrings(documented) == protocol.without_docstrings("def f(x):\n    return x + 1\n")
+    assert protocol.without_docstrings(documented) != protocol.without_docstrings("def f(x):\n    return x + 2\n")
+    p = EvaluateParams(**repo_params()["evaluate"])
+    terms = protocol.describe(p, "val", "d", {"": "h"}, "cpu", FAMILIES["vae"], (evaluation,))
+    assert terms["device"] == "cpu" and terms["torch"] == torch.__version__ and "batch_size" not in terms["evaluate"]
+    assert (
+        protocol.describe(p, "val", "d", {"": "h"}, torch.device("cuda", 1), FAMILIES["vae"], (evaluation,))["device"] == "cuda"
+    )
+    code = terms["code"]
+    assert protocol.measuring_code(FAMILIES["gan"], (evaluation,)) != protocol.measuring_code(FAMILIES["vae"], (evaluation,))
+
+    def sample_latent(self, n, generator=None):  # another way of drawing the noise: another protocol
+        return torch.zeros(n, self.latent_dim)
+
+    monkeypatch.setattr(FAMILIES["vae"], "sample_latent", sample_latent)
+    protocol.measuring_code.cache_clear()  # a process's code never changes but here
+    assert protocol.describe(p, "val", "d", {"": "h"}, "cpu", FAMILIES["vae"], (evaluation,))["code"] != code
+    monkeypatch.undo()
+    protocol.measuring_code.cache_clear()
+
+    def decode(self, z):  # a network's forward is the model, not the ruler
+        return z
+
+    monkeypatch.setattr(FAMILIES["vae"], "decode", decode)
+    protocol.measuring_code.cache_clear()
+    assert protocol.describe(p, "val", "d", {"": "h"}, "cpu", FAMILIES["vae"], (evaluation,))["code"] == code

@@ -248,7 +248,8 @@ def test_fid_replicates_with_unit_counts_give_the_plain_fid():
     real, fake = _randn(500, 5, seed=1), _randn(300, 5, seed=2) + 0.5
     mu, sigma = gaussian_stats(real)
     ones = torch.ones(1, 300, dtype=torch.float64)
-    assert fid_replicates(fake, mu, sigma, ones)[0] == pytest.approx(fid_from_stats(*gaussian_stats(fake), mu, sigma), rel=1e-9)
+    # rel 1e-6: all rounds' second moments come from one float32 product (of centred features)
+    assert fid_replicates(fake, mu, sigma, ones)[0] == pytest.approx(fid_from_stats(*gaussian_stats(fake), mu, sigma), rel=1e-6)
 
 
 def test_kid_with_replicates_keeps_kid_and_its_band_holds_it():

@@ -43,9 +43,9 @@ LOOSE_GATE = {  # tiny models on synthetic digits: a floor every one meets, so p
     "primary": "fid_cls",
     "higher_is_better": False,
     "agree_in_both_spaces": True,
-    "training_noise": {"fid_cls": 0.05, "fid_cls_e2": 0.05},
     "floors": [{"metric": "fid_cls", "max": 1e6}],
 }
+GATE_SETTINGS = {"alpha": 0.05, "bootstrap": 200, "bootstrap_seed": 0}
 SAMPLE = "samples/samples_epoch_001.png"  # the fixed-noise grid train.py logs after epoch 1
 ARTIFACTS = ROOT / "artifacts"
 WINDOW = (1400, 900)
@@ -68,7 +68,7 @@ def _run_stages(work: Path, db_uri: str) -> None:
             "dist_timeout_s": 60,
         },
         models={m: tiny_model_params(m) for m in TRAINED},
-        gate=dict.fromkeys(TRAINED, LOOSE_GATE),
+        gate={**GATE_SETTINGS, **dict.fromkeys(TRAINED, LOOSE_GATE)},
         **tiny_evaluation_sections(),
     )
     stages = [["train", m, "--data", "data/prepared", "--out", f"models/{m}", "--curves", f"curves/{m}"] for m in TRAINED]
@@ -96,7 +96,7 @@ def _run_stages(work: Path, db_uri: str) -> None:
     stages.append(  # registers both, each version with its model card as description
         [
             *("promote", "--metrics", "metrics/val", "--models", "models", "--evaluation", "evaluation"),
-            *("--evaluator", "models/evaluator", "--data", "data/prepared", "--out", "reports"),
+            *("--evaluator", "models/evaluator", "--data", "data/prepared", "--seeds", "metrics/seeds", "--out", "reports"),
         ]
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": db_uri}

@@ -1,4 +1,4 @@
-"""mnistgen.paper: dvc.yaml's stages without dvc or mlflow, as the paper-grade run on a bare GPU box needs."""
+"""mnistgen.commands.paper: dvc.yaml's stages without dvc or mlflow, as the paper-grade run on a bare GPU box needs."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers import ROOT, repo_params
 
-from mnistgen import paper as paper_run
+from mnistgen.commands import paper as paper_run
 from mnistgen.config import model_names
 
 # A real-MNIST subset and one epoch each: the stages run for real, in under a minute on 2 cores.
@@ -73,7 +73,7 @@ def run_paper(tmp_path: Path, profile: dict, deadline: float = 600) -> tuple[sub
         [
             sys.executable,
             "-m",
-            "mnistgen.paper",
+            "mnistgen.commands.paper",
             "--profile",
             str(tmp_path / "profile.yaml"),
             "--work",

@@ -18,7 +18,9 @@ from conftest import clear_registry, use_team_account
 from helpers import TINY_EVALUATE, git, tiny_model_params
 from mlflow.exceptions import MlflowException
 
-from mnistgen import pull_request, smoke, tracking
+from mnistgen import tracking
+from mnistgen.commands import pr as pull_request
+from mnistgen.commands import smoke
 
 BIN = Path(sys.executable).parent
 
@@ -43,6 +45,35 @@ def test_every_numeric_metric_must_be_the_logged_value():
     assert missing == ["metrics/test/vae.json: iwae_nll is 91.0, but the run logged nothing as test_iwae_nll"]
 
 
+def test_the_summary_shows_the_candidates_samples_beside_the_champions(tmp_path, monkeypatch, empty_store):
+    """What the gate saw, for the pull request: samples-<model>.png beside the summary, linked from it."""
+    import shutil
+
+    import torch
+
+    from mnistgen import figures
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    figures.save_grid(torch.rand(16, 1, 28, 28), tmp_path / "evaluation" / "vae" / "samples.png", nrow=4)
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    (out / "promotion.json").write_text(json.dumps({"models": {"vae": {"decision": "promote", "champion_version": None}}}))
+    (out / "promotion.md").write_text("# Promotion gate: decided\n")
+    pull_request.show_samples(out)
+    assert (out / "samples-vae.png").stat().st_size > 1000
+    summary = (out / "promotion.md").read_text()
+    assert summary.startswith("# Promotion gate") and "- vae: [samples-vae.png](samples-vae.png) (promote)" in summary
+
+
+def test_github_serialises_promotions_into_the_team_registry():
+    workflow = yaml.safe_load((Path(__file__).resolve().parents[1] / ".github" / "workflows" / "ci.yml").read_text())
+    promote = workflow["jobs"]["team-promote"]
+    assert promote["concurrency"]["group"].startswith("team-promote-") and promote["concurrency"]["cancel-in-progress"] is False
+    assert "pr promote" in " ".join(step.get("run", "") for step in promote["steps"])
+
+
 def run(*args: str, cwd: Path, env: dict, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     result = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check:
@@ -63,7 +94,8 @@ def pr_workspace(folder: Path) -> Path:
     smoke.make_workspace(folder, None)
     params = yaml.safe_load((folder / "params.yaml").read_text())
     params["models"] = {"vae": tiny_model_params("vae", epochs=1, batch_size=256)}
-    params["gate"] = {"vae": {**params["gate"]["vae"], "floors": [{"metric": "iwae_nll", "max": 10000.0}]}}
+    shared = {k: v for k, v in params["gate"].items() if k not in params["models"] and not isinstance(v, dict)}
+    params["gate"] = {**shared, "vae": {**params["gate"]["vae"], "floors": [{"metric": "iwae_nll", "max": 10000.0}]}}
     params["evaluate"].update(TINY_EVALUATE)  # still measured with the pinned ruler, evaluators/v1
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git("commit", "-qam", "one tiny VAE", cwd=folder)
@@ -122,6 +154,8 @@ def test_pull_request_flow_promotes_the_version_the_pulled_run_logged(team_stack
     ]
     assert [(h["who"], h["to"]) for h in history] == [("ci", champion.version)]
     assert json.loads((clone / "artifacts" / "promotion.json").read_text())["models"]["vae"]["decision"] == "promote"
+    assert (clone / "artifacts" / "samples-vae.png").exists()
+    assert "[samples-vae.png](samples-vae.png)" in (clone / "artifacts" / "promotion.md").read_text()
 
     # the trainer who logged the run may not move the alias itself
     use_team_account(monkeypatch, team_stack, "trainer")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from mnistgen import smoke as smoke_pipeline
+from mnistgen.commands import smoke as smoke_pipeline
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 LEARNING_RATES = (

@@ -29,15 +29,16 @@ from conftest import free_port_block, team_missing, use_team_account
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mnistgen.team import stack
+from mnistgen.team import mlflow_server, processes
+from mnistgen.team import settings as team
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 MNISTGEN = str(Path(sys.executable).with_name("mnistgen"))
 REMOTE_HOST = "127.0.0.2"
 
 
-def secrets_of(settings: stack.Settings) -> list[str]:
-    return [settings[k] for k in stack.SECRET_KEYS if settings.values.get(k)]
+def secrets_of(settings: team.Settings) -> list[str]:
+    return [settings[k] for k in team.SECRET_KEYS if settings.values.get(k)]
 
 
 class CommandLines:
@@ -97,7 +98,7 @@ def remote_stack():
             started = team_cli(env, "up")
         assert started.returncode == 0, started.stderr[-3000:]
         overrides = {k: v for k, v in env.items() if k.startswith("TEAM_")}
-        settings = stack.Settings.load(env_file=home / "team.env", overrides=overrides)
+        settings = team.Settings.load(env_file=home / "team.env", overrides=overrides)
         yield settings, env, seen.seen, started.stdout + started.stderr
     finally:
         team_cli(env, "down")
@@ -105,16 +106,16 @@ def remote_stack():
         shutil.rmtree(home, ignore_errors=True)
 
 
-def psql(settings: stack.Settings, conninfo: str, password: str | None = None, user: str | None = None):
+def psql(settings: team.Settings, conninfo: str, password: str | None = None, user: str | None = None):
     """psql -w (never prompts) with `conninfo`, optionally with a password and as another OS user."""
     env = {"PATH": os.environ["PATH"], **({"PGPASSWORD": password} if password else {})}
-    cmd = [str(stack.PG_BIN / "psql"), "-w", "-tA", "-c", "select current_user", conninfo]
+    cmd = [str(team.PG_BIN / "psql"), "-w", "-tA", "-c", "select current_user", conninfo]
     if user:
         cmd = ["runuser", "-u", user, "--", *cmd]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
 
 
-def tcp(settings: stack.Settings, user: str, database: str, sslmode: str = "prefer") -> str:
+def tcp(settings: team.Settings, user: str, database: str, sslmode: str = "prefer") -> str:
     ca = f" sslrootcert={settings.ca_file}" if settings.tls else ""
     return f"host={settings.host} port={settings.port('PG')} user={user} dbname={database} sslmode={sslmode}{ca}"
 
@@ -123,7 +124,7 @@ def tcp(settings: stack.Settings, user: str, database: str, sslmode: str = "pref
 
 
 def test_postgres_asks_every_client_for_a_password(team_stack):
-    socket_dir = stack.pg_dirs(team_stack)[1]
+    socket_dir = team_stack.pg_socket
     for user in ("postgres", "mlflow", "optuna"):
         refused = psql(team_stack, tcp(team_stack, user, "postgres"))
         assert refused.returncode != 0 and "no password supplied" in refused.stderr, refused.stderr
@@ -138,7 +139,7 @@ def test_postgres_asks_every_client_for_a_password(team_stack):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user")
 def test_another_local_user_cannot_reach_the_socket_nor_log_in_over_tcp(team_stack):
     other = "nobody"
-    socket_dir = stack.pg_dirs(team_stack)[1]
+    socket_dir = team_stack.pg_socket
     on_socket = psql(team_stack, f"host={socket_dir} port={team_stack.port('PG')} user=postgres", user=other)
     assert on_socket.returncode != 0 and "Permission denied" in on_socket.stderr, on_socket.stderr
     over_tcp = psql(team_stack, tcp(team_stack, "postgres", "postgres"), user=other)
@@ -154,7 +155,7 @@ def test_database_roles_are_no_superusers_and_reach_only_their_own_databases(tea
     ):
         env = {"PATH": os.environ["PATH"], "PGPASSWORD": team_stack[key]}
         flags = subprocess.run(
-            [str(stack.PG_BIN / "psql"), "-w", "-tA", "-c", query, tcp(team_stack, role, own)],
+            [str(team.PG_BIN / "psql"), "-w", "-tA", "-c", query, tcp(team_stack, role, own)],
             env=env,
             capture_output=True,
             text=True,
@@ -178,7 +179,7 @@ def test_off_loopback_postgres_takes_tls_only_and_listens_only_on_team_host(remo
 # ---------------------------------------------------------------- Swift / S3
 
 
-def s3(settings: stack.Settings, user: str | None, secret: str | None = None):
+def s3(settings: team.Settings, user: str | None, secret: str | None = None):
     """An S3 client with `user`'s key (None: an anonymous, unsigned client)."""
     config = Config(
         s3={"addressing_style": "path"}, retries={"max_attempts": 1}, signature_version=UNSIGNED if user is None else None
@@ -214,7 +215,7 @@ def test_s3_without_a_key_or_with_a_wrong_one_gets_nothing(team_stack):
         assert writes(team_stack, None, bucket) != "ok" and lists(team_stack, None, bucket) != "ok"
         assert writes(team_stack, "ci", bucket, secret="not-the-secret") == "SignatureDoesNotMatch"
     with pytest.raises(urllib.error.HTTPError) as swift_api:  # the Swift API without a token
-        urllib.request.urlopen(f"{team_stack.s3_endpoint}/v1/AUTH_{stack.S3_ACCOUNT}/{team_stack.dvc_bucket}", timeout=10)
+        urllib.request.urlopen(f"{team_stack.s3_endpoint}/v1/AUTH_{team.S3_ACCOUNT}/{team_stack.dvc_bucket}", timeout=10)
     assert swift_api.value.code == 401
 
 
@@ -279,7 +280,7 @@ def test_swift_back_ends_listen_on_127_0_0_1_only_and_the_proxy_on_team_host(rem
 # ---------------------------------------------------------------- MLflow registry
 
 
-def mlflow_as(settings: stack.Settings, user: str, monkeypatch) -> MlflowClient:
+def mlflow_as(settings: team.Settings, user: str, monkeypatch) -> MlflowClient:
     use_team_account(monkeypatch, settings, user)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
@@ -345,7 +346,7 @@ def test_the_rules_match_every_create_and_alias_route():
 def test_no_secret_on_a_command_line_in_the_output_or_in_a_file_others_can_read(remote_stack, tmp_path):
     settings, env, command_lines, output = remote_stack
     secrets = secrets_of(settings)
-    assert len(secrets) == len(stack.SECRET_KEYS)
+    assert len(secrets) == len(team.SECRET_KEYS)
     # `team dvc-remote` and `team env` too, watched the same way
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -356,13 +357,13 @@ def test_no_secret_on_a_command_line_in_the_output_or_in_a_file_others_can_read(
         status = team_cli(env, "status")
     assert remote.returncode == 0 and status.returncode == 0, remote.stderr
     shown = "\n".join([*command_lines, *seen.seen, output, remote.stdout, remote.stderr, status.stdout])
-    leaked = [key for key in stack.SECRET_KEYS if settings[key] in shown]
+    leaked = [key for key in team.SECRET_KEYS if settings[key] in shown]
     assert leaked == [], f"secrets on a command line or in the CLI's output: {leaked}"
     assert os.stat(settings.env_file).st_mode & 0o777 == 0o600
     assert (repo / ".dvc" / "config.local").stat().st_mode & 0o777 == 0o600
     state = settings.state
     assert state.stat().st_mode & 0o777 == 0o700
-    assert state.stat().st_uid == pwd.getpwnam(stack.os_user(settings)).pw_uid
+    assert state.stat().st_uid == pwd.getpwnam(processes.os_user(settings)).pw_uid
     for path in state.rglob("*"):  # nothing in the state folder is readable by others and holds a secret
         if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o004:
             text = path.read_bytes()
@@ -371,9 +372,11 @@ def test_no_secret_on_a_command_line_in_the_output_or_in_a_file_others_can_read(
         text = log.read_bytes()
         assert not [s for s in secrets if s.encode() in text], f"{log} holds a secret"
     if os.geteuid() == 0:  # and every service runs as the unprivileged user, not as root
-        servers = [p for pid in stack.read_pids(settings).values() for p in group(pid) if not p[1].startswith("runuser")]
-        assert len(servers) >= len(stack.SERVICES)
+        # no root parent either: each service's process group holds only the unprivileged user's processes
+        servers = [p for pid in processes.read_pids(settings).values() for p in group(pid)]
+        assert len(servers) >= len(team.SERVICES)
         assert [cmd for uid, cmd in ((os.stat(f"/proc/{pid}").st_uid, cmd) for pid, cmd in servers) if uid == 0] == []
+        assert not [cmd for _, cmd in servers if cmd.startswith(("runuser", "su ", "sudo"))]
 
 
 def group(pgid: int) -> list[tuple[int, str]]:
@@ -390,11 +393,11 @@ def group(pgid: int) -> list[tuple[int, str]]:
 
 def test_a_secrets_file_others_can_read_is_refused(tmp_path):
     env_file = tmp_path / "team.env"
-    stack.Settings.load(env_file=env_file, create=True)
+    team.Settings.load(env_file=env_file, create=True)
     assert env_file.stat().st_mode & 0o777 == 0o600
     os.chmod(env_file, 0o644)
-    with pytest.raises(stack.StackError, match="others may read it"):
-        stack.Settings.load(env_file=env_file)
+    with pytest.raises(team.StackError, match="others may read it"):
+        team.Settings.load(env_file=env_file)
 
 
 def test_a_planted_state_folder_is_refused(tmp_path):
@@ -402,16 +405,16 @@ def test_a_planted_state_folder_is_refused(tmp_path):
     target.mkdir()
     planted = tmp_path / "state"
     planted.symlink_to(target)
-    settings = stack.Settings.load(env_file=tmp_path / "team.env", create=True, overrides={"TEAM_STATE_DIR": str(planted)})
-    with pytest.raises(stack.StackError, match="symlink or belongs to another user"):
-        stack.prepare_state(settings, stack.os_user(settings))
+    settings = team.Settings.load(env_file=tmp_path / "team.env", create=True, overrides={"TEAM_STATE_DIR": str(planted)})
+    with pytest.raises(team.StackError, match="symlink or belongs to another user"):
+        processes.prepare_state(settings, processes.os_user(settings))
     if os.geteuid() == 0:  # a folder another user made at the predictable path
         foreign = tmp_path / "foreign"
         foreign.mkdir()
         shutil.chown(foreign, "nobody")
         settings.values["TEAM_STATE_DIR"] = str(foreign)
-        with pytest.raises(stack.StackError, match="belongs to another user"):
-            stack.prepare_state(settings, stack.os_user(settings))
+        with pytest.raises(team.StackError, match="belongs to another user"):
+            processes.prepare_state(settings, processes.os_user(settings))
 
 
 def test_a_role_that_cannot_be_set_up_fails_team_up(tmp_path, monkeypatch):
@@ -425,10 +428,10 @@ def test_a_role_that_cannot_be_set_up_fails_team_up(tmp_path, monkeypatch):
         def list_roles(self, workspace):
             raise MlflowException("role support is off on this server")
 
-    monkeypatch.setattr(stack, "auth_client", lambda s: RefusingAuth())
-    settings = stack.Settings.load(env_file=tmp_path / "team.env", create=True)
-    with pytest.raises(stack.StackError, match="cannot set up role ci-writer of ci"):
-        stack.ensure_users(settings)
+    monkeypatch.setattr(mlflow_server, "auth_client", lambda s: RefusingAuth())
+    settings = team.Settings.load(env_file=tmp_path / "team.env", create=True)
+    with pytest.raises(team.StackError, match="cannot set up role ci-writer of ci"):
+        mlflow_server.ensure_users(settings)
 
 
 # ---------------------------------------------------------------- TLS
@@ -468,19 +471,19 @@ def test_up_again_restart_and_down_keep_the_data_and_touch_only_this_stack(remot
     client = mlflow_as(settings, "ci", monkeypatch)
     run = client.create_run(client.create_experiment(f"lifecycle-{time.time_ns()}"))
     client.log_metric(run.info.run_id, "kept", 1.0)
-    pids = stack.read_pids(settings)
+    pids = processes.read_pids(settings)
     again = team_cli(env, "up")
-    assert again.returncode == 0 and "already up" in again.stdout and stack.read_pids(settings) == pids
+    assert again.returncode == 0 and "already up" in again.stdout and processes.read_pids(settings) == pids
     # a stranger's process whose pid the pids file names (a recycled pid): down must not stop it
     stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    recorded = json.loads(stack.pids_file(settings).read_text())
+    recorded = json.loads(processes.pids_file(settings).read_text())
     recorded["stranger"] = [stranger.pid, 1]  # another start time: not the process the stack started
-    stack.pids_file(settings).write_text(json.dumps(recorded))
+    processes.pids_file(settings).write_text(json.dumps(recorded))
     try:
         restarted = team_cli(env, "restart")
         assert restarted.returncode == 0, restarted.stderr[-2000:]
         assert stranger.poll() is None
-        assert set(stack.read_pids(settings).values()).isdisjoint(pids.values())  # every service is new
+        assert set(processes.read_pids(settings).values()).isdisjoint(pids.values())  # every service is new
         assert mlflow_as(settings, "ci", monkeypatch).get_run(run.info.run_id).data.metrics == {"kept": 1.0}
         assert team_cli(env, "down").returncode == 0 and stranger.poll() is None
         assert team_cli(env, "status").stdout.count("true") == 0

@@ -10,11 +10,17 @@ test split at all (test_sweep, test_benchmarks), and so does a promotion that re
 
 import ast
 
+import pytest
+import torch
 import yaml
-from helpers import ROOT
+from helpers import ROOT, write_prepared
+
+from mnistgen import data, evaluation
 
 CHOOSERS = [
     "src/mnistgen/gate.py",
+    "src/mnistgen/comparison.py",
+    "src/mnistgen/promotion.py",
     "src/mnistgen/stages/promote.py",
     "src/mnistgen/sweep.py",
     "benchmarks/quality_at_fixed_clock.py",
@@ -63,3 +69,19 @@ def test_the_check_sees_a_chooser_that_reads_test(tmp_path, monkeypatch):
     bad.write_text('"""Doc mentions test."""\nfrom mnistgen import data\nsplit = data.load_split("data/prepared", "test")\n')
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     assert strings("bad.py") == ["data/prepared", "test"]
+
+
+def test_reading_the_test_split_outside_a_reporting_role_raises(tmp_path):
+    """At run time too: the test split's images and its references load only inside data.reading_test."""
+    write_prepared(tmp_path / "prepared", n_train=16, n_val=8, n_test=8)
+    assert len(data.load_split(tmp_path / "prepared", "val").labels) == 8
+    with pytest.raises(data.SplitRefused, match="the test split is read only to report"):
+        data.load_split(tmp_path / "prepared", "test")
+    with pytest.raises(data.SplitRefused):
+        evaluation.load_references(tmp_path / "no-such-folder", "test")  # refused before any file is opened
+    with data.reading_test("report"):
+        assert isinstance(data.load_split(tmp_path / "prepared", "test").images, torch.Tensor)
+    with pytest.raises(data.SplitRefused):  # the permission ends with the block
+        data.load_split(tmp_path / "prepared", "test")
+    with pytest.raises(ValueError, match="does not read the test split"), data.reading_test("sweep"):
+        pass

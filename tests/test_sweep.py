@@ -1,4 +1,4 @@
-"""The shared Optuna sweep (python -m mnistgen.sweep): typed search space, validation-only objective,
+"""The shared Optuna sweep (`mnistgen sweep`): typed search space, validation-only objective,
 pruning, -S overrides that `dvc exp run` applies, and workers sharing one study."""
 
 import json
@@ -85,7 +85,9 @@ def test_best_params_become_overrides_that_dvc_applies_to_params_yaml(tmp_path):
         "models.wgan.gp_weight=2.0",
         "models.wgan.penalty=one_sided",
     ]
-    assert sweep.exp_run_command("wgan", best).startswith("dvc exp run -S 'models.wgan.lr=0.0000123457' -S ")
+    assert sweep.exp_run_command("wgan", best, 12).startswith(
+        "MNISTGEN_SELECTED_FROM=12 dvc exp run -S 'models.wgan.lr=0.0000123457' -S "
+    )
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     apply_overrides(tmp_path / "params.yaml", overrides)
     wgan = load_model_params("wgan", tmp_path / "params.yaml")  # strict: a string or int where a float belongs fails
@@ -225,7 +227,7 @@ def test_two_workers_share_one_sqlite_study(tmp_path, empty_store):
     storage = f"sqlite:///{work}/optuna.db"
     outputs = run_workers(work, storage, "shared", 3, env)
     study, best = check_shared_study(work, storage, "shared", 3, env["MLFLOW_TRACKING_URI"])
-    assert all("dvc exp run -S 'models.vae.lr=" in out for out in outputs)
+    assert all("MNISTGEN_SELECTED_FROM=" in out and " dvc exp run -S 'models.vae.lr=" in out for out in outputs)
     from dvc.utils.hydra import apply_overrides
 
     apply_overrides(work / "params.yaml", best["overrides"])  # the best trial's params, applied as `dvc exp run -S` does
@@ -256,7 +258,7 @@ def test_two_workers_share_one_study_on_the_team_postgresql(tmp_path, team_stack
 def test_team_settings_give_the_sweeps_storage_and_an_older_env_file_still_loads(tmp_path):
     """`python -m team up` generates the optuna role's password; `env`, `down` and `status` still load an env file
     written before sweeps existed (no storage exported until the next `up`); the read-only account gets none."""
-    from mnistgen.team import stack
+    from mnistgen.team import settings as stack
 
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{k}=secret{i}\n" for i, k in enumerate(stack.SECRET_KEYS) if k != "TEAM_OPTUNA_PASSWORD"))
@@ -268,5 +270,5 @@ def test_team_settings_give_the_sweeps_storage_and_an_older_env_file_still_loads
     upped = stack.Settings.load(env_file=env_file, create=True, overrides={"TEAM_PG_PORT": "55432", "TEAM_HOST": "127.0.0.1"})
     assert upped.optuna_storage == f"postgresql+psycopg://optuna:{upped['TEAM_OPTUNA_PASSWORD']}@127.0.0.1:55432/optuna"
     assert env_file.read_text().count("TEAM_PG_PASSWORD=") == 1  # only the missing secret was added
-    assert f"export MNISTGEN_OPTUNA_STORAGE={upped.optuna_storage}" in stack.exports(upped, "ci")
+    assert f"export MNISTGEN_OPTUNA_STORAGE='{upped.optuna_storage}'" in stack.exports(upped, "ci")
     assert "MNISTGEN_OPTUNA_STORAGE" not in stack.exports(upped, "reader")

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from test_registry import candidate, champion_of, promote_now, snapshot
 
 from mnistgen import tracking
-from mnistgen.team.__main__ import set_dvc_remote
+from mnistgen.commands.team import set_dvc_remote
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 

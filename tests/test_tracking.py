@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, tiny_model_params, write_params, write_prepared
 from mlflow import MlflowClient
 
-from mnistgen import tracking
+from mnistgen import logged_model, tracking
 
 RUN_SECTION = {
     "grade": "default",
@@ -254,13 +254,13 @@ def test_a_dvc_experiment_tracks_into_its_parent_repo_and_tags_its_runs(tmp_path
 
 
 def test_the_code_shipped_with_a_logged_model_imports_on_its_own(tmp_path):
-    """The registered model carries a copy of tracking.MODEL_CODE (MLflow puts it first on sys.path when it loads):
+    """The registered model carries a copy of logged_model.MODEL_CODE (MLflow puts it first on sys.path when it loads):
     that copy alone must build every family, or `mlflow models serve` fails on a module left behind."""
     from mnistgen import tracking
 
     package = tmp_path / "code" / "mnistgen"
     package.mkdir(parents=True)
-    for name in tracking.MODEL_CODE:
+    for name in logged_model.MODEL_CODE:
         source = tracking.PACKAGE_DIR / name
         if source.is_dir():
             shutil.copytree(source, package / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -286,7 +286,7 @@ def test_the_code_shipped_with_a_logged_model_imports_on_its_own(tmp_path):
 
 STAGE_SCRIPT = """
 import time
-from mnistgen import tracking
+from mnistgen import logged_model, tracking
 with tracking.Run.start("stage", "train vae", {}) as run:
     print(run.run_id, flush=True)
     time.sleep(120)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .gate import Decision
+
 HEADLINE = [
     "fid_cls",
     "fid_cls_e2",
@@ -55,61 +57,62 @@ def cell(r: dict, key: str) -> str:
     return text + (f"; sd {fmt(r[f'{key}_seed_sd'])}" if f"{key}_seed_sd" in r else "")
 
 
-def model_card(
-    model: str,
-    family: str,
-    version: str,
-    grade: str,
-    run_id: str,
-    provenance: dict[str, str],
-    protocol: dict[str, Any],
-    fingerprint: str,
-    metrics: dict[str, float],
-    training_noise: dict[str, float],
-    decision: str,
-    reason: str,
-) -> str:
-    """The card of version `version` of mnist-<model>."""
-    rows = [
-        f"| {key} | {cell(metrics, key)} | {fmt(training_noise[key]) if key in training_noise else '–'} |"
-        for key in HEADLINE
-        if key in metrics
+def model_card(d: Decision, tags: dict[str, str], protocol: dict[str, Any], run_id: str, metrics: dict[str, float]) -> str:
+    """The card of the version the promotion registered for decision `d` (tags: the version's, protocol: its own)."""
+    model, family, grade, version = d.model, tags.get("family", "?"), d.candidate_grade or "unknown", d.candidate_version
+    rows = [f"| {key} | {cell(metrics, key)} |" for key in HEADLINE if key in metrics]
+    verdicts = [
+        f"| {v.metric} | {v.improvement:.4g} | {v.eval_sd:.3g} | {v.training_sd:.3g} | {v.threshold:.3g} | {v.outcome} |"
+        for v in d.verdicts
     ]
     evaluators = ", ".join(f"`{h[:12]}`" for h in protocol.get("evaluators", {}).values())
+    evaluate = protocol.get("evaluate", {})
     return "\n".join(
         [
             f"# mnist-{model} v{version}: {family.upper()}, {grade} grade",
             "",
-            f"A {family.upper()} trained on MNIST ({grade} grade: its params profile). "
-            f"Run `{run_id}`, commit `{provenance.get('git_commit', '?')[:12]}`, params hash `{provenance.get('params_hash', '?')[:12]}`.",
+            f"A {family.upper()} trained on MNIST ({grade} grade, earned by its recipe; claimed {tags.get('grade_claimed', '?')}). "
+            f"Run `{run_id}`, commit `{tags.get('git_commit', '?')[:12]}`, params hash `{tags.get('params_hash', '?')[:12]}`, "
+            f"recipe `{tags.get('recipe', '?')}`.",
             "",
             "## Data and protocol",
             "",
-            f"- Data: DVC hash `{provenance.get('data_hash', '?')}`; measured on the **{protocol.get('split', '?')}** split "
+            f"- Data: DVC hash `{tags.get('data_hash', '?')}`; measured on the **{protocol.get('split', '?')}** split "
             f"(sha256 `{str(protocol.get('data', '?'))[:12]}`).",
-            f"- Protocol fingerprint `{fingerprint}`: evaluators {evaluators}, "
-            f"{protocol.get('evaluate', {}).get('num_samples', '?')} samples, IWAE k = {protocol.get('evaluate', {}).get('iwae_k', '?')}, "
-            f"seed {protocol.get('evaluate', {}).get('seed', '?')}.",
+            f"- Protocol fingerprint `{d.candidate_protocol}`: evaluators {evaluators}, {evaluate.get('num_samples', '?')} samples, "
+            f"IWAE k = {evaluate.get('iwae_k', '?')}, seed {evaluate.get('seed', '?')}, on {protocol.get('device', '?')} with torch "
+            f"{protocol.get('torch', '?')}.",
             "",
             "## Headline metrics (validation)",
             "",
-            "Bands are bootstrap intervals over the evaluation's samples; the training noise is the spread of the default run "
-            "over training seeds, which the gate requires a new champion to beat.",
+            "Bands are bootstrap intervals over the evaluation's samples.",
             "",
-            "| metric | value [band] | training noise |",
-            "| --- | --- | --- |",
+            "| metric | value [band] |",
+            "| --- | --- |",
             *rows,
             "",
             f"Sample grid: `evaluation/samples.png` among this run's artifacts (run `{run_id}`).",
             "",
             "## Gate",
             "",
-            f"**{decision}**: {reason}.",
+            f"**{d.decision}**: {d.reason}.",
+            *(
+                [
+                    "",
+                    f"Against champion v{d.champion_version}, at alpha {d.alpha} (K = {d.trials}); training noise: {d.noise_source}.",
+                    "",
+                    "| metric | improvement d | evaluation sd | training sd | threshold | outcome |",
+                    "| --- | --- | --- | --- | --- | --- |",
+                    *verdicts,
+                ]
+                if verdicts
+                else []
+            ),
             "",
             "## Known limits",
             "",
             f"- {LIMITS.get(family, 'See docs/models.md.')}",
-            "- Measured on a CPU: another CPU gives other floats, within the training noise above; bit-equality holds only on the same CPU.",
+            "- Measured on one CPU: another CPU gives other floats, within the training noise; bit-equality holds only on the same CPU.",
             "- Feature-space metrics (FID_cls, precision, recall) use small MNIST classifiers, not Inception: they compare models "
             "here, not with published FIDs.",
             *(["- A smoke-grade model, trained on a subset: never a team champion."] if grade == "smoke" else []),

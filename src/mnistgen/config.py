@@ -70,7 +70,7 @@ class EvaluatorParams(Section):
     min_val_accuracy: float  # checked when trained, and again when a pinned version is used on this data
 
 
-GRADES = ("smoke", "sweep", "default", "paper")  # a run's grade, lowest first: the gate never moves @champion down this list
+GRADES = ("smoke", "sweep", "experiment", "default", "paper")  # lowest first: the gate never moves @champion down this list
 
 
 class RunParams(Section):
@@ -140,21 +140,25 @@ class Floor(Section):
 
 
 class GateParams(Section):
+    """One model's rule, section `gate.<model>`."""
+
     primary: str  # fid_cls or iwae_nll: the metrics a paired comparison is defined for
     higher_is_better: bool
     agree_in_both_spaces: bool  # also require the gain in the second evaluator's space (<primary>_e2)
-    # metric -> how much better the candidate must surely be: the spread of the default run over training seeds
-    # (metrics/seeds/), so that a rerun of the same commit, on any CPU, neither promotes nor regresses
-    training_noise: dict[str, NonNegativeFloat] = Field(strict=False)
     floors: tuple[Floor, ...] = Field(strict=False)  # YAML gives a list
 
-    @model_validator(mode="after")
-    def _noise_for_each_compared_metric(self) -> GateParams:
-        compared = [self.primary] + ([self.primary + "_e2"] if self.agree_in_both_spaces else [])
-        missing = [m for m in compared if m not in self.training_noise]
-        if missing:
-            raise ValueError(f"training_noise needs a value for {', '.join(missing)}")
-        return self
+
+class GateSettings(Section):
+    """What every model's rule shares: `gate.alpha` and the paired bootstrap behind each comparison."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)  # the section's other keys are the models' rules
+    alpha: Annotated[
+        float, Field(gt=0, lt=0.5)
+    ]  # the false-promotion rate the rule allows: a reseeded recipe wins at most this often
+    bootstrap: Annotated[
+        int, Field(ge=100)
+    ]  # paired bootstrap rounds behind each comparison's evaluation noise (2,000 in params.yaml)
+    bootstrap_seed: int
 
 
 class FloatRange(Section):
@@ -189,7 +193,7 @@ Dimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator="type"
 
 
 class SweepParams(Section):
-    """Section `sweep`: the Optuna search (python -m mnistgen.sweep), objective on the validation split."""
+    """Section `sweep`: the Optuna search (`mnistgen sweep`), objective on the validation split."""
 
     experiment: str  # MLflow experiment of the sweep runs (one parent run per study, one nested run per trial)
     sampler_seed: int  # TPE sampler; each worker adds its --worker number, so workers do not draw the same start points

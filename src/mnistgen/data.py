@@ -1,14 +1,20 @@
 """MNIST: fetch the four official files, verify MD5, parse IDX, split, save, load.
 
 The source is torchvision's list of official mirrors (its download and checksum utilities
-fetch and check the files), or the folder / URL prefix named by the MNIST_MIRROR environment variable (these machines are offline: CI points it at
-../shared/mnist). Prepared splits are saved as plain tensors (uint8 images, int64
-labels) and loaded back as one float tensor on the device.
+fetch and check the files), or the folder / URL prefix named by the MNIST_MIRROR environment variable
+(for a machine without internet: a folder holding the four files). Prepared splits are saved as plain
+tensors (uint8 images, int64 labels) and loaded back as one float tensor on the device.
+
+The test split reports and never chooses: loading it raises unless the caller says, with
+`reading_test(role)`, that it is one of the readers that report (TEST_READERS). Training, sweeps,
+promotion and benchmarks that pick a setting read the validation split only.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
 import gzip
 import json
 import os
@@ -18,8 +24,10 @@ import struct
 import tempfile
 import urllib.error
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +41,49 @@ MNIST_FILES = dict(MNIST.resources)  # file name -> MD5: torchvision's own list
 OFFICIAL_MIRRORS = tuple(MNIST.mirrors)
 SPLITS = ("train", "val", "test")
 IDX_UBYTE = 0x08
+# Who may read the test split: the stages that check the data (validate) or measure it for the report (reference,
+# evaluate, report), the seeds' spread beside each reported figure, and a benchmark's report after its choice is made.
+TEST_READERS = ("validate", "reference", "evaluate", "report", "seeds", "benchmark report")
+_test_reader: list[str] = []  # the roles that are reading it now
+T = TypeVar("T")
+
+
+class SplitRefused(StageError):
+    """Code that chooses asked for the test split."""
+
+
+@contextlib.contextmanager
+def reading_test(role: str) -> Iterator[None]:
+    """Within this block, `role` (one of TEST_READERS) may load the test split and its references."""
+    if role not in TEST_READERS:
+        raise ValueError(f"{role!r} does not read the test split; readers: {', '.join(TEST_READERS)}")
+    _test_reader.append(role)
+    try:
+        yield
+    finally:
+        _test_reader.pop()
+
+
+def reads_test(role: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """A function that runs inside `reading_test(role)`: a stage's main that reports."""
+
+    def wrap(function: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(function)
+        def inside(*args: Any, **kwargs: Any) -> T:
+            with reading_test(role):
+                return function(*args, **kwargs)
+
+        return inside
+
+    return wrap
+
+
+def check_split_access(name: str, what: str) -> None:
+    """Raise SplitRefused when `what` of the test split is asked for outside `reading_test`."""
+    if name == "test" and not _test_reader:
+        raise SplitRefused(
+            f"{what}: the test split is read only to report ({', '.join(TEST_READERS)}); choices read the validation split"
+        )
 
 
 @dataclass
@@ -153,6 +204,7 @@ def save_split(split: Split, path: Path) -> None:
 
 def load_split(prepared: str | Path, name: str) -> Split:
     path = Path(prepared) / f"{name}.pt"
+    check_split_access(name, str(path))
     try:
         data = torch.load(path, weights_only=True)
         return Split(data["images"], data["labels"])

@@ -239,14 +239,27 @@ def session(device: torch.device, timeout_s: float):
         raise StageError(
             f"rank {rank()} of {world_size()}: lost the other processes of the run ({brief(err)}); "
             f"running the command again resumes from the last checkpoint"
-        ) from err
+        ) from None  # one line: run_stage prints the message, not gloo's traceback
     finally:
-        stop()
+        with contextlib.suppress(RuntimeError):  # tearing down a group whose peers are gone may fail too: nothing to add
+            stop()
+
+
+# What gloo and NCCL say when a peer is gone. A collective inside a backward pass (the global batch norm's all-reduce)
+# fails in autograd's engine, whose re-raised error keeps no frame of torch.distributed: its message tells it apart.
+LOST_PEER = re.compile(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|timed out|pair\.cc|socket", re.IGNORECASE)
 
 
 def from_collective(err: BaseException) -> bool:
-    """Raised inside torch.distributed: a collective that failed, not a bug of ours."""
-    return any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in traceback.extract_tb(err.__traceback__))
+    """Raised by torch.distributed (a frame of it in the traceback, or gloo's or NCCL's words): a collective that failed
+    because another rank died or hung, not a bug of ours."""
+    seen: BaseException | None = err
+    while seen is not None:
+        frames = traceback.extract_tb(seen.__traceback__)
+        if any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames) or LOST_PEER.search(str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def brief(err: BaseException) -> str:

@@ -16,9 +16,9 @@ its unconditional metrics are those of a label-balanced mix, so they sit in the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +27,10 @@ from typing import TYPE_CHECKING, cast
 import torch
 from sklearn.metrics import silhouette_samples
 
-from . import data, evaluators, figures, metrics
+from . import data, evaluators, figures, likelihood, metrics, protocol
 from .config import EvaluateParams
-from .evaluators import FEATURE_SPACES, Classifier, read_spaces
-from .gate import Comparison
-from .utils import StageError, memory_format, progress_bar
+from .evaluators import Classifier, read_spaces
+from .utils import StageError, memory_format
 
 if TYPE_CHECKING:  # types only: the report stage imports this module without any model family
     from .models.base import GenerativeModel
@@ -59,13 +58,11 @@ class Reference:
         self.stats = metrics.gaussian_stats(self.feats)
 
 
-SPACES = {space.suffix: space.name for space in FEATURE_SPACES}  # metric-name suffix -> the feature space it is measured in
-
-
 def load_references(folder: Path, split: str, device="cpu") -> dict[str, Reference]:
     """{suffix: Reference} of `split` (val or test) for every feature space the reference stage wrote."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: one of {SPLITS}")
+    data.check_split_access(split, f"{folder}: the reference features")
     refs = {}
     for s in read_spaces(folder):
         saved = torch.load(Path(folder) / s["reference"], map_location=device, weights_only=True)
@@ -81,9 +78,16 @@ def load_references(folder: Path, split: str, device="cpu") -> dict[str, Referen
 
 
 @torch.no_grad()
-def generate(fn, n: int, batch_size: int) -> torch.Tensor:
-    """Concatenate fn(count) over batches: bounded memory for 10,000 images."""
-    return torch.cat([fn(min(batch_size, n - i)) for i in range(0, n, batch_size)])
+def draw(model: GenerativeModel, n: int, generator: torch.Generator, batch_size: int, labels: torch.Tensor | None = None):
+    """n samples of `model`: the noise (and a conditional model's label mix, balanced over all n) drawn at once from a
+    CPU generator, then decoded in batches of `batch_size`, so neither the batch size nor the device changes the draw."""
+    z = model.sample_latent(n, generator)
+    if model.conditional and labels is None:
+        labels = torch.arange(n, device=model.device) % 10  # the label-balanced mix of base.balanced_labels, over all n
+    chunks = range(0, n, batch_size)
+    if labels is None:
+        return torch.cat([model.decode_draws(z[i : i + batch_size]) for i in chunks])
+    return torch.cat([model.decode_draws(z[i : i + batch_size], labels[i : i + batch_size]) for i in chunks])
 
 
 def with_band(out: dict, key: str, value: float | torch.Tensor, replicates, p: EvaluateParams) -> None:
@@ -140,19 +144,6 @@ def real_data_row(refs: dict[str, Reference], p: EvaluateParams) -> dict[str, fl
     return row
 
 
-def binarize(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """One fixed Bernoulli draw of grey images (evaluate.binarize_seed), the same on every run."""
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    return (torch.rand(x.shape, generator=gen, device=x.device) < x).float()
-
-
-def likelihood_subset(n: int, images: int, seed: int) -> torch.Tensor:
-    """Indices of the test images the -ELBO and the IWAE bound both use: all (images = 0 or >= n), else a seeded random subset."""
-    if images == 0 or images >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:images].sort().values
-
-
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation between rows of a and b at fractions t (for Gaussian latents)."""
     cos = (a * b).sum(1, keepdim=True) / (a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True)).clamp_min(1e-12)
@@ -199,7 +190,8 @@ class Evaluation:
         return None if self.out is None else self.out / name
 
     def generator(self, offset: int = 0) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(self.p.seed + offset)
+        """A CPU generator seeded with evaluate.seed + offset: every draw of the evaluation is made on the CPU and moved."""
+        return torch.Generator().manual_seed(self.p.seed + offset)
 
     def timed(self, name, fn, *args):
         started = time.perf_counter()
@@ -215,8 +207,7 @@ class Evaluation:
     def samples(self) -> tuple[torch.Tensor, dict]:
         """`num_samples` prior samples drawn with evaluate.seed (the same noise for every model of a latent size), embedded."""
         if self._samples is None:
-            gen = self.generator()
-            images = generate(lambda n: self.model.sample(n, gen), self.p.num_samples, self.p.batch_size)
+            images = draw(self.model, self.p.num_samples, self.generator(), self.p.batch_size)
             self._samples = images, self.embed(images)
         return self._samples
 
@@ -267,8 +258,7 @@ class Evaluation:
         """`per_class_samples` samples asked for each digit, and their first-space features and probabilities (drawn once)."""
         if self._conditional is None:
             labels = torch.arange(10, device=self.device).repeat_interleave(self.p.per_class_samples)
-            gen = self.generator(3)
-            images = torch.cat([self.model.sample(len(chunk), gen, chunk) for chunk in labels.split(self.p.batch_size)])
+            images = draw(self.model, len(labels), self.generator(3), self.p.batch_size, labels)
             feats, probs = self.embed(images)[""]
             self._conditional = images, labels, feats, probs
         return self._conditional
@@ -348,68 +338,14 @@ class Evaluation:
                 figures.save_grid(images[:10].flatten(0, 1), figure, nrow=p.interp_steps)
         self.metrics["interp_points"] = float(len(z_a) * interior_steps)
 
-    @torch.no_grad()
     def likelihood(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """VAE families: negative ELBO on grey and on once-binarised images, and the IWAE bound (nats per image),
-            all three on the same images of the split (likelihood_subset: all, or `iwae_images` of them drawn with evaluate.seed).
-
-            `iwae_nll` bounds -log p(x) for every family, so the VAE's and the CVAE's stand side by side: the CVAE's
-            marginalises the label, log sum_y p(y) p(x | y), through its prior (a mixture of the ten class Gaussians,
-            as its decoder sees only z). The CVAE's bounds given each image's label, `*_given_label`, are measured on the
-        test split only: they are a row of the report, and nothing chooses by them."""
-        p = self.p
-        vae = cast("VAE", self.model)  # the families with a likelihood: the VAE and the CVAE
-        binarised_all = binarize(
-            x, p.binarize_seed
-        )  # binarise every image once, then pick: an image's draw does not depend on the subset
-        idx = likelihood_subset(len(x), p.iwae_images, p.seed + 3).to(x.device)
-        grey, binarised = x[idx], binarised_all[idx]
-        n = len(idx)
-        # ~4,000 decoder passes per call: their activations stay in cache. 20,000 took 2.1x as long on a 2-core
-        # Xeon (5.0 s against 2.4 s per 100 images at k = 1,000, channels_last as below)
-        images_per_call = 20
-        chunk = max(1, min(p.iwae_k, 4_000 // images_per_call))
-
-        def stderr(values):
-            return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else 0.0
-
-        priors: dict[str, torch.Tensor | None] = {"": None}  # suffix -> labels given (None: the marginal bound)
-        if self.model.conditional and self.refs[""].split == "test":  # a report row; what chooses uses the marginal bound
-            priors["_given_label"] = y[idx]
-
-        def given(labels: torch.Tensor | None, i: int, count: int) -> torch.Tensor | None:
-            return None if labels is None else labels[i : i + count]
-
-        per_call = [  # the bounds share their draws and decoder passes: they differ only in log p(z)
-            vae.iwae_nlls(
-                binarised[i : i + images_per_call],
-                p.iwae_k,
-                chunk,
-                [given(labels, i, images_per_call) for labels in priors.values()],
-            )
-            for i in progress_bar(range(0, n, images_per_call), f"IWAE k={p.iwae_k}")
-        ]
-        for (suffix, labels), nll in zip(priors.items(), map(torch.cat, zip(*per_call))):
-            self.metrics.update({f"iwae_nll{suffix}": nll.mean().item(), f"iwae_nll{suffix}_stderr": stderr(nll)})
-            self.evidence[f"iwae_nll{suffix}"] = nll  # per image: the paired comparison's unit
-            if labels is None and self.model.conditional:
-                continue  # the CVAE's ELBO needs a label (its marginal prior has no closed-form KL)
-            for name, images in (("grey", grey), ("binarized", binarised)):
-                nelbo = torch.cat(
-                    [
-                        vae.negative_elbo(images[i : i + p.batch_size], y=given(labels, i, p.batch_size))[2]
-                        for i in range(0, n, p.batch_size)
-                    ]
-                )
-                self.metrics.update({f"nelbo_{name}{suffix}": nelbo.mean().item(), f"nelbo_{name}{suffix}_stderr": stderr(nelbo)})
-        self.metrics.update(
-            {
-                "iwae_images": float(n),
-                "likelihood_images": float(n),
-                "likelihood_all_images": float(n == len(x)),
-                "iwae_k": float(p.iwae_k),
-            }
+        """VAE families: the -ELBO and the IWAE bound (mnistgen.likelihood); the bounds given the label on test only."""
+        given_label = self.model.conditional and self.refs[""].split == "test"  # a report row; choices use the marginal bound
+        measured, evidence = likelihood.bounds(
+            cast("VAE", self.model), x, y, self.p, self.generator(5), self.generator(6), given_label
         )
+        self.metrics.update(measured)
+        self.evidence.update(evidence)
 
     def prepare(self, refs: dict[str, Reference], out: Path | None = None) -> None:
         """Measure against `refs` (one split's references) from now on, figures into `out`, with fresh metrics."""
@@ -435,24 +371,18 @@ class Evaluation:
         return self.metrics
 
 
-def protocol(p: EvaluateParams, refs: dict[str, Reference], data_hash: str) -> dict:
-    """What a measurement depends on besides the model: two evaluations with equal protocols are comparable.
-    The split and its data, the ruler (each evaluator's weights), every count, seed and bootstrap setting
-    (batch_size only chunks the work), and the measuring code itself."""
+def protocol_of(p: EvaluateParams, refs: dict[str, Reference], data_hash: str, device, family: type) -> dict:
+    """The protocol (mnistgen.protocol) of measuring a `family` model against `refs` (one split's references)."""
     split = next(iter(refs.values())).split
-    code = hashlib.sha256(Path(str(metrics.__file__)).read_bytes() + Path(__file__).read_bytes()).hexdigest()
-    return {
-        "split": split,
-        "data": data_hash,
-        "evaluators": {suffix: ref.evaluator_hash for suffix, ref in sorted(refs.items())},
-        "evaluate": p.model_dump(exclude={"batch_size", "evaluators"}),
-        "code": code[:16],
-    }
+    hashes = {suffix: ref.evaluator_hash for suffix, ref in refs.items()}
+    return protocol.describe(p, split, data_hash, hashes, device, family, (sys.modules[__name__], likelihood))
 
 
-def fingerprint(protocol: dict) -> str:
-    """A short name of a protocol: equal fingerprints, comparable numbers."""
-    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
+def todays_protocol(p: EvaluateParams, evaluator: Path, prepared: Path, family: type, device) -> dict:
+    """The validation protocol a `family` model would be measured under here and now: today's code, params,
+    evaluators, data, device and torch."""
+    refs = load_references(evaluator, "val")
+    return protocol_of(p, refs, data.split_hashes(prepared)["val"], device, family)
 
 
 def load_classifiers(folder: Path, device) -> dict[str, Classifier]:
@@ -488,38 +418,10 @@ def measure(
         measured: dict = dict(job.run(refs, x, y, figures_dir if split == "test" else None))
         if timings is not None:
             timings.update({f"{split}_{part}": seconds for part, seconds in job.timings.items()})
-        terms = protocol(p, refs, hashes[split])
+        terms = protocol_of(p, refs, hashes[split], device, type(model))
         measured.update({f"evaluator_hash{suffix}": ref.evaluator_hash for suffix, ref in refs.items()})
-        measured.update({"protocol": fingerprint(terms), "split": split})
+        measured.update({"protocol": protocol.fingerprint(terms), "split": split})
         results[split] = measured
         if split == "val":
             evidence = {"protocol": terms, "fingerprint": measured["protocol"], **job.evidence}
     return results, evidence
-
-
-def paired_comparisons(
-    keys: list[str], candidate: dict, champion: dict, refs: dict[str, Reference], p: EvaluateParams
-) -> list[Comparison]:
-    """Candidate minus champion on each metric of `keys` from their validation evidence (both measured under one
-    protocol), with a paired bootstrap interval: the same sample indices and reference images resampled for both
-    (FID_cls), or the same images (IWAE bound)."""
-    out = []
-    for key in keys:
-        if key.startswith("fid_cls"):
-            suffix = key.removeprefix("fid_cls")
-            a, b, ref = candidate["sample_feats"][suffix], champion["sample_feats"][suffix], refs[suffix].feats
-            if a.shape != b.shape:
-                raise StageError(f"{key}: {len(a)} candidate samples against {len(b)} of the champion: not one protocol")
-            point = metrics.fid(a, ref) - metrics.fid(b, ref)
-            counts = metrics.bootstrap_counts(len(a), p.bootstrap, p.bootstrap_seed)
-            ref_counts = metrics.bootstrap_counts(len(ref), p.bootstrap, p.bootstrap_seed + 1)
-            replicates = metrics.paired_fid_differences(a, b, ref, counts, ref_counts)
-        elif key.startswith("iwae_nll"):
-            a, b = candidate[key], champion[key]
-            point = float((a - b).mean())
-            replicates = metrics.paired_mean_differences(a, b, metrics.bootstrap_counts(len(a), p.bootstrap, p.bootstrap_seed))
-        else:
-            raise StageError(f"{key}: a paired comparison is defined for fid_cls and iwae_nll (the gate's primary metrics)")
-        lo, hi = metrics.band(point, replicates, p.bootstrap_level)
-        out.append(Comparison(key, point, lo, hi))
-    return out

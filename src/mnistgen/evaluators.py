@@ -33,6 +33,7 @@ class FeatureSpace:
 
 
 FEATURE_SPACES = (FeatureSpace("", "evaluator", "evaluator 1", ""), FeatureSpace("_e2", "evaluator2", "evaluator 2", "2"))
+SPACES = {space.suffix: space.name for space in FEATURE_SPACES}  # metric-name suffix -> the feature space it is measured in
 SPACES_FILE = "spaces.json"  # in the evaluator folder: one entry per space (suffix, files, arch, width, hash)
 MANIFEST = "manifest.json"  # in a pinned evaluator version (evaluators/v1/): its weights' hashes and how they were trained
 
@@ -194,38 +195,3 @@ def train_pinned(train_x, train_y, val_x, val_y, recipes: dict[str, EvaluatorPar
     manifest = {"version": version, "trained_on": data, "spaces": spaces}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`mnistgen evaluator train --out evaluators/v2`: a new pinned ruler from params.yaml's evaluator recipes."""
-    import argparse
-    import sys
-
-    from . import data
-    from .config import ParamsError, load_section
-
-    parser = argparse.ArgumentParser(prog="mnistgen evaluator", description=main.__doc__)
-    parser.add_argument("action", choices=["train"])
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--out", type=Path, required=True, help="a new folder, e.g. evaluators/v2 (its name is the version)")
-    args = parser.parse_args(argv)
-    try:
-        if args.out.exists():
-            raise StageError(f"{args.out}: exists; a pinned version is never overwritten, choose a new one")
-        recipes = {space.section: load_section(EvaluatorParams, space.section) for space in FEATURE_SPACES}
-        train, val = data.load_split(args.data, "train"), data.load_split(args.data, "val")
-        manifest = train_pinned(
-            data.to_float(train.images),
-            train.labels,
-            data.to_float(val.images),
-            val.labels,
-            recipes,
-            args.out,
-            args.out.name,
-            data.split_hashes(args.data)["train"],
-        )
-    except (StageError, ParamsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{args.out}: pinned evaluators {manifest['version']}; set evaluate.evaluators: {args.out} in params.yaml to use them")
-    return 0

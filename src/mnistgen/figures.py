@@ -101,3 +101,22 @@ def class_histogram(histogram: list[int], path: str | Path, title: str) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
+
+
+def side_by_side(images: dict[str, Path | None], path: str | Path, title: str) -> Path:
+    """PNG images side by side, each under its caption (a missing one says so): a candidate's grid beside a champion's."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 4.6), squeeze=False)
+    for ax, (caption, image) in zip(axes[0], images.items()):
+        if image is not None and Path(image).exists():
+            ax.imshow(plt.imread(str(image)), cmap="gray")
+        else:
+            ax.text(0.5, 0.5, "no sample grid", ha="center", va="center")
+        ax.set_title(caption, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)

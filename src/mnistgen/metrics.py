@@ -79,14 +79,6 @@ def _poly_kernel(x: Tensor, y: Tensor) -> Tensor:
     return (x @ y.T / x.shape[1] + 1) ** 3
 
 
-def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
-    """Unbiased estimate of MMD^2 between two equal-size samples."""
-    m = len(x)
-    k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
-    within = k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()
-    return within / (m * (m - 1)) - 2 * k_xy.sum() / (m * m)
-
-
 def kid(
     feats_a: Tensor,
     feats_b: Tensor,
@@ -100,19 +92,8 @@ def kid(
     set (Binkowski et al. 2018). Unbiased, so about 0 (possibly negative) for
     samples of one distribution; larger means more different.
     """
-    a = feats_a.reshape(len(feats_a), -1).to(torch.float64)
-    b = feats_b.reshape(len(feats_b), -1).to(device=a.device, dtype=torch.float64)
-    m = min(subset_size, len(a), len(b))
-    if m < 2:
-        raise ValueError("KID needs at least 2 samples per set")
-    gen = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(subsets):
-        idx_a = torch.randperm(len(a), generator=gen)[:m].to(a.device)
-        idx_b = torch.randperm(len(b), generator=gen)[:m].to(a.device)
-        values.append(_mmd2_unbiased(a[idx_a], b[idx_b]))
-    stacked = torch.stack(values)
-    return {"mean": float(stacked.mean()), "std": float(stacked.std(unbiased=False))}
+    result = kid_with_replicates(feats_a, feats_b, subsets, subset_size, seed, None)
+    return {"mean": result["mean"], "std": result["std"]}
 
 
 # --------------------------------------------------------------------------
@@ -239,35 +220,76 @@ def weighted_stats(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return mu, (centred * c[:, None]).T @ centred / (total - 1)
 
 
+_ROUNDS_PER_CALL = 250  # bootstrap rounds per batched product: [250, D*D] partial sums stay small
+
+
+def resampled_stats(feats: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Means [R, D] and covariances [R, D, D] (float64) of the rows of `feats` under each round of `counts` [R, n].
+
+    All rounds in one product: counts @ (x_i x_i^T) over the samples, on features centred at their mean first, so
+    the float32 product loses nothing that matters (a covariance does not depend on the centre)."""
+    x = feats.reshape(len(feats), -1).to(torch.float64)
+    centre = x.mean(0)
+    xc = x - centre
+    small = xc.float()
+    outer = (small[:, :, None] * small[:, None, :]).reshape(len(x), -1)  # [n, D*D]
+    counts = counts.to(device=x.device, dtype=torch.float64)
+    total = counts.sum(1)
+    means = counts @ xc / total[:, None]
+    second = torch.cat([(c.float() @ outer).double() for c in torch.split(counts, _ROUNDS_PER_CALL)])
+    d = x.shape[1]
+    covs = (second.view(-1, d, d) - total[:, None, None] * means[:, :, None] * means[:, None, :]) / (total - 1)[:, None, None]
+    return means + centre, covs
+
+
+def _psd_sqrt_batched(matrices: Tensor) -> Tensor:
+    eigvals, eigvecs = torch.linalg.eigh((matrices + matrices.transpose(-1, -2)) / 2)
+    root: Tensor = (eigvecs * eigvals.clamp(min=0).sqrt()[..., None, :]) @ eigvecs.transpose(-1, -2)
+    return root
+
+
+def _fid_batched(mu: Tensor, sigma: Tensor, ref_mu: Tensor, ref_sigma: Tensor, ref_root: Tensor) -> Tensor:
+    """FID of each round's Gaussian (mu [R, D], sigma [R, D, D]) against each round's reference, whose
+    covariance's square root `ref_root` is given (shared by the two sides of a paired comparison)."""
+    inner = ref_root @ sigma @ ref_root
+    cross = torch.linalg.eigvalsh((inner + inner.transpose(-1, -2)) / 2).clamp(min=0).sqrt().sum(-1)
+    trace = sigma.diagonal(dim1=-2, dim2=-1).sum(-1) + ref_sigma.diagonal(dim1=-2, dim2=-1).sum(-1)
+    fids: Tensor = (mu - ref_mu).square().sum(-1) + trace - 2 * cross
+    return fids
+
+
 def fid_replicates(feats: Tensor, ref_mu: Tensor, ref_sigma: Tensor, counts: Tensor) -> list[float]:
     """FID of each bootstrap resample (weights `counts` [rounds, n]) of feats against fixed reference stats."""
-    x = feats.reshape(len(feats), -1).to(torch.float64)
-    return [fid_from_stats(*weighted_stats(x, c), ref_mu, ref_sigma) for c in counts.to(x.device)]
+    mu, sigma = resampled_stats(feats, counts)
+    ref_mu, ref_sigma = ref_mu.to(mu), ref_sigma.to(sigma)
+    fids: list[float] = _fid_batched(mu, sigma, ref_mu, ref_sigma, _psd_sqrt_batched(ref_sigma)).tolist()
+    return fids
 
 
-def paired_fid_differences(a: Tensor, b: Tensor, reference: Tensor, counts: Tensor, ref_counts: Tensor) -> list[float]:
-    """FID(a) - FID(b) in each bootstrap round, with one resample of the sample indices for both (row i of a and of
-    b were drawn from the same noise) and one resample of the reference images for both: a paired bootstrap, whose
-    spread is that of the difference, smaller than two independent bands suggest when the two sets move together."""
-    xa, xb = (f.reshape(len(f), -1).to(torch.float64) for f in (a, b))
-    ref = reference.reshape(len(reference), -1).to(device=xa.device, dtype=torch.float64)
-    out = []
-    for c, r in zip(counts.to(xa.device), ref_counts.to(xa.device), strict=True):
-        ref_stats = weighted_stats(ref, r)
-        out.append(fid_from_stats(*weighted_stats(xa, c), *ref_stats) - fid_from_stats(*weighted_stats(xb, c), *ref_stats))
-    return out
+def paired_fid_differences(a: Tensor, b: Tensor, reference: Tensor, counts: Tensor, ref_counts: Tensor) -> Tensor:
+    """FID(a) - FID(b) in each bootstrap round [R], with one resample of the sample indices for both (row i of a
+    and of b were drawn from the same noise) and one resample of the reference images for both: a paired
+    bootstrap, whose spread is that of the difference, smaller than two independent bands suggest when the two
+    sets move together."""
+    if len(counts) != len(ref_counts):
+        raise ValueError(f"{len(counts)} rounds of sample counts against {len(ref_counts)} of reference counts")
+    ref_mu, ref_sigma = resampled_stats(reference.to(a.device), ref_counts)
+    root = _psd_sqrt_batched(ref_sigma)
+    sides = [_fid_batched(*resampled_stats(f, counts), ref_mu, ref_sigma, root) for f in (a, b)]
+    return sides[0] - sides[1]
 
 
-def paired_mean_differences(a: Tensor, b: Tensor, counts: Tensor) -> list[float]:
-    """mean(a) - mean(b) in each bootstrap round over paired per-item values (the same images scored by two models)."""
+def paired_mean_differences(a: Tensor, b: Tensor, counts: Tensor) -> Tensor:
+    """mean(a) - mean(b) in each bootstrap round [R] over paired per-item values (the same images scored by two models)."""
     d = (a.to(torch.float64) - b.to(torch.float64)).to(counts.device)
-    return (counts @ d / counts.sum(1)).tolist()
+    return counts @ d / counts.sum(1)
 
 
 def kid_with_replicates(
-    feats_a: Tensor, feats_b: Tensor, subsets: int, subset_size: int, seed: int, counts: Tensor
+    feats_a: Tensor, feats_b: Tensor, subsets: int, subset_size: int, seed: int, counts: Tensor | None
 ) -> dict[str, Any]:
-    """`kid(feats_a, feats_b, ...)` (the same subsets, so the same mean) and its bootstrap replicates.
+    """KID's mean and std over its subsets (the `kid` of the same arguments) and, given resampling `counts`
+    [rounds, len(feats_a)], its bootstrap replicates.
 
     Round r weights each sample i of feats_a by counts[r, i]; within a subset the unbiased
     MMD^2 of the resampled multiset is taken over pairs of distinct copies:
@@ -276,10 +298,10 @@ def kid_with_replicates(
     """
     a = feats_a.reshape(len(feats_a), -1).to(torch.float64)
     b = feats_b.reshape(len(feats_b), -1).to(device=a.device, dtype=torch.float64)
-    counts = counts.to(device=a.device, dtype=torch.float64)
     m = min(subset_size, len(a), len(b))
     if m < 2:
         raise ValueError("KID needs at least 2 samples per set")
+    weights = None if counts is None else counts.to(device=a.device, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     values, reps = [], []
     for _ in range(subsets):
@@ -289,7 +311,9 @@ def kid_with_replicates(
         k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
         yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
         values.append((k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1)) + yy - 2 * k_xy.sum() / (m * m))
-        w = counts[:, idx_a]  # [rounds, m]
+        if weights is None:
+            continue
+        w = weights[:, idx_a]  # [rounds, m]
         total = w.sum(1)
         w_k = (w.float() @ k_xx.float()).double()  # the one big product in fp32: a band needs no more precision
         xx = ((w_k * w).sum(1) - w @ k_xx.diagonal()) / (total * (total - 1)).clamp_min(1)
@@ -299,7 +323,7 @@ def kid_with_replicates(
     return {
         "mean": float(stacked.mean()),
         "std": float(stacked.std(unbiased=False)),
-        "replicates": torch.stack(reps).mean(0).tolist(),
+        "replicates": torch.stack(reps).mean(0).tolist() if reps else [],
     }
 
 

@@ -4,15 +4,13 @@ The merge is done on ruamel.yaml's round-trip tree, so params.yaml keeps its com
 layout; only the overridden values change. A key that params.yaml does not have is an error, so
 an override cannot silently miss. Lists (such as a gate's floors) are replaced whole.
 
-    python -m mnistgen.profiles params-smoke.yaml              # rewrite params.yaml in place
-    python -m mnistgen.profiles params-paper.yaml -o other.yaml
+    mnistgen profile params-smoke.yaml              # rewrite params.yaml in place
+    mnistgen profile params-paper.yaml -o other.yaml
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,24 +60,3 @@ def load_profiled(profile: str | Path | None, params: str | Path = "params.yaml"
 
     text = Path(params).read_text() if profile is None else apply_profile(profile, params)
     return yaml.safe_load(text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mnistgen profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("profile", type=Path)
-    parser.add_argument("params", type=Path, nargs="?", default=Path("params.yaml"))
-    parser.add_argument("-o", "--out", type=Path, help="write here instead of over PARAMS")
-    args = parser.parse_args(argv)
-    try:
-        apply_profile(args.profile, args.params, args.out or args.params)
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{args.out or args.params}: applied {args.profile}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

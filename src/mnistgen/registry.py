@@ -2,27 +2,42 @@
 
 Registered models are `mnist-<model>` for each model in params.yaml; @challenger is the newest
 candidate and @champion is moved only by the promotion gate (or by an explicit rollback). Every
-move of @champion is appended to the model's ledger: registered-model tags `ledger.00001`, ... each
-a JSON record of when, who, the commit, the old and new versions and the gate's evidence, so
-`history` answers which version was champion at any past time. Every change a promotion makes is
-also recorded so that `revert` can put the registry back as it was when a later step fails.
+move of @champion is appended to the model's ledger: registered-model tags `ledger.<UTC time>.<random>`,
+each a JSON record of when, who, the commit, the old and new versions and the gate's evidence, so
+`history` answers which version was champion at any past time, and flags a move made outside this tool.
+Every change a promotion makes is also recorded so that `revert` can put the registry back as it was
+when a later step fails.
+
+Two promotions at once (two CI jobs) cannot interleave a move: moving @champion takes the model's lock,
+a registered model `<name>.lock` that only one process can create (the store's unique names make it atomic),
+then re-reads @champion and gives up when it is no longer the version the gate compared against.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import tracking
 
 METRIC_TAG = "metric."
-LEDGER_TAG = "ledger."  # + a zero-padded sequence number: one record per move of @champion, never rewritten
+LEDGER_TAG = "ledger."  # + UTC time and a random suffix: one record per move of @champion, never rewritten, never colliding
+LOCK_SUFFIX = ".lock"  # the registered model a promotion holds while it moves @champion
+LOCK_WAIT_SECONDS = 60.0  # how long a promotion waits for another's lock before it gives up on that model
+LOCK_STALE_SECONDS = 600.0  # a lock older than this was left by a process that died: it is broken
 
 
 class ArtifactsUnavailable(RuntimeError):
     """The logged model's files cannot be read back from the artifact store."""
+
+
+class ChampionMoved(RuntimeError):
+    """@champion is no longer the version a decision was made against, or another promotion holds the model's lock."""
 
 
 def registered_name(model: str) -> str:
@@ -113,26 +128,87 @@ class Registry:
     def history(self, name: str) -> list[dict]:
         """The ledger of `name`: every move of @champion, oldest first."""
         tags = self.client.get_registered_model(name).tags or {}
-        return [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(LEDGER_TAG)]
+        records = [json.loads(v) for k, v in tags.items() if k.startswith(LEDGER_TAG)]
+        return sorted(records, key=lambda r: r["at_epoch"])
 
-    def move_champion(self, name: str, version: str, action: str, evidence: str, now: float | None = None) -> dict:
-        """Set @champion to `version` and append the move to the ledger (the record is returned)."""
-        before = self.set_alias(name, "champion", version)
-        at = time.time() if now is None else now
-        record = {
-            "seq": len(self.history(name)) + 1,
-            "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
-            "at_epoch": at,
-            "who": tracking.current_user() or "local",
-            "commit": tracking.git_commit(),
-            "action": action,
-            "from": before,
-            "to": str(version),
-            "evidence": evidence[:2000],
-        }
-        key = f"{LEDGER_TAG}{record['seq']:05d}"
-        self.client.set_registered_model_tag(name, key, json.dumps(record, sort_keys=True))
-        self.undo.append(("ledger", name, key))
+    def version_grade(self, name: str, version: str | None) -> str | None:
+        if version is None:
+            return None
+        return (self.client.get_model_version(name, version).tags or {}).get("grade")
+
+    @contextmanager
+    def lock(self, name: str, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+        """Hold `name`'s promotion lock: create the registered model `<name>.lock` (the store refuses a second one),
+        waiting up to `wait` seconds for another holder, breaking a lock older than LOCK_STALE_SECONDS."""
+        from mlflow.exceptions import MlflowException
+
+        lock, deadline, pause = name + LOCK_SUFFIX, time.monotonic() + wait, 0.2
+        while True:
+            try:
+                self.client.create_registered_model(
+                    lock, description=json.dumps({"at": time.time(), "who": tracking.current_user()})
+                )
+                break
+            except MlflowException as err:
+                if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code) and "already exists" not in str(err):
+                    raise
+            if self._lock_is_stale(lock):
+                self._release(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise ChampionMoved(f"another promotion of {name} holds {lock} (waited {wait:.0f} s); rerun promote")
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
+        try:
+            yield
+        finally:
+            self._release(lock)
+
+    def _lock_is_stale(self, lock: str) -> bool:
+        try:
+            held = json.loads(self.client.get_registered_model(lock).description or "{}")
+        except Exception:  # noqa: BLE001 - released meanwhile, or unreadable: try again
+            return False
+        return time.time() - float(held.get("at", time.time())) > LOCK_STALE_SECONDS
+
+    def _release(self, lock: str) -> None:
+        try:
+            self.client.delete_registered_model(lock)
+        except Exception as err:  # noqa: BLE001 - released by a stale-lock breaker meanwhile
+            if not tracking.not_found(err):
+                print(f"warning: could not release {lock}: {err}")
+
+    def move_champion(
+        self, name: str, version: str, action: str, evidence: str, expected: str | None = "any", forced: bool = False
+    ) -> dict:
+        """Set @champion to `version` and append the move to the ledger (the record is returned), under `name`'s lock.
+        `expected`: the version @champion must still be (None: unset), else ChampionMoved and nothing changes;
+        "any" for a move that does not depend on it."""
+        with self.lock(name):
+            current = self.champion(name)
+            now_champion = str(current.version) if current else None
+            if expected != "any" and now_champion != expected:
+                raise ChampionMoved(
+                    f"@champion of {name} is v{now_champion or ' none'}, no longer v{expected or ' none'} as when the gate "
+                    "decided (another promotion moved it); not moved, rerun promote"
+                )
+            before = self.set_alias(name, "champion", version)
+            at = time.time()
+            record = {
+                "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
+                "at_epoch": at,
+                "who": tracking.current_user() or "local",
+                "commit": tracking.git_commit(),
+                "action": action,
+                "from": before,
+                "to": str(version),
+                "evidence": evidence[:2000],
+                **({"forced": True} if forced else {}),
+            }
+            stamp = datetime.fromtimestamp(at, UTC).strftime("%Y%m%dT%H%M%S.%f")
+            key = f"{LEDGER_TAG}{stamp}.{secrets.token_hex(4)}"
+            self.client.set_registered_model_tag(name, key, json.dumps(record, sort_keys=True))
+            self.undo.append(("ledger", name, key))
         return record
 
     def revert(self) -> None:
@@ -165,50 +241,25 @@ def champion_at(history: list[dict], when: float) -> str | None:
     return current
 
 
+def outside_moves(history: list[dict], current: str | None) -> list[str]:
+    """Where @champion moved without a ledger record: a move whose `from` is not the previous move's `to`, and a
+    champion today that is not the last move's `to`."""
+    flags, last = [], None
+    for record in history:
+        if record["from"] != last:
+            flags.append(
+                f"before {record['at']}: @champion was v{record['from'] or ' none'}, but the ledger's previous move "
+                f"left v{last or ' none'}: moved outside mnistgen"
+            )
+        last = record["to"]
+    if current != last:
+        flags.append(
+            f"now: @champion is v{current or ' none'}, but the ledger's last move left v{last or ' none'}: moved outside mnistgen"
+        )
+    return flags
+
+
 def parse_when(text: str) -> float:
     """An ISO time ('2026-12-05T18:00:00', UTC unless it says otherwise) as seconds since the epoch."""
     moment = datetime.fromisoformat(text)
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`mnistgen registry history MODEL [--at TIME]` and `mnistgen registry rollback MODEL --to VERSION|TIME`."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="mnistgen registry", description=main.__doc__)
-    sub = parser.add_subparsers(dest="action", required=True)
-    history = sub.add_parser("history", help="every move of @champion; with --at, the champion at that time")
-    history.add_argument("model", help="a registered model, e.g. mnist-vae")
-    history.add_argument("--at", help="an ISO time, e.g. 2026-12-05T18:00:00 (UTC)")
-    back = sub.add_parser("rollback", help="move @champion back to a version, or to the champion of a past time")
-    back.add_argument("model")
-    back.add_argument("--to", required=True, help="a version number, or an ISO time")
-    args = parser.parse_args(argv)
-    try:
-        registry = Registry()
-    except Exception as err:  # noqa: BLE001 - an unreachable registry: one line, exit 2
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        records = registry.history(args.model)
-        if args.action == "history":
-            if args.at:
-                version = champion_at(records, parse_when(args.at))
-                print(f"{args.model}@champion at {args.at}: " + (f"v{version}" if version else "none (no champion yet)"))
-                return 0 if version else 1
-            for r in records:
-                moved = f"v{r['from']} -> v{r['to']}" if r["from"] else f"-> v{r['to']}"
-                print(f"{r['at']}  {r['action']:9s} {moved:12s} by {r['who']} at {r['commit'][:12]}: {r['evidence']}")
-            return 0
-        target = args.to if args.to.isdigit() else champion_at(records, parse_when(args.to))
-        if target is None:
-            raise ValueError(f"no version was champion of {args.model} at {args.to}")
-        registry.client.get_model_version(args.model, target)  # a version that does not exist fails here, nothing moved
-        record = registry.move_champion(args.model, target, "rollback", f"rollback requested to {args.to}")
-    except Exception as err:  # noqa: BLE001 - one line, exit 2, and the registry as it was
-        registry.revert()
-        print(f"error: {args.action} {args.model}: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.model}@champion: v{record['from']} -> v{record['to']} (rollback, ledger #{record['seq']})")
-    return 0

@@ -12,9 +12,8 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from .card import cell, fmt
-from .evaluators import FEATURE_SPACES
+from .evaluators import SPACES
 
-SPACES = {space.suffix: space.name for space in FEATURE_SPACES}  # metric-name suffix -> the feature space
 DISTANCES = ["fid_cls", "kid_cls", "precision", "recall"]  # measured in both feature spaces, each with a band
 
 # (metric, label, True when higher is better; None when closer to real data is better)
@@ -419,3 +418,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{text-align:l
 {comparison}
 <h2>What the numbers say</h2><ul id="claims">{claim_items}</ul>{sections}</body></html>
 """
+
+
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def with_results_table(page: str, table: str, where: str = "README.md") -> str:
+    """`page` with the text between its results markers replaced by `table`."""
+    start, end = page.find(RESULTS_START), page.find(RESULTS_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{where}: no results table between {RESULTS_START} and {RESULTS_END}")
+    return page[: start + len(RESULTS_START)] + "\n" + table.strip() + "\n" + page[end:]

@@ -1,8 +1,8 @@
 """A shared hyper-parameter sweep: one Optuna study over a model's params, any number of workers.
 
-    python -m mnistgen.sweep vae --trials 10                        # embedded: sqlite:///optuna.db
-    python -m mnistgen.sweep vae --trials 10 --worker 1 &           # a second worker joins the same study
-    MNISTGEN_OPTUNA_STORAGE=postgresql+psycopg://... python -m mnistgen.sweep wgan --trials 10   # team mode
+    mnistgen sweep vae --trials 10                        # embedded: sqlite:///optuna.db
+    mnistgen sweep vae --trials 10 --worker 1 &           # a second worker joins the same study
+    MNISTGEN_OPTUNA_STORAGE=postgresql+psycopg://... mnistgen sweep wgan --trials 10   # team mode
 
 The study lives in a database (--storage, else MNISTGEN_OPTUNA_STORAGE, else sqlite:///optuna.db), so workers
 in other processes or on other machines share it by URL: each asks the database for its next trial, and the
@@ -23,10 +23,7 @@ and stores its id in the study, the others read it there). At the end the best t
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,13 +39,11 @@ from .config import (
     RunParams,
     SweepParams,
     flatten,
-    read_params,
     section,
     validate_section,
 )
 from .evaluation import load_classifiers
 from .models import build_model, model_params
-from .training import DivergenceError
 from .utils import StageError, pick_device, seed_everything
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -98,8 +93,10 @@ def overrides(model: str, best: dict) -> list[str]:
     return [f"models.{model}.{key}={literal(value)}" for key, value in best.items()]
 
 
-def exp_run_command(model: str, best: dict) -> str:
-    return "dvc exp run " + " ".join(f"-S '{o}'" for o in overrides(model, best))
+def exp_run_command(model: str, best: dict, trials: int = 1) -> str:
+    """The `dvc exp run` line of the best trial; MNISTGEN_SELECTED_FROM tells its run, and so the gate, how many
+    trials it was chosen among (the gate then measures it again on fresh samples, at alpha / trials)."""
+    return f"MNISTGEN_SELECTED_FROM={trials} dvc exp run " + " ".join(f"-S '{o}'" for o in overrides(model, best))
 
 
 class ValidationFID:
@@ -291,7 +288,7 @@ def summarize(study, model: str, parent_run_id: str | None) -> dict:
             best_value=best.value,
             params=best.params,
             overrides=overrides(model, best.params),
-            command=exp_run_command(model, best.params),
+            command=exp_run_command(model, best.params, counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)),
         )
     if parent_run_id:  # the parent run shows the study as it stands after this worker
         run = tracking.Run.resume(parent_run_id)
@@ -307,75 +304,3 @@ def summarize(study, model: str, parent_run_id: str | None) -> dict:
         )
         run.end("FINISHED")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mnistgen sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", help="a key of params.yaml's models section with a sweep.space entry")
-    parser.add_argument(
-        "--trials",
-        type=int,
-        required=True,
-        help="trials this worker runs (a study's total: the sum over its workers; 0: only report the study)",
-    )
-    parser.add_argument("--study", help="study name (default: <model>-sweep)")
-    parser.add_argument(
-        "--storage",
-        default=os.environ.get("MNISTGEN_OPTUNA_STORAGE") or DEFAULT_STORAGE,
-        help="Optuna storage URL (default: $MNISTGEN_OPTUNA_STORAGE, else %(default)s)",
-    )
-    parser.add_argument(
-        "--worker", type=int, default=0, help="this worker's number: its sampler seed is sweep.sampler_seed + worker"
-    )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared splits (train and val are read)")
-    parser.add_argument("--evaluator", type=Path, help="the trained evaluator folder (GAN families), e.g. models/evaluator")
-    parser.add_argument("--out", type=Path, help="write the summary (best value, params, -S overrides) here as JSON")
-    args = parser.parse_args(argv)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        params = read_params(args.params)
-        sweep, base = load_space(params, args.model)
-        run_params = validate_section(RunParams, section(params, "train"), "train")
-        name = args.study or f"{args.model}-sweep"
-        started = time.perf_counter()
-        objective = Objective(
-            args.model, base, sweep, run_params, args.data, args.evaluator, None, name
-        )  # data first: fail before the study
-        study, objective.parent_run_id = open_study(name, args.storage, args.model, sweep, args.worker)
-
-        def progress(study, trial) -> None:
-            shown = f"{trial.value:.4g}" if trial.value is not None else "-"
-            print(
-                f"sweep {name} worker {args.worker}: trial {trial.number} {trial.state.name} {objective.name} {shown} {trial.params}",
-                flush=True,
-            )
-
-        study.optimize(objective, n_trials=args.trials, catch=(DivergenceError,), callbacks=[progress])
-        out = summarize(study, args.model, objective.parent_run_id)
-    except (ParamsError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
-    best = (
-        f"best trial {out['best_trial']} {objective.name} {out['best_value']:.4g}"
-        if "best_value" in out
-        else "no trial completed"
-    )
-    print(
-        f"sweep {name}: {args.trials} trials by worker {args.worker} in {time.perf_counter() - started:.0f} s; "
-        f"study: {out['trials']} trials {out['states']}, {best}"
-    )
-    if "command" in out:
-        print(out["command"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

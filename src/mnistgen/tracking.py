@@ -1,4 +1,6 @@
-"""The MLflow side of the project, behind a few small functions: the only module that imports mlflow.
+"""MLflow tracking behind a few small functions: the store's URI, runs and their lifecycle (heartbeat, signals, runs a
+dead process left RUNNING). The library below it (data, models, training, evaluation, metrics, the gate) imports no
+mlflow; the logged model's files are mnistgen.logged_model's, the registry mnistgen.registry's.
 
 Embedded default: tracking store sqlite:///mlflow.db and artifacts in mlartifacts/, both at
 the repo root; MLFLOW_TRACKING_URI overrides the store (a team server scales it out).
@@ -14,25 +16,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Self
 
+from . import logged_model
 from .utils import StageError, sha256_json, write_json
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACT_ROOT = "mlartifacts"
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-PACKAGE_DIR = Path(__file__).parent
-MODEL_CODE = (
-    "__init__.py",
-    "config.py",
-    "distributed.py",
-    "utils.py",
-    "models",
-)  # what pyfunc_model.py imports (tests/test_tracking.py checks it): shipped with the logged model
 # Marks the experiment as model training ("Machine learning") rather than GenAI, for the MLflow UIs
 # that read the tag. The open-source 3.17 UI ignores it and follows its own GenAI / Model training
 # switch instead: open http://<server>/#/experiments/<id>?workflowType=machine_learning.
@@ -300,88 +293,15 @@ class Run:
             client().log_artifacts(self.run_id, str(folder), artifact_path)
 
     def log_generator(self, weights: Path, config: Path, latent_dim: int, example, conditional: bool = False) -> str | None:
-        """Log the trained model as a pyfunc (models-from-code: no pickled code, weights as a state_dict).
-
-        Its input is latent vectors [N, latent_dim]; a conditional model's rows end with the digit
-        ([N, latent_dim + 1]), and its params take `digit` (0-9) for count-sampled digits.
-        Returns the logged model's URI (models:/<model_id>) for registration.
-        """
+        """Log the trained model into this run (mnistgen.logged_model); its URI (models:/<model_id>), or None untracked."""
         if not self.run_id:
             return None
-        import numpy as np
-
-        mlflow = _mlflow()
-        from mlflow.models import ModelSignature
-        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim + int(conditional)))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
-            params=ParamSchema(
-                [ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]
-                + ([ParamSpec("digit", "long", None)] if conditional else [])
-            ),
-        )
-        import shutil
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=self.run_id):
-            package = Path(tmp) / PACKAGE_DIR.name
-            package.mkdir()
-            for name in MODEL_CODE:
-                if (PACKAGE_DIR / name).is_dir():
-                    shutil.copytree(PACKAGE_DIR / name, package / name, ignore=shutil.ignore_patterns("__pycache__"))
-                else:
-                    shutil.copy2(PACKAGE_DIR / name, package / name)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_FILE),
-                artifacts={"weights": str(weights), "config": str(config)},
-                code_paths=[str(package)],
-                signature=signature,
-                input_example=np.asarray(example, dtype=np.float32),
-                pip_requirements=model_requirements(),
-            )
-        return info.model_uri
+        with _mlflow().start_run(run_id=self.run_id):
+            return logged_model.log(weights, config, latent_dim, example, conditional)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
             client().set_terminated(self.run_id, status)
-
-
-def imported_packages(files: list[Path]) -> set[str]:
-    """The top-level names that `files` import, less the standard library and this package."""
-    import ast
-
-    names = set()
-    for file in files:
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-    return names - set(sys.stdlib_module_names) - {PACKAGE_DIR.name}
-
-
-def model_requirements() -> list[str]:
-    """pip requirements of the logged model: every distribution its code imports, pinned to this environment's version."""
-    from importlib.metadata import packages_distributions, version
-
-    files = [
-        PYFUNC_FILE,
-        *(
-            f
-            for name in MODEL_CODE
-            for f in ([PACKAGE_DIR / name] if name.endswith(".py") else sorted((PACKAGE_DIR / name).glob("*.py")))
-        ),
-    ]
-    providers = packages_distributions()
-    missing = sorted(n for n in imported_packages(files) if n not in providers)
-    if missing:
-        raise StageError(f"the logged model's code imports {', '.join(missing)}, which no installed distribution provides")
-    # A name two distributions provide (mlflow and mlflow-skinny) is the one of the same name.
-    dists = sorted({n if n in providers[n] else providers[n][0] for n in imported_packages(files)})
-    return [f"{d}=={version(d).split('+')[0]}" for d in dists]
 
 
 UNFINISHED = Path("checkpoints") / "unfinished_mlflow_runs.json"  # runs whose end the store did not hear (git-ignored)

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -100,18 +101,22 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], None], private: bool = False, owner: str | None = None) -> None:
     """`write(tmp)` a file beside `path`, then rename it over `path`: readers see the old file or the new, whole.
 
-    The file gets the mode an ordinary file would (0666 less the umask), not mkstemp's private 0600.
+    The file gets the mode an ordinary file would (0666 less the umask), or with `private` 0600 from its first byte
+    (mkstemp's), never a moment readable by others; `owner` (as root) is given the file before it is renamed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~umask())
+        if not private:
+            os.fchmod(fd, 0o666 & ~umask())
         os.close(fd)
         write(Path(tmp))
+        if owner and os.geteuid() == 0:
+            shutil.chown(tmp, owner)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -119,15 +124,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, private: bool = False, owner: str | None = None) -> None:
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
 
-    atomic_write(path, write)
+    atomic_write(path, write, private, owner)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, private: bool = False, owner: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), private, owner)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -136,6 +141,15 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def git_show(path: str, rev: str = "HEAD") -> str | None:
+    """The text of `path` as committed at `rev` in the git checkout here, or None (no git, no checkout, no such file)."""
+    try:
+        shown = subprocess.run(["git", "show", f"{rev}:./{path}"], capture_output=True, text=True, timeout=30)  # noqa: S607
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return shown.stdout if shown.returncode == 0 else None
 
 
 def run_stage(main) -> None:

@@ -77,10 +77,12 @@ class GenerativeModel(nn.Module):
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw n latent vectors from the model's prior (N(0, I) unless a family says otherwise).
 
-        A `generator` must live on the model's device. In a training step of a data-parallel run the
-        n rows are this rank's share of the global batch's draw (distributed.rows).
+        The noise is drawn on the generator's device and moved to the model's: an evaluation draws on a CPU
+        generator, so its numbers do not depend on the device. In a training step of a data-parallel run
+        (no generator: the device's own) the n rows are this rank's share of the global batch's draw (distributed.rows).
         """
-        return distributed.rows(n, lambda m: torch.randn(m, self.latent_dim, generator=generator, device=self.device))
+        where = self.device if generator is None else generator.device
+        return distributed.rows(n, lambda m: torch.randn(m, self.latent_dim, generator=generator, device=where)).to(self.device)
 
     def averaged(self) -> nn.Module:
         """The weights that make samples, which `ema_decay` averages over steps: the whole model (AE, VAE);
@@ -103,12 +105,17 @@ class GenerativeModel(nn.Module):
         return None
 
     @torch.no_grad()
+    def decode_draws(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images from draws of sample_latent; a conditional family makes digits `labels` (default: a label-balanced mix)."""
+        if not self.conditional:
+            return self.decode(z)
+        labels = balanced_labels(len(z), self.device) if labels is None else labels.to(self.device)
+        return self.decode_noise(z, labels)
+
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """n samples from the prior; a conditional family gives digits `labels` (default: a label-balanced mix)."""
-        if not self.conditional:
-            return self.decode(self.sample_latent(n, generator))
-        labels = balanced_labels(n, self.device) if labels is None else labels.to(self.device)
-        return self.decode_noise(self.sample_latent(n, generator), labels)
+        return self.decode_draws(self.sample_latent(n, generator), labels)
 
 
 def bce_per_image(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,12 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """z = mu + eps * sigma: the sample stays differentiable in mu and logvar."""
-    eps = distributed.rows(len(mu), lambda m: torch.randn(m, *mu.shape[1:], dtype=mu.dtype, device=mu.device))
-    return mu + eps * (0.5 * logvar).exp()
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mu + eps * sigma: the sample stays differentiable in mu and logvar. `eps`: given noise (an evaluation draws
+    it on a CPU generator), else drawn here."""
+    if eps is None:
+        eps = distributed.rows(len(mu), lambda m: torch.randn(m, *mu.shape[1:], dtype=mu.dtype, device=mu.device))
+    return mu + eps.to(mu) * (0.5 * logvar).exp()
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -71,10 +73,11 @@ class VAE(GenerativeModel):
         """log p(z) (the CVAE given labels y: log p(z | y)), summed over the latent dimensions."""
         return log_normal(z, self.prior_loc(y, z), torch.zeros_like(z))
 
-    def negative_elbo(self, x, beta: float = 1.0, y=None):
-        """Per-image reconstruction (BCE) and KL terms and their sum, in nats (given labels y for the CVAE)."""
+    def negative_elbo(self, x, beta: float = 1.0, y=None, eps=None):
+        """Per-image reconstruction (BCE) and KL terms and their sum, in nats (given labels y for the CVAE); `eps`: the
+        reparameterisation's noise, when given."""
         mu, logvar = self.posterior(x)
-        logits = self.decoder(reparameterize(mu, logvar))
+        logits = self.decoder(reparameterize(mu, logvar, eps))
         recon = bce_per_image(logits, x)
         kl = kl_divergence(mu - self.prior_loc(y, mu), logvar)  # KL(N(mu, s) || N(m, I)) = KL(N(mu - m, s) || N(0, I))
         return recon, kl, recon + beta * kl
@@ -96,23 +99,28 @@ class VAE(GenerativeModel):
         return {"loss": nelbo.mean(), "recon": recon.mean(), "kl": kl.mean()}
 
     @torch.no_grad()
-    def iwae_nll(self, x: torch.Tensor, k: int, chunk: int = 100, y=None) -> torch.Tensor:
+    def iwae_nll(self, x: torch.Tensor, k: int, chunk: int = 100, y=None, generator=None) -> torch.Tensor:
         """Importance-weighted bound on -log p(x) per image (Burda et al. 2015), k samples.
 
         -log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z | x); k = 1 is the ELBO.
         Samples are drawn in chunks so memory stays bounded for k = 5,000.
         """
-        return self.iwae_nlls(x, k, chunk, [y])[0]
+        return self.iwae_nlls(x, k, chunk, [y], generator)[0]
 
     @torch.no_grad()
-    def iwae_nlls(self, x: torch.Tensor, k: int, chunk: int = 100, priors=(None,)) -> list[torch.Tensor]:
+    def iwae_nlls(
+        self, x: torch.Tensor, k: int, chunk: int = 100, priors=(None,), generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
         """The IWAE bound once per prior of `priors` (labels y: p(z | y); None: p(z), the CVAE's marginal), all
-        from the same k draws and decoder passes, which are most of the cost: the bounds differ only in log p(z)."""
+        from the same k draws and decoder passes, which are most of the cost: the bounds differ only in log p(z).
+        The draws come from `generator` (on its device, then moved), else from the device's own generator."""
         mu, logvar = self.posterior(x)
         parts: list[list[torch.Tensor]] = [[] for _ in priors]
+        where = mu.device if generator is None else generator.device
         for start in range(0, k, chunk):
             m = min(chunk, k - start)
-            z = mu + torch.randn(m, *mu.shape, device=mu.device) * (0.5 * logvar).exp()  # [m, N, d]
+            eps = torch.randn(m, *mu.shape, generator=generator, device=where).to(mu.device)
+            z = mu + eps * (0.5 * logvar).exp()  # [m, N, d]
             logits = self.decoder(z.flatten(0, 1)).float()
             log_px_z = -bce_per_image(logits, x.repeat(m, 1, 1, 1)).view(m, -1)
             log_qz = log_normal(z, mu, logvar)

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from mnistgen import evaluation, tracking
+from mnistgen import data, evaluation, tracking
 from mnistgen.config import EvaluateParams, load_section
 from mnistgen.models import load_trained
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
 
 
+@data.reads_test("evaluate")  # one of the readers of the test split (data.TEST_READERS)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")

@@ -28,6 +28,7 @@ from mnistgen.evaluators import FEATURE_SPACES, SPACES_FILE, accuracy, load_clas
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
 
 
+@data.reads_test("reference")  # one of the readers of the test split (data.TEST_READERS)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     for flag in ("--data", "--evaluators", "--out", "--metrics"):

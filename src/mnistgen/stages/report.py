@@ -8,8 +8,10 @@ evaluator's training-image reference features against its test features with the
 protocol as a model's samples (bands included), and measures the sharpness of the reference
 test digits (the first `evaluate.num_real` test images).
 
+It also writes README.md's results table, between its markers: the figures a user sees first are the report's.
+
 Usage: python -m mnistgen.stages.report --metrics metrics/test --evaluator-metrics metrics/evaluator.json --seeds metrics/seeds --figures evaluation
-       --curves curves --evaluator models/evaluator --data data/prepared --out reports   (paths from dvc.yaml)
+       --curves curves --evaluator models/evaluator --data data/prepared --out reports --readme README.md   (paths from dvc.yaml)
 """
 
 import argparse
@@ -40,9 +42,10 @@ def read_curves(folder: Path) -> dict[str, list[float]]:
     return curves
 
 
+@data.reads_test("report")  # one of the readers of the test split (data.TEST_READERS)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--metrics", "--evaluator-metrics", "--seeds", "--figures", "--curves", "--evaluator", "--data", "--out"):
+    for flag in ("--metrics", "--evaluator-metrics", "--seeds", "--figures", "--curves", "--evaluator", "--data", "--out", "--readme"):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args()
     models = model_names()
@@ -60,7 +63,12 @@ def main() -> None:
         m: [p for name in report.FIGURES if (p := args.figures / m / name).exists()] + [args.curves / m / "curves.png"]
         for m in models
     }
+    try:
+        readme = report.with_results_table(args.readme.read_text(), report.headline_table(results), str(args.readme))
+    except (OSError, ValueError) as err:
+        raise StageError(f"{args.readme}: cannot write the results table ({err})") from err
     write_json(args.out / "real_data.json", real)
+    atomic_write_text(args.readme, readme)
     atomic_write_text(args.out / "comparison.md", report.build_markdown(results, real, evaluator, checks))
     atomic_write_text(args.out / "comparison.html", report.build_html(results, real, checks, figures, evaluator))
     held = sum(v == report.HOLDS for _, v, _ in checks)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mnistgen import data, distributed, figures, tracking, training
-from mnistgen.config import ModelParams, RunParams, flatten, load_section
+from mnistgen import data, distributed, figures, grades, tracking, training
+from mnistgen.config import ModelParams, RunParams, flatten, load_section, read_params
 from mnistgen.models import build_model, load_model_params
 from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, seed_everything, sha256_json
 
@@ -83,6 +83,15 @@ def host_tags() -> dict[str, str]:
     return {"cpu": cpu_name(), "cpus": str(len(os.sched_getaffinity(0))), "torch_threads": str(torch.get_num_threads())}
 
 
+def selected_from() -> int:
+    """How many trials this run's params were chosen among (MNISTGEN_SELECTED_FROM, which `mnistgen sweep` prints in
+    its `dvc exp run` line; 1 when unset): the gate re-measures such a candidate on fresh samples."""
+    text = os.environ.get("MNISTGEN_SELECTED_FROM", "1").strip() or "1"
+    if not text.isdigit() or int(text) < 1:
+        raise StageError(f"MNISTGEN_SELECTED_FROM: a count of trials (1 or more), got {text!r}")
+    return int(text)
+
+
 def final_loss(last: dict) -> str:
     key = "val_loss" if "val_loss" in last else "val_g_loss"
     return f"{key} {last[key]:.4g}"
@@ -121,7 +130,9 @@ class Stage:
             "git_commit": tracking.git_commit(),
             "data_hash": self.data_hash,
             "params_hash": self.params_hash,
-            "grade": self.run_params.grade,
+            "grade": self.run_params.grade,  # claimed: promotion grades the run by its recipe (mnistgen.grades)
+            "recipe": grades.recipe_hash(read_params(), self.name),
+            "selected_from": str(selected_from()),
             "device": str(self.device),
             "torch_version": torch.__version__,
             **host_tags(),

@@ -39,6 +39,7 @@ def read_meta(prepared: Path) -> dict:
     return meta
 
 
+@data.reads_test("validate")  # one of the readers of the test split (data.TEST_READERS)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, required=True)

@@ -29,9 +29,13 @@ import yaml
 
 from .. import data
 from ..utils import sha256_file, write_json
-from . import stack
+from .mlflow_server import start_mlflow, stop_mlflow
+from .postgres import start_postgres, stop_postgres
+from .processes import os_user
+from .settings import Settings
+from .swift import start_swift, stop_swift
 
-ROOT = stack.ROOT
+ROOT = Path(__file__).resolve().parents[3]  # the repository (an editable install): the drills run its stage scripts
 EXPERIMENT = "drills"
 SCRATCH: list[Path] = []  # the drills' folders, removed after each drill
 
@@ -86,7 +90,7 @@ def write_synthetic_digits(prepared: Path, sizes: dict[str, int], seed: int = 0)
     )
 
 
-def client_env(s: stack.Settings, **changes) -> dict[str, str]:
+def client_env(s: Settings, **changes) -> dict[str, str]:
     # the stages get the users' defaults (retries included), not this process's fast-failing client settings
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_", "MLFLOW_S3", "MLFLOW_HTTP_"))}
     env.update(s.client_env("ci"))
@@ -126,7 +130,7 @@ def last_line(text: str) -> str:
     return (summaries or lines or [""])[-1]
 
 
-def mlflow_client(s: stack.Settings):
+def mlflow_client(s: Settings):
     os.environ.update(s.client_env("ci"))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     from mlflow import MlflowClient
@@ -134,7 +138,7 @@ def mlflow_client(s: stack.Settings):
     return MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
 
 
-def registry_snapshot(s: stack.Settings) -> dict:
+def registry_snapshot(s: Settings) -> dict:
     client = mlflow_client(s)
     return {
         m.name: {
@@ -148,7 +152,7 @@ def registry_snapshot(s: stack.Settings) -> dict:
 # ---------------------------------------------------------------- drills
 
 
-def drill_wrong_password(s: stack.Settings) -> dict:
+def drill_wrong_password(s: Settings) -> dict:
     folder = workspace({"vae": 50})
     started = time.perf_counter()
     proc = train(folder, "vae", client_env(s, MLFLOW_TRACKING_PASSWORD="wrong-password"))
@@ -159,7 +163,7 @@ def drill_wrong_password(s: stack.Settings) -> dict:
     return {"pass": ok, "exit": proc.returncode, "seconds": round(seconds, 1), "line": last_line(err), "trained": trained}
 
 
-def drill_kill_tracking(s: stack.Settings) -> dict:
+def drill_kill_tracking(s: Settings) -> dict:
     """SIGKILL the mlflow server while a model trains; the stage ends with one line; after a restart the
     next stage marks the orphaned run FAILED and trains to the end (resuming from its checkpoint)."""
     before = registry_snapshot(s)
@@ -184,7 +188,7 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
         proc.kill()
         return {"pass": False, "why": "the run never logged two epochs"}
     killed_at = time.perf_counter()
-    stack.stop_mlflow(s, signal.SIGKILL)
+    stop_mlflow(s, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     stage_seconds_after_kill = time.perf_counter() - killed_at
     first: dict[str, Any] = {
@@ -194,7 +198,7 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
         "traceback": "Traceback" in err,
     }
     restart = time.perf_counter()
-    stack.start_mlflow(s, stack.os_user(s))
+    start_mlflow(s, os_user(s))
     restart_seconds = time.perf_counter() - restart
     status_after_restart = client.get_run(run.info.run_id).info.status
     second = train(folder, "vae", env)
@@ -221,15 +225,15 @@ def drill_kill_tracking(s: stack.Settings) -> dict:
     }
 
 
-def drill_pg_restart(s: stack.Settings) -> dict:
+def drill_pg_restart(s: Settings) -> dict:
     """Two stages with a PostgreSQL restart between them: the second must carry on."""
     folder = workspace({"ae": 1, "vae": 1})
     env = client_env(s)
     first = train(folder, "ae", env)
     out1, err1 = first.communicate(timeout=300)
     t = time.perf_counter()
-    stack.stop_postgres(s)
-    stack.start_postgres(s, stack.os_user(s))
+    stop_postgres(s)
+    start_postgres(s, os_user(s))
     restart_seconds = time.perf_counter() - t
     second = train(folder, "vae", env)
     out2, err2 = second.communicate(timeout=300)
@@ -242,7 +246,7 @@ def drill_pg_restart(s: stack.Settings) -> dict:
     }
 
 
-def drill_store_down(s: stack.Settings) -> dict:
+def drill_store_down(s: Settings) -> dict:
     """Swift stopped after the candidates are logged, before promote registers: exit 2, nothing registered, no alias moved."""
     folder = workspace({"ae": 1, "vae": 1})
     env = client_env(s)
@@ -265,7 +269,7 @@ def drill_store_down(s: stack.Settings) -> dict:
         (folder / "metrics" / "val" / f"{model}.json").write_text(json.dumps(metrics))
         torch.save({"fingerprint": "drill", "protocol": {"split": "val"}}, folder / "evaluation" / model / "evidence.pt")
     before = registry_snapshot(s)
-    stack.stop_swift(s)
+    stop_swift(s)
     try:
         promoted = subprocess.run(
             [
@@ -282,7 +286,7 @@ def drill_store_down(s: stack.Settings) -> dict:
             timeout=600,
         )
     finally:
-        stack.start_swift(s, stack.os_user(s))
+        start_swift(s, os_user(s))
     after = registry_snapshot(s)
     errors = [line for line in promoted.stderr.splitlines() if line.startswith("error:")]
     ok = promoted.returncode == 2 and before == after and "Traceback" not in promoted.stderr
@@ -334,7 +338,7 @@ def _load_client(args) -> dict:
     return {"run_id": run.info.run_id, "latencies": latencies, "artifact_seconds": artifact_seconds}
 
 
-def drill_load(s: stack.Settings, clients: int = 8, steps: int = 1000, artifact_mb: int = 2) -> dict:
+def drill_load(s: Settings, clients: int = 8, steps: int = 1000, artifact_mb: int = 2) -> dict:
     client = mlflow_client(s)
     if not client.get_experiment_by_name(f"{EXPERIMENT}-load"):
         client.create_experiment(f"{EXPERIMENT}-load")
@@ -396,7 +400,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--steps", type=int, default=1000)
     args = parser.parse_args(argv)
-    s = stack.Settings.load()
+    s = Settings.load()
     record_file = s.state / "drills.json"
     records = json.loads(record_file.read_text()) if record_file.exists() else {}
     failed = 0

@@ -3,10 +3,10 @@
 MLflow's basic-auth lets every authenticated user create experiments, registered models (and other resources,
 which it then manages) when workspaces are off, so a reader could take `mnist-vae` before CI does. This is
 basic-auth's own check, followed by two rules:
-- only the accounts of stack.REGISTRY_WRITERS create registered models or set or delete aliases;
-- only those of stack.RUN_WRITERS create anything else (experiments, logged models, ...): a reader creates nothing.
+- only the accounts of settings.REGISTRY_WRITERS create registered models or set or delete aliases;
+- only those of settings.RUN_WRITERS create anything else (experiments, logged models, ...): a reader creates nothing.
 Any other account, one an admin adds later included, is held to the reader's rules until it is named there.
-Everything else is basic-auth's permission model (default_permission READ, the roles of stack.ROLES).
+Everything else is basic-auth's permission model (default_permission READ, the roles of settings.ROLES).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from flask import Response, request
 from mlflow.server.auth import authenticate_request_basic_auth, make_forbidden_response
 
-from .stack import REGISTRY_WRITERS, RUN_WRITERS
+from .settings import REGISTRY_WRITERS, RUN_WRITERS
 
 # REST paths (under /api/2.0/mlflow/ and /ajax-api/2.0/mlflow/) that create a registry name or move an alias
 REGISTRY_WRITES = ("/registered-models/create", "/registered-models/alias")

@@ -3,7 +3,7 @@
 Made for a GPU box with torch but neither dvc nor mlflow, nor great_expectations or pydantic
 (benchmarks/paper_wheels.sh fetches those as wheels to carry), in one call from the repository:
 
-    MNIST_MIRROR=.gpu_mnist PYTHONPATH=src python -m mnistgen.paper --profile params-paper.yaml --out $OUT --deadline 540
+    MNIST_MIRROR=.gpu_mnist PYTHONPATH=src python -m mnistgen.commands.paper --profile params-paper.yaml --out $OUT --deadline 540
 
 (`mnistgen paper ...` where the package is installed).
 
@@ -42,13 +42,13 @@ from pathlib import Path
 
 import yaml
 
-from . import gate
-from .config import GateParams, flatten, load_section, model_names
-from .profiles import merge
+from .. import gate
+from ..config import GateParams, flatten, load_section, model_names
+from ..profiles import merge
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: its dvc.yaml, params and src/ (PYTHONPATH=src on a bare box)
+ROOT = Path(__file__).resolve().parents[3]  # the repository: its dvc.yaml, params and src/ (PYTHONPATH=src on a bare box)
 
-PACKED = ["paper_run.json", "params.yaml", "metrics", "reports", "evaluation", "curves", "logs"]
+PACKED = ["paper_run.json", "params.yaml", "README.md", "metrics", "reports", "evaluation", "curves", "logs"]
 
 
 def stage_commands(dvc_yaml: Path, models: list[str], params: dict | None = None) -> list[tuple[str, str]]:
@@ -103,6 +103,7 @@ def write_params(profile: Path | None, work: Path) -> None:
         merge(params, yaml.safe_load(profile.read_text()) or {})
     params["evaluate"]["evaluators"] = str(ROOT / params["evaluate"]["evaluators"])  # the pinned ruler, from the repository
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(ROOT / "README.md", work / "README.md")  # the report stage writes this run's results table into the copy
 
 
 class Runner:

@@ -1,4 +1,4 @@
-"""mnistgen team up|down|restart|env|status|dvc-remote  (drills: mnistgen team drills; see mnistgen/team/__init__.py)."""
+"""`mnistgen team up|down|restart|env|status|dvc-remote|drills`: team mode's stack (docs/team.md)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-from . import stack
+from ..team import drills, stack
+from ..team.settings import Settings, StackError, dvc_remote_config, exports
 
 
-def set_dvc_remote(settings: stack.Settings, user: str, repo_dir: Path = Path()) -> Path:
+def set_dvc_remote(settings: Settings, user: str, repo_dir: Path = Path()) -> Path:
     """Remote 'team' of this repository, with `user`'s S3 key, as the default: written through DVC's own config API into
     .dvc/config.local (git-ignored by DVC), 0600, so the secret is never on a command line."""
     from dvc.repo import Repo
 
-    config = stack.dvc_remote_config(settings, user)
+    config = dvc_remote_config(settings, user)
     old_umask = os.umask(0o077)  # the file is private from its first byte
     try:
         with Repo(str(repo_dir)) as repo, repo.config.edit("local") as local:
@@ -30,14 +31,16 @@ def set_dvc_remote(settings: stack.Settings, user: str, repo_dir: Path = Path())
 
 
 def main(argv=None) -> int:
+    if argv and argv[0] == "drills":
+        return drills.main(argv[1:])
     parser = argparse.ArgumentParser(prog="mnistgen team", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "restart", "env", "status", "dvc-remote"])
+    parser.add_argument("command", choices=["up", "down", "restart", "env", "status", "dvc-remote", "drills"])
     parser.add_argument(
         "--user", default="ci", choices=["ci", "trainer", "reader", "admin"], help="whose account `env` and `dvc-remote` use"
     )
     args = parser.parse_args(argv)
     try:
-        settings = stack.Settings.load(create=args.command in ("up", "restart"))
+        settings = Settings.load(create=args.command in ("up", "restart"))
         if args.command in ("up", "restart"):
             (stack.up if args.command == "up" else stack.restart)(settings)
             # never the secrets themselves: this output ends up in CI logs
@@ -45,13 +48,13 @@ def main(argv=None) -> int:
         elif args.command == "down":
             stack.down(settings)
         elif args.command == "env":
-            print(stack.exports(settings, args.user))
+            print(exports(settings, args.user))
         elif args.command == "status":
             print(json.dumps(stack.status(settings)))
         elif args.command == "dvc-remote":
             path = set_dvc_remote(settings, args.user)
             print(f"team: {path} points remote 'team' at {settings.s3_endpoint} with {args.user}'s key (the default remote)")
-    except stack.StackError as err:
+    except StackError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

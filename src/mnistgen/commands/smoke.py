@@ -4,7 +4,7 @@ CI's smoke run and the end-to-end test both use this. The copy gets its own git 
 MLflow store (sqlite:///mlflow.db inside the copy) and params.yaml with params-smoke.yaml
 applied (comments kept). A gate regression (promote exits 1) fails `dvc repro`, and so this script.
 
-Usage: [MNIST_MIRROR=../shared/mnist] mnistgen smoke [--workdir DIR] [--overrides FILE] [--keep-tracking-uri] [--target STAGE]
+Usage: [MNIST_MIRROR=<folder of the MNIST files>] mnistgen smoke [--workdir DIR] [--overrides FILE] [--keep-tracking-uri] [--target STAGE]
 
 With --keep-tracking-uri the stages track and register on MLFLOW_TRACKING_URI (the team server;
 credentials from MLFLOW_TRACKING_USERNAME/PASSWORD) instead of the copy's embedded store. With
@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .profiles import apply_profile
+from ..profiles import apply_profile
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository of an editable install
+ROOT = Path(__file__).resolve().parents[3]  # the repository of an editable install
 OUTPUTS = (
     "dvc.lock",
     "metrics/",

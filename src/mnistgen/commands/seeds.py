@@ -4,11 +4,12 @@ Seed 0 is the pipeline's own run (models/<m>, metrics/val|test/<m>.json, evaluat
 this command trains each model again with other values of train.seed, the same params otherwise,
 and measures each with the evaluate stage's code (evaluation.measure) on both splits. It writes
 metrics/seeds/<model>.json: every seed's headline metrics on validation and on test, their spread
-(mean, standard deviation, min, max), and the paired comparison of every pair of seeds on the
-gate's metrics, with the same code the gate uses. The gate's training_noise and the spread beside
-each figure in the README and the report come from these files.
+(mean, standard deviation, min, max), the paired comparison of every pair of seeds on the gate's
+metrics with the code and bootstrap the gate uses, and from them the gate's training noise of each
+compared metric (`noise`: n, the seeds' standard deviation s, and the pairs' mean evaluation variance
+v; mnistgen.gate). The spread beside each figure in the README and the report comes from these files.
 
-    mnistgen seeds                 # seeds 1 and 2 of every model (about 25 minutes on 2 CPU cores)
+    mnistgen seeds                 # seeds 1 to 4 of every model (about an hour on 2 CPU cores)
     mnistgen seeds --models gan --seeds 1 2 3
     mnistgen seeds --reuse         # only the evaluation changed: measure the kept weights again, train no seed
 
@@ -32,11 +33,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import data, evaluation, gate, training
-from .card import HEADLINE
-from .config import EvaluateParams, GateParams, ParamsError, RunParams, load_section, model_names
-from .models import build_model, load_model_params, load_trained
-from .utils import StageError, pick_device, seed_everything, sha256_json, write_json
+from .. import comparison, data, evaluation, gate, grades, training
+from ..card import HEADLINE
+from ..config import EvaluateParams, GateParams, GateSettings, ParamsError, RunParams, load_section, model_names, read_params
+from ..models import build_model, load_model_params, load_trained
+from ..utils import StageError, pick_device, seed_everything, sha256_json, write_json
 
 
 def train_seed(name: str, seed: int, prepared: Path, device: torch.device):
@@ -89,10 +90,13 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def summarise(name: str, measured: dict[int, dict], evidence: dict[int, dict], refs, p: EvaluateParams, rule: GateParams) -> dict:
-    """The seeds file of one model: per-seed headline metrics, their spread, and every pair's paired comparison."""
+def summarise(
+    name: str, measured: dict[int, dict], evidence: dict[int, dict], refs: dict, rule: GateParams, settings: GateSettings
+) -> dict:
+    """The seeds file of one model: per-seed headline metrics, their spread, every pair's paired comparison, and the
+    training noise of each metric the gate compares. `refs`: the validation images' features in each space."""
     seeds = sorted(measured)
-    out: dict = {"model": name, "seeds": {}, "spread": {}, "pairs": []}
+    out: dict = {"model": name, "seeds": {}, "spread": {}, "pairs": [], "noise": {}}
     for seed in seeds:
         out["seeds"][str(seed)] = {
             split: {k: measured[seed][split][k] for k in HEADLINE if k in measured[seed][split]} for split in ("val", "test")
@@ -100,11 +104,21 @@ def summarise(name: str, measured: dict[int, dict], evidence: dict[int, dict], r
     for split in ("val", "test"):
         keys = [k for k in HEADLINE if all(k in measured[s][split] for s in seeds)]
         out["spread"][split] = {k: spread([measured[s][split][k] for s in seeds]) for k in keys}
+    compared = gate.compared_metrics(rule)
     for a, b in itertools.combinations(seeds, 2):
-        comparisons = evaluation.paired_comparisons(gate.compared_metrics(rule), evidence[b], evidence[a], refs, p)
+        comparisons = comparison.paired_comparisons(compared, evidence[b], evidence[a], refs, settings)
         out["pairs"].append({"champion": a, "candidate": b, "comparisons": [asdict(c) for c in comparisons]})
+    for metric in compared:
+        variances = [c["eval_sd"] ** 2 for pair in out["pairs"] for c in pair["comparisons"] if c["metric"] == metric]
+        out["noise"][metric] = {
+            "seeds": len(seeds),
+            "seed_sd": out["spread"]["val"][metric]["sd"],
+            "pair_eval_var": statistics.fmean(variances),
+        }
     out["protocol"] = measured[seeds[0]]["val"]["protocol"]  # the gate's: validation
     out["protocols"] = {split: measured[seeds[0]][split]["protocol"] for split in ("val", "test")}
+    out["recipe"] = grades.recipe_hash(read_params(), name)
+    out["bootstrap"] = settings.bootstrap
     return out
 
 
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="mnistgen seeds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", help="keys of params.yaml's models (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="train.seed values besides the pipeline's own")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4], help="train.seed values besides the pipeline's own")
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--evaluator", type=Path, default=Path("models/evaluator"))
     parser.add_argument("--out", type=Path, default=Path("metrics/seeds"))
@@ -124,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         p = load_section(EvaluateParams, "evaluate")
+        settings = load_section(GateSettings, "gate")
         own_seed = load_section(RunParams, "train").seed
         device = pick_device("auto")
-        refs = evaluation.load_references(args.evaluator, "val", device)
+        refs = {suffix: ref.feats for suffix, ref in evaluation.load_references(args.evaluator, "val").items()}
         for name in args.models or model_names():
             started = time.perf_counter()
             rule = load_section(GateParams, f"gate.{name}")
@@ -139,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 folder = args.keep / name / f"seed{seed}"
                 model = seed_model(name, seed, folder, args.data, device, args.reuse)
-                measured[seed], evidence[seed] = evaluation.measure(model, args.evaluator, args.data, p, device)
+                with data.reading_test("seeds"):  # the spread beside each reported test figure
+                    measured[seed], evidence[seed] = evaluation.measure(model, args.evaluator, args.data, p, device)
                 torch.save(evidence[seed], folder / evaluation.EVIDENCE)
                 print(f"seeds {name} seed {seed}: val fid_cls {measured[seed]['val']['fid_cls']:.3f}", flush=True)
             if len({m["val"]["protocol"] for m in measured.values()}) != 1:
                 raise StageError(f"{name}: the seeds were measured under different protocols; run `dvc repro` first")
-            summary = summarise(name, measured, evidence, refs, p, rule)
+            summary = summarise(name, measured, evidence, refs, rule, settings)
             write_json(args.out / f"{name}.json", summary)
             val = summary["spread"]["val"]
             print(

@@ -32,9 +32,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import smoke, tracking
-from .config import ParamsError, RunParams, load_section, model_names
-from .utils import StageError, sha256_file
+from .. import figures, tracking
+from ..config import ParamsError, RunParams, load_section, model_names
+from ..utils import StageError, sha256_file
+from . import smoke
 
 PROMOTE_STAGE = "promote"  # the one stage CI runs, and the one whose lock entry a pull request may leave stale
 METRICS, MODELS = Path("metrics"), Path("models")  # dvc.yaml's layout: metrics/<split>/<m>.json, models/<m>/
@@ -158,6 +159,35 @@ def promote_command(dry_run: bool, out: Path) -> list[str]:
     return argv + ["--out", str(out)] + (["--dry-run"] if dry_run else [])
 
 
+def champion_grid(model: str, version: str | None, folder: Path) -> Path | None:
+    """The sample grid the champion's evaluate stage logged (evaluation/samples.png of its run), or None."""
+    if version is None:
+        return None
+    try:
+        run_id = tracking.client().get_model_version(f"mnist-{model}", version).run_id
+        return Path(tracking.download_artifacts(f"runs:/{run_id}/evaluation/samples.png", folder))
+    except Exception:  # noqa: BLE001 - gone or unreadable: the figure says "no sample grid"
+        return None
+
+
+def show_samples(out: Path) -> None:
+    """Per model, the candidate's sample grid beside the champion's (samples-<model>.png in `out`, kept with CI's
+    artifacts), linked from the gate's summary, promotion.md."""
+    decided = json.loads((out / "promotion.json").read_text()).get("models", {})
+    links = ["", "## Samples: candidate beside champion", ""]
+    for model, d in decided.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            champion = d.get("champion_version")
+            grids = {
+                "candidate (this pull request)": Path("evaluation") / model / "samples.png",
+                f"champion v{champion}" if champion else "no champion yet": champion_grid(model, champion, Path(tmp)),
+            }
+            figure = figures.side_by_side(grids, out / f"samples-{model}.png", f"{model}: {d['decision']}")
+        links.append(f"- {model}: [{figure.name}]({figure.name}) ({d['decision']})")
+    with open(out / "promotion.md", "a") as summary:
+        summary.write("\n".join(links) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mnistgen pr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pr: dvc.lock, the pulled outputs and the logged runs of {', '.join(model_names())} agree")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.command == "check":
-        return subprocess.call(promote_command(True, args.out))
+        code = subprocess.call(promote_command(True, args.out))
+        show_samples(args.out)
+        return code
     # only the promote stage, as the account in the environment (ci); its exit status is in promotion.json
     reports = [Path("reports") / name for name in ("promotion.json", "promotion.md")]
     for path in reports:
@@ -192,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in reports:
         shutil.copy(path, args.out / path.name)
+    show_samples(args.out)
     return int(json.loads(reports[0].read_text())["exit_code"])
 
 
