@@ -39,7 +39,8 @@ def log(weights: Path, config: Path, latent_dim: int, example, conditional: bool
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim + int(conditional)))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
         params=ParamSchema(
-            [ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)] + ([ParamSpec("digit", "long", None)] if conditional else [])
+            [ParamSpec("count", "long", 0), ParamSpec("seed", "long", 0)]
+            + ([ParamSpec("digit", "long", None)] if conditional else [])
         ),
     )
     with tempfile.TemporaryDirectory() as tmp:

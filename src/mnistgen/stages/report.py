@@ -45,7 +45,17 @@ def read_curves(folder: Path) -> dict[str, list[float]]:
 @data.reads_test("report")  # one of the readers of the test split (data.TEST_READERS)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--metrics", "--evaluator-metrics", "--seeds", "--figures", "--curves", "--evaluator", "--data", "--out", "--readme"):
+    for flag in (
+        "--metrics",
+        "--evaluator-metrics",
+        "--seeds",
+        "--figures",
+        "--curves",
+        "--evaluator",
+        "--data",
+        "--out",
+        "--readme",
+    ):
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args()
     models = model_names()
