@@ -1,4 +1,4 @@
-"""Training throughput of the data-parallel harness: N gloo processes against one, on this machine.
+"""Training throughput of the data-parallel harness: N gloo processes against one, on the machine it runs on.
 
 Usage (from the repo root):
     python benchmarks/ddp_throughput.py                      # vae and gan of params.yaml, 2 processes

@@ -11,7 +11,7 @@ the gate (its own rule, gate.judge) and prints:
 - the rate for a recipe whose seed spread is three times the seeded one's (the rule assumes the seeded spread);
 - the power: the improvement the gate promotes 80 % of the time, and the power at 2 % and 5 % of the metric.
 
-    python benchmarks/gate_error_rate.py            # every model of params.yaml, 20,000 rounds each
+    python benchmarks/gate_error_rate.py            # every model of params.yaml, 100,000 rounds each
     python benchmarks/gate_error_rate.py --models gan --rounds 50000
 """
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", help="keys of params.yaml's models (default: all)")
     parser.add_argument("--seeds", type=Path, default=ROOT / "metrics" / "seeds")
-    parser.add_argument("--rounds", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=100_000)
     args = parser.parse_args()
     alpha = load_section(GateSettings, "gate", ROOT / "params.yaml").alpha
     print(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement the README reports, in one go, on a bare GPU machine that has torch and
+# Every GPU measurement of docs/benchmarks.md, in one go, on a bare GPU machine that has torch and
 # torchvision but neither dvc nor mlflow (about 7 minutes on an H100). Run from the repo root:
 #     MNIST=path/to/the/four/mnist/gz/files bash benchmarks/gpu_session.sh
 # The box needs torch, torchvision, numpy, PyYAML, tqdm and pydantic too (mnistgen.config's params
@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its log, show it without 
     echo "=== $name: exit ${PIPESTATUS[0]}"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-[ -f data/prepared/train.pt ] || MNIST_MIRROR=${MNIST:-../shared/mnist} python -m mnistgen.stages.prepare --out data/prepared || exit 1
+[ -f data/prepared/train.pt ] || MNIST_MIRROR=${MNIST:?set MNIST to the folder of the four MNIST files} python -m mnistgen.stages.prepare --out data/prepared || exit 1
 # 1. the training path per model: bf16 vs fp32 steps/s, paper params, and one real training.train epoch
 step gpu_check 150 python benchmarks/gpu_check.py --profile params-paper.yaml --budget-seconds 120 --json "$OUT/gpu_check.json"
 # 2. memory format on CUDA (channels_last is the CPU default; is it worth it here too?)

@@ -174,3 +174,16 @@ def test_rollback_keeps_the_grade_rules():
     assert "only a graded, non-smoke run" in (rollback_refusal("1", "smoke", None, None, team=True) or "")
     assert "only a graded, non-smoke run" in (rollback_refusal("1", None, "2", "default", team=True) or "")
     assert rollback_refusal("1", "default", "2", "default", team=True) is None
+
+
+def test_the_summary_quotes_each_metrics_difference_interval_threshold_and_alpha():
+    """What a pull request's summary (promotion.md) shows of the gate: per model the rule, alpha and K, and per compared
+    metric d, its evaluation and training noise, the threshold and the interval d ± T."""
+    decided = decide(compared(2.5, 1.0), trials=3)
+    decided.candidate_version, decided.champion_version = "2", "1"
+    text = gate.to_markdown([decided], gate.exit_code([decided]))
+    assert "alpha 0.05, K = 3" in text and "threshold T" in text
+    for v in decided.verdicts:
+        lo, hi = v.interval
+        assert f"| {v.metric} | {v.improvement:.4g} | {v.eval_sd:.3g} |" in text and f"[{lo:.4g}, {hi:.4g}]" in text
+    assert gate.to_json([decided], 0)["models"]["m"]["verdicts"][0]["threshold"] == pytest.approx(decided.verdicts[0].threshold)

@@ -203,6 +203,7 @@ def test_first_candidates_passing_floors_become_champions_with_a_card_and_a_ledg
     assert "no champion yet" in (workspace / "reports" / "promotion.md").read_text()
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_promote_twice_for_the_same_runs_registers_nothing_new(workspace):
     before = champion_of("vae")
     code, report = promote_now()
@@ -232,6 +233,7 @@ def test_better_candidate_takes_the_title(workspace):
     assert "better beyond the noise" in (workspace / "reports" / "promotion.md").read_text()
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_a_rerun_with_another_seed_is_neither_promoted_nor_rejected(workspace):
     """The same params, another training seed: the difference is training noise, which the gate's margin covers."""
     champion = champion_of("vae", epochs=3)["mnist-vae"]["aliases"]["champion"]
@@ -243,6 +245,7 @@ def test_a_rerun_with_another_seed_is_neither_promoted_nor_rejected(workspace):
     assert all(abs(v["improvement"]) < v["threshold"] for v in decided["verdicts"])
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_a_champion_measured_under_another_protocol_is_remeasured_under_the_candidates(workspace):
     champion = champion_of("vae")["mnist-vae"]["aliases"]["champion"]
     old = tracking.client().get_model_version("mnist-vae", champion).tags["protocol"]
@@ -267,6 +270,7 @@ def test_a_champion_measured_under_another_protocol_is_remeasured_under_the_cand
     assert decided["champion"]["fid_cls"] == pytest.approx(remeasured["val"]["fid_cls"], rel=1e-6)
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_a_champion_that_cannot_be_remeasured_makes_promotion_refuse(workspace, capsys):
     if tracking.is_team_server():
         pytest.skip("the champion's weights are removed from the embedded store's files; the team's live in Swift")
@@ -293,6 +297,7 @@ def test_a_smoke_candidate_cannot_displace_a_default_champion(workspace):
     assert aliases("vae")["champion"] == champion
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_a_smoke_run_becomes_no_team_champion(workspace):
     use_models("vae")
     candidate("vae", grade="smoke")
@@ -302,17 +307,21 @@ def test_a_smoke_run_becomes_no_team_champion(workspace):
     assert ("champion" in aliases("vae")) != team
 
 
-def test_the_ledger_answers_who_was_champion_when_after_three_promotions_and_a_rollback(workspace, capsys):
+@pytest.mark.slow  # several promotions, or processes: the slow tier
+def test_the_ledger_answers_who_was_champion_when_after_three_promotions_and_a_rollback(workspace, capsys, monkeypatch):
+    from mnistgen import registry as registry_library
     from mnistgen.commands import registry as registry_module
 
+    ticks = iter(range(1_800_000_000, 1_800_003_600, 60))  # a fake clock: one move a minute, nothing sleeps
+    monkeypatch.setattr(registry_library, "clock", lambda: float(next(ticks)))
     use_models("vae", noise={"seed_sd": 0.0, "pair_eval_var": 0.0})  # no training noise: the evaluation noise decides
     moments = []
     for epochs in (0, 3, 8):  # each better than the last
         candidate("vae", epochs=epochs)
         code, report = promote_now()
         assert code == 0 and report["models"]["vae"]["decision"] == gate.PROMOTE, report["models"]["vae"]["reason"]
-        moments.append((time.time(), report["models"]["vae"]["candidate_version"]))
-        time.sleep(1.1)
+        moved_at = Registry().history("mnist-vae")[-1]["at_epoch"]
+        moments.append((moved_at + 30, report["models"]["vae"]["candidate_version"]))  # half a minute after the move
     assert registry_module.main(["rollback", "mnist-vae", "--to", moments[0][1]]) == 0
     assert aliases("vae")["champion"] == moments[0][1]
     history = Registry().history("mnist-vae")
@@ -324,7 +333,9 @@ def test_the_ledger_answers_who_was_champion_when_after_three_promotions_and_a_r
     ]
     for when, version in moments:
         assert champion_at(history, when) == version
-    assert champion_at(history, history[0]["at_epoch"] - 1) is None and champion_at(history, time.time()) == moments[0][1]
+    assert (
+        champion_at(history, history[0]["at_epoch"] - 1) is None and champion_at(history, moments[-1][0] + 3600) == moments[0][1]
+    )
     capsys.readouterr()
     at = datetime.fromtimestamp(moments[1][0], UTC).isoformat()
     assert registry_module.main(["history", "mnist-vae", "--at", at]) == 0
@@ -333,6 +344,7 @@ def test_the_ledger_answers_who_was_champion_when_after_three_promotions_and_a_r
     assert len(Registry().history("mnist-vae")) == 4 and aliases("vae")["champion"] == moments[0][1]
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_the_card_and_the_ledger_quote_the_metrics_they_come_from(workspace):
     champion_of("vae")
     candidate("vae", epochs=3)
@@ -358,6 +370,7 @@ def test_the_card_and_the_ledger_quote_the_metrics_they_come_from(workspace):
     )
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_candidate_under_a_floor_exits_1_and_moves_nothing(workspace):
     """Through the real script in its own process: exit status 1 is what CI sees."""
     before = champion_of("wgan")
@@ -377,6 +390,7 @@ def test_candidate_under_a_floor_exits_1_and_moves_nothing(workspace):
     assert "REGRESSION" in (workspace / "reports" / "promotion.md").read_text()
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_unreachable_registry_exits_2_and_changes_nothing(workspace, monkeypatch):
     before = champion_of("vae")
     candidate("vae", epochs=3)  # would be promoted
@@ -388,6 +402,7 @@ def test_unreachable_registry_exits_2_and_changes_nothing(workspace, monkeypatch
     assert snapshot() == before
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_failure_after_a_version_and_an_alias_rolls_them_back(workspace, monkeypatch, capsys):
     """The last alias move fails after new versions, a new registered model and moved aliases exist:
     every one of them is undone (aliases back to their old versions, new versions and models deleted)."""
@@ -563,6 +578,7 @@ def test_the_lock_lets_one_mover_at_a_time_and_breaks_a_dead_ones(workspace, mon
     assert "mnist-vae.lock" not in snapshot()
 
 
+@pytest.mark.slow  # several promotions, or processes: the slow tier
 def test_two_promotions_at_once_leave_one_coherent_history(workspace, tmp_path):
     """Two promote processes against one store, each with its own better candidate, started together: whatever the
     interleaving, every ledger record starts where the previous one ended, the keys do not collide, and @champion is

@@ -256,7 +256,7 @@ def test_two_workers_share_one_study_on_the_team_postgresql(tmp_path, team_stack
 
 
 def test_team_settings_give_the_sweeps_storage_and_an_older_env_file_still_loads(tmp_path):
-    """`python -m team up` generates the optuna role's password; `env`, `down` and `status` still load an env file
+    """`mnistgen team up` generates the optuna role's password; `env`, `down` and `status` still load an env file
     written before sweeps existed (no storage exported until the next `up`); the read-only account gets none."""
     from mnistgen.team import settings as stack
 

@@ -305,6 +305,7 @@ def start_stage(store_uri: str, **env) -> tuple[subprocess.Popen, str]:
     return proc, proc.stdout.readline().strip()
 
 
+@pytest.mark.slow  # processes and a server's retries: the slow tier
 def test_sigterm_and_sigint_end_the_run_killed(store):
     import signal
 
@@ -318,6 +319,7 @@ def test_sigterm_and_sigint_end_the_run_killed(store):
         assert store.get_run(run_id).info.status == "KILLED", proc.stderr.read()[-2000:]
 
 
+@pytest.mark.slow  # processes and a server's retries: the slow tier
 def test_a_run_whose_process_was_sigkilled_is_failed_by_the_next_run_of_its_stage(store, monkeypatch):
     import signal
     import time
@@ -343,6 +345,7 @@ def test_a_run_whose_process_was_sigkilled_is_failed_by_the_next_run_of_its_stag
         live.kill()
 
 
+@pytest.mark.slow  # processes and a server's retries: the slow tier
 def test_the_client_retries_a_failing_server_three_times_then_fails_in_one_line(monkeypatch):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

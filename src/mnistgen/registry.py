@@ -32,6 +32,11 @@ LOCK_WAIT_SECONDS = 60.0  # how long a promotion waits for another's lock before
 LOCK_STALE_SECONDS = 600.0  # a lock older than this was left by a process that died: it is broken
 
 
+def clock() -> float:
+    """Now, in seconds since the epoch: when a ledger record says a move happened (a test replaces it)."""
+    return time.time()
+
+
 class ArtifactsUnavailable(RuntimeError):
     """The logged model's files cannot be read back from the artifact store."""
 
@@ -193,7 +198,7 @@ class Registry:
                     "decided (another promotion moved it); not moved, rerun promote"
                 )
             before = self.set_alias(name, "champion", version)
-            at = time.time()
+            at = clock()
             record = {
                 "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
                 "at_epoch": at,

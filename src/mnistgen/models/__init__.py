@@ -1,7 +1,8 @@
 """Model families by name: one file per family, each registering itself when imported.
 
 Every module of this package is imported here, so a new family is one new file (its model
-class and its params class) plus its section in params.yaml; nothing else lists families.
+class and its params class) plus its section in params.yaml; nothing else lists families (the
+report's claims name the families of the story, and leave out a claim whose families are absent).
 """
 
 from __future__ import annotations

@@ -101,9 +101,12 @@ def _service_python(state: str, user: str) -> str:
 
     def runs(python: str) -> str:
         """'' when `user` can import the servers with `python`, else why not."""
-        probe = run_as(
-            user, [python, "-c", "import swift, mlflow, psycopg, mnistgen.team.server_auth"], capture_output=True, text=True
-        )
+        try:
+            probe = run_as(
+                user, [python, "-c", "import swift, mlflow, psycopg, mnistgen.team.server_auth"], capture_output=True, text=True
+            )
+        except OSError as err:  # the user may not even execute it (a pyenv interpreter under /root)
+            return f"{type(err).__name__}: {err}"
         return "" if probe.returncode == 0 else (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
 
     why = runs(sys.executable)
