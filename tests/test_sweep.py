@@ -3,6 +3,7 @@ pruning, -S overrides that `dvc exp run` applies, and workers sharing one study.
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -270,5 +271,5 @@ def test_team_settings_give_the_sweeps_storage_and_an_older_env_file_still_loads
     upped = stack.Settings.load(env_file=env_file, create=True, overrides={"TEAM_PG_PORT": "55432", "TEAM_HOST": "127.0.0.1"})
     assert upped.optuna_storage == f"postgresql+psycopg://optuna:{upped['TEAM_OPTUNA_PASSWORD']}@127.0.0.1:55432/optuna"
     assert env_file.read_text().count("TEAM_PG_PASSWORD=") == 1  # only the missing secret was added
-    assert f"export MNISTGEN_OPTUNA_STORAGE='{upped.optuna_storage}'" in stack.exports(upped, "ci")
+    assert f"export MNISTGEN_OPTUNA_STORAGE={shlex.quote(upped.optuna_storage)}" in stack.exports(upped, "ci")
     assert "MNISTGEN_OPTUNA_STORAGE" not in stack.exports(upped, "reader")
