@@ -180,7 +180,8 @@ def test_second_repro_does_nothing_and_dvc_shows_metrics_and_plots(pipeline):
 
 
 def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline):
-    """FID_cls of real training images is far below that of noise images and of an untrained generator."""
+    """FID_cls of real training images is far below that of noise images and of an untrained generator (against the
+    validation images: a check of the ruler reads no test figure)."""
     work, _ = pipeline
     from mnistgen import evaluation, metrics
     from mnistgen.evaluators import Classifier
@@ -189,7 +190,7 @@ def test_fid_sanity_real_data_is_far_below_noise_and_a_broken_generator(pipeline
     classifier = Classifier()  # the first evaluator: the default architecture
     classifier.load_state_dict(torch.load(work / "models/evaluator/classifier.pt", weights_only=True))
     classifier.eval()
-    ref = evaluation.load_references(work / "models/evaluator", "test")[""]
+    ref = evaluation.load_references(work / "models/evaluator", "val")[""]
     real = metrics.fid(ref.train_feats, ref.feats)
     noise = metrics.fid(
         classifier.features_and_probs(torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))[0], ref.feats

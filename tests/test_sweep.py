@@ -160,7 +160,7 @@ def run_workers(work: Path, storage: str, study: str, trials: int, env: dict) ->
     cmd = [
         sys.executable,
         "-m",
-        "mnistgen.sweep",
+        "mnistgen.commands.sweep",
         "vae",
         "--trials",
         str(trials),

@@ -68,11 +68,12 @@ def prepare_state(s: Settings, user: str) -> None:
 
 
 def as_user(user: str) -> dict:
-    """subprocess's arguments that run a child as `user` (as root): its uid, its group, no supplementary groups."""
+    """subprocess's arguments that run a child as `user` (as root): its uid, its group, no supplementary groups, and
+    `/` as its working directory (the caller's may be closed to it, and a server's worker processes enter it again)."""
     if not as_root() or user == "root":
         return {}
     entry = pwd.getpwnam(user)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [], "cwd": "/"}
 
 
 def run_as(user: str, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

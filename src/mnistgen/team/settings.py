@@ -163,7 +163,7 @@ class Settings:
 
     @property
     def state(self) -> Path:
-        return Path(self["TEAM_STATE_DIR"])
+        return Path(self["TEAM_STATE_DIR"]).absolute()  # the servers run in /, not in the caller's folder
 
     @property
     def scheme(self) -> str:
