@@ -4,17 +4,28 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TINY_PINNED, pin_tiny_evaluators, tiny_evaluation_sections, write_params, write_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Under pytest-xdist (the slow tier's `-n 2`) each worker, and every stage it starts, gets its share of the cores:
+# two torch processes that each use every core slow each other down many times over.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // WORKERS)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs a real pipeline, a server, a browser or a drill belongs to the slow tier."""
+    """Every test that needs a real pipeline, a server, a browser or a drill belongs to the slow tier. Under xdist's
+    `--dist loadgroup` a module's tests stay on one worker (its module fixtures are built once), and so do all tests on
+    the session's team stack (it starts once)."""
     for item in items:
         if any(item.get_closest_marker(m) for m in ("e2e", "browser", "drill", "team")):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group("team" if item.get_closest_marker("team") else item.module.__name__))
 
 
 @pytest.fixture(scope="session")

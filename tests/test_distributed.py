@@ -129,11 +129,18 @@ def test_global_batch_norm_is_batch_norm(one_rank_group, shape):
 
 
 def one_process_reference(family: str, changes: dict) -> nn.Module:
-    """The same case trained by training.train in this one process: the batches are the global ones."""
-    seed_everything(0, deterministic=True)
-    model = build_model(params(family, **changes))
-    images, labels, val_images, val_labels = data()
-    training.train(model, images, val_images, seed=0, progress=False, train_labels=labels, val_labels=val_labels)
+    """The same case trained by training.train in this one process: the batches are the global ones. It runs on WORLD
+    threads, one per rank, so that its reductions split each batch as the ranks do: a GAN's training amplifies a
+    different summation order (one thread against two ranks) past the tolerance within a few steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WORLD)
+    try:
+        seed_everything(0, deterministic=True)
+        model = build_model(params(family, **changes))
+        images, labels, val_images, val_labels = data()
+        training.train(model, images, val_images, seed=0, progress=False, train_labels=labels, val_labels=val_labels)
+    finally:
+        torch.set_num_threads(threads)
     return model
 
 

@@ -67,7 +67,7 @@ def test_three_queued_experiments_are_three_tagged_mlflow_runs(tmp_path, mnist_m
             if not any(word in status for word in ("Queued", "Running")):
                 break
             assert time.monotonic() - started < 900, status
-            time.sleep(10)
+            time.sleep(3)
     finally:
         dvc("queue", "stop", cwd=work, check=False)
     seconds = time.monotonic() - started

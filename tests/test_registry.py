@@ -1,4 +1,5 @@
-"""The promotion gate against a real SQLite registry, the pyfunc by alias, and serving.
+"""The promotion gate against a real SQLite registry (and the team server where the store matters: `workspace`), the
+pyfunc by alias, and serving.
 
 Every test has its own workspace and store, builds the registry state it needs itself (with
 only the models it needs in params.yaml), and asserts relative to what it created, so the
@@ -60,14 +61,13 @@ PROMOTE_ARGS = [
 promote_stage = importlib.import_module("mnistgen.stages.promote")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("team", marks=[pytest.mark.team, pytest.mark.slow])])
-def workspace(request, world, tmp_path, monkeypatch) -> Path:
+def open_workspace(request, world, tmp_path: Path, monkeypatch, store: str) -> Path:
     """This test's own folder (the working directory) with the world's data and evaluators and its own empty store: an
     embedded SQLite file, or the team server (PostgreSQL + Swift + mlflow server, started once per session) with its
     registry emptied and the `ci` account."""
     enter_world(world, tmp_path)
     monkeypatch.chdir(tmp_path)
-    if request.param == "sqlite":
+    if store == "sqlite":
         shutil.copy(request.getfixturevalue("empty_store"), tmp_path / "mlflow.db")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     else:
@@ -75,6 +75,20 @@ def workspace(request, world, tmp_path, monkeypatch) -> Path:
         clear_registry(settings)
         use_team_account(monkeypatch, settings, "ci")
     return tmp_path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("team", marks=[pytest.mark.team, pytest.mark.slow])])
+def workspace(request, world, tmp_path, monkeypatch) -> Path:
+    """For what the store itself does (its REST API and permissions, artifacts in S3, concurrent writers, the ledger's
+    tags, the team's rules): each such test runs against SQLite and against the team server."""
+    return open_workspace(request, world, tmp_path, monkeypatch, request.param)
+
+
+@pytest.fixture
+def local_workspace(request, world, tmp_path, monkeypatch) -> Path:
+    """For the gate's decisions, which no store changes: SQLite only (the tests on `workspace` show the team server
+    stores, loads and moves what the gate decides)."""
+    return open_workspace(request, world, tmp_path, monkeypatch, "sqlite")
 
 
 def use_models(
@@ -212,7 +226,7 @@ def test_promote_twice_for_the_same_runs_registers_nothing_new(workspace):
     assert snapshot() == before
 
 
-def test_worse_candidate_leaves_champion(workspace):
+def test_worse_candidate_leaves_champion(local_workspace):
     champion = champion_of("vae", epochs=3)["mnist-vae"]["aliases"]["champion"]
     candidate("vae", epochs=0)  # random weights: worse
     code, report = promote_now()
@@ -222,7 +236,7 @@ def test_worse_candidate_leaves_champion(workspace):
     assert challenger != champion and aliases("vae") == {"champion": champion, "challenger": challenger}
 
 
-def test_better_candidate_takes_the_title(workspace):
+def test_better_candidate_takes_the_title(local_workspace):
     champion = champion_of("vae")["mnist-vae"]["aliases"]["champion"]
     candidate("vae", epochs=3)
     code, report = promote_now()
@@ -230,11 +244,11 @@ def test_better_candidate_takes_the_title(workspace):
     new = report["models"]["vae"]["candidate_version"]
     assert new != champion and aliases("vae") == {"champion": new, "challenger": new}
     assert report["models"]["vae"]["champion_version"] == champion and not report["models"]["vae"]["remeasured"]
-    assert "better beyond the noise" in (workspace / "reports" / "promotion.md").read_text()
+    assert "better beyond the noise" in (local_workspace / "reports" / "promotion.md").read_text()
 
 
 @pytest.mark.slow  # several promotions, or processes: the slow tier
-def test_a_rerun_with_another_seed_is_neither_promoted_nor_rejected(workspace):
+def test_a_rerun_with_another_seed_is_neither_promoted_nor_rejected(local_workspace):
     """The same params, another training seed: the difference is training noise, which the gate's margin covers."""
     champion = champion_of("vae", epochs=3)["mnist-vae"]["aliases"]["champion"]
     candidate("vae", epochs=3, seed=1)
@@ -271,9 +285,7 @@ def test_a_champion_measured_under_another_protocol_is_remeasured_under_the_cand
 
 
 @pytest.mark.slow  # several promotions, or processes: the slow tier
-def test_a_champion_that_cannot_be_remeasured_makes_promotion_refuse(workspace, capsys):
-    if tracking.is_team_server():
-        pytest.skip("the champion's weights are removed from the embedded store's files; the team's live in Swift")
+def test_a_champion_that_cannot_be_remeasured_makes_promotion_refuse(local_workspace, capsys):
     before = champion_of("vae")
     for weights in Path("mlartifacts").rglob("weights.pt"):  # the champion's logged model loses its weights
         weights.unlink()
@@ -287,7 +299,7 @@ def test_a_champion_that_cannot_be_remeasured_makes_promotion_refuse(workspace, 
     assert snapshot() == before
 
 
-def test_a_smoke_candidate_cannot_displace_a_default_champion(workspace):
+def test_a_smoke_candidate_cannot_displace_a_default_champion(local_workspace):
     champion = champion_of("vae")["mnist-vae"]["aliases"]["champion"]
     candidate("vae", epochs=3, grade="smoke")  # better, but a smoke run
     code, report = promote_now()
@@ -345,7 +357,7 @@ def test_the_ledger_answers_who_was_champion_when_after_three_promotions_and_a_r
 
 
 @pytest.mark.slow  # several promotions, or processes: the slow tier
-def test_the_card_and_the_ledger_quote_the_metrics_they_come_from(workspace):
+def test_the_card_and_the_ledger_quote_the_metrics_they_come_from(local_workspace):
     champion_of("vae")
     candidate("vae", epochs=3)
     code, report = promote_now()
@@ -371,23 +383,23 @@ def test_the_card_and_the_ledger_quote_the_metrics_they_come_from(workspace):
 
 
 @pytest.mark.slow  # several promotions, or processes: the slow tier
-def test_candidate_under_a_floor_exits_1_and_moves_nothing(workspace):
+def test_candidate_under_a_floor_exits_1_and_moves_nothing(local_workspace):
     """Through the real script in its own process: exit status 1 is what CI sees."""
     before = champion_of("wgan")
     candidate("wgan", fid_cls=2e6)
     result = subprocess.run(
         [sys.executable, "-m", "mnistgen.stages.promote", *PROMOTE_ARGS],
-        cwd=workspace,
+        cwd=local_workspace,
         env=os.environ,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert result.returncode == 1, result.stderr[-3000:]
-    report = json.loads((workspace / "reports" / "promotion.json").read_text())
+    report = json.loads((local_workspace / "reports" / "promotion.json").read_text())
     assert report["models"]["wgan"]["decision"] == gate.REJECT
     assert snapshot() == before
-    assert "REGRESSION" in (workspace / "reports" / "promotion.md").read_text()
+    assert "REGRESSION" in (local_workspace / "reports" / "promotion.md").read_text()
 
 
 @pytest.mark.slow  # several promotions, or processes: the slow tier
@@ -448,7 +460,7 @@ def test_store_failing_midway_leaves_the_registry_exactly_as_it_was(workspace, m
     assert snapshot() == before
 
 
-def test_a_winner_chosen_among_trials_is_measured_again_on_fresh_samples(workspace):
+def test_a_winner_chosen_among_trials_is_measured_again_on_fresh_samples(local_workspace):
     """Item 3 broken on purpose: a candidate whose only advantage is the measurement it was chosen by (its evidence is
     a better model's; its weights are the champion's). Told it is one of one, the gate is fooled; told it is the best of
     10, it measures both sides again on samples no choice read, at alpha / 10, and the advantage is gone."""
@@ -473,7 +485,7 @@ def test_a_winner_chosen_among_trials_is_measured_again_on_fresh_samples(workspa
             assert all(abs(v["improvement"]) < 1e-6 for v in decided["verdicts"])  # the same weights, the same fresh draws
 
 
-def test_a_candidate_measured_under_another_protocol_than_todays_is_refused(workspace, capsys):
+def test_a_candidate_measured_under_another_protocol_than_todays_is_refused(local_workspace, capsys):
     """Item 4 broken on purpose: the evaluate params change after the candidate was measured."""
     champion_of("vae")
     candidate("vae", epochs=3)
@@ -485,7 +497,7 @@ def test_a_candidate_measured_under_another_protocol_than_todays_is_refused(work
     assert "error: vae: " in capsys.readouterr().err and snapshot() == before
 
 
-def test_a_remeasured_champion_must_end_under_the_candidates_fingerprint(workspace, monkeypatch):
+def test_a_remeasured_champion_must_end_under_the_candidates_fingerprint(local_workspace, monkeypatch):
     """Item 4: re-measured, the champion's evidence must carry the candidate's fingerprint, or the model is refused."""
     from mnistgen import promotion
 
@@ -503,7 +515,7 @@ def test_a_remeasured_champion_must_end_under_the_candidates_fingerprint(workspa
     assert code == 2 and "not the candidate's" in report["models"]["vae"]["reason"]
 
 
-def test_one_models_failure_is_its_own_and_the_others_are_decided(workspace, capsys):
+def test_one_models_failure_is_its_own_and_the_others_are_decided(local_workspace, capsys):
     """Item 6 broken on purpose: the vae's evidence is unreadable; the gan is still decided and registered."""
     use_models("vae", "gan")
     candidate("vae")
@@ -518,7 +530,7 @@ def test_one_models_failure_is_its_own_and_the_others_are_decided(workspace, cap
     assert "gan: promote v1 to champion" in err.out and "vae: error (" in err.out
 
 
-def test_a_value_that_is_not_a_number_is_unmeasurable(workspace):
+def test_a_value_that_is_not_a_number_is_unmeasurable(local_workspace):
     """Item 6: a candidate whose primary metric is NaN is unmeasurable, named in one line, not a regression."""
     use_models("vae")
     candidate("vae", fid_cls=float("nan"))
@@ -579,17 +591,15 @@ def test_the_lock_lets_one_mover_at_a_time_and_breaks_a_dead_ones(workspace, mon
 
 
 @pytest.mark.slow  # several promotions, or processes: the slow tier
-def test_two_promotions_at_once_leave_one_coherent_history(workspace, tmp_path):
+def test_two_promotions_at_once_leave_one_coherent_history(local_workspace, tmp_path):
     """Two promote processes against one store, each with its own better candidate, started together: whatever the
     interleaving, every ledger record starts where the previous one ended, the keys do not collide, and @champion is
     the last record's version."""
-    if tracking.is_team_server():
-        pytest.skip("two workspaces share one SQLite store here; the team server's case is the lock's own test")
-    champion_of("vae")
+    champion_of("vae")  # one SQLite store shared by two workspaces; the lock's own test runs on the team server too
     jobs = []
     for seed, folder in ((1, tmp_path / "job-a"), (2, tmp_path / "job-b")):
         candidate("vae", epochs=3 + seed, seed=seed)
-        shutil.copytree(workspace, folder, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+        shutil.copytree(local_workspace, folder, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
         jobs.append(folder)
     env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
     procs = [
@@ -639,7 +649,7 @@ def test_history_flags_a_move_made_outside_the_tool_and_rollback_keeps_the_grade
     assert "(forced)" in out and f"warning: now: @champion is v1, but the ledger's last move left v{smoke}" in out
 
 
-def test_a_grade_is_earned_not_claimed(workspace):
+def test_a_grade_is_earned_not_claimed(local_workspace):
     """Item 8 broken on purpose: a run labelled paper with the default recipe, and a run of uncommitted params, are
     graded experiment and do not displace a default champion, however much better."""
     champion_of("vae")
