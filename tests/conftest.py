@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY_PINNED, pin_tiny_evaluators, tiny_evaluation_sections, write_params, write_prepared
+from xdist.scheduler import LoadFileScheduling
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -17,15 +18,30 @@ if WORKERS > 1:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs a real pipeline, a server, a browser or a drill belongs to the slow tier. Under xdist's
-    `--dist loadgroup` a module's tests stay on one worker (its module fixtures are built once), and so do all tests on
-    the session's team stack (it starts once)."""
+    """Every test that needs a real pipeline, a server, a browser or a drill belongs to the slow tier."""
     for item in items:
         if any(item.get_closest_marker(m) for m in ("e2e", "browser", "drill", "team")):
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group("team" if item.get_closest_marker("team") else item.module.__name__))
+
+
+TEAM_STACK_FILES = {path.name for path in Path(__file__).parent.glob("test_*.py") if "team_stack" in path.read_text()}
+
+
+def worker_scope(nodeid: str) -> str:
+    """How the slow tier's `-n 2` shares out tests: a file's tests on one worker, so its module fixtures are built
+    once, and every file that uses the session's team stack on one worker, so the stack starts once."""
+    file = nodeid.split("::", 1)[0]
+    return "the team stack" if Path(file).name in TEAM_STACK_FILES else file
+
+
+class OneTeamStack(LoadFileScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+        return worker_scope(nodeid)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    return OneTeamStack(config, log)
 
 
 @pytest.fixture(scope="session")
