@@ -256,7 +256,6 @@ def test_a_dvc_experiment_tracks_into_its_parent_repo_and_tags_its_runs(tmp_path
 def test_the_code_shipped_with_a_logged_model_imports_on_its_own(tmp_path):
     """The registered model carries a copy of logged_model.MODEL_CODE (MLflow puts it first on sys.path when it loads):
     that copy alone must build every family, or `mlflow models serve` fails on a module left behind."""
-
     package = tmp_path / "code" / "mnistgen"
     package.mkdir(parents=True)
     for name in logged_model.MODEL_CODE:
