@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnistgen import data
+from mnistgen import data, mnist_files
 from mnistgen.config import ParamsError, PrepareParams, load_section
 from mnistgen.utils import StageError
 
@@ -25,7 +25,7 @@ def test_parses_valid_idx_plain_and_gzipped():
     images = np.arange(3 * 28 * 28, dtype=np.uint64).reshape(3, 28, 28) % 256
     raw = idx_bytes(images)
     for blob in (raw, gzip.compress(raw)):
-        parsed = data.parse_idx(blob, "x.gz", expect_ndim=3)
+        parsed = mnist_files.parse_idx(blob, "x.gz", expect_ndim=3)
         assert parsed.shape == (3, 28, 28)
         assert np.array_equal(parsed, images)
 
@@ -33,21 +33,21 @@ def test_parses_valid_idx_plain_and_gzipped():
 def test_truncated_gzip_names_the_file():
     blob = gzip.compress(idx_bytes(np.zeros((5, 28, 28))))
     with pytest.raises(StageError, match="train-images.gz: corrupt or truncated gzip"):
-        data.parse_idx(blob[: len(blob) // 2], "train-images.gz", expect_ndim=3)
+        mnist_files.parse_idx(blob[: len(blob) // 2], "train-images.gz", expect_ndim=3)
 
 
 def test_truncated_data_is_a_size_mismatch():
     raw = idx_bytes(np.zeros((5, 28, 28)))
     with pytest.raises(StageError, match=r"imgs: IDX header says \(5, 28, 28\) = 3920 bytes of data, file has 3000"):
-        data.parse_idx(raw[: 16 + 3000], "imgs", expect_ndim=3)
+        mnist_files.parse_idx(raw[: 16 + 3000], "imgs", expect_ndim=3)
 
 
 def test_wrong_magic_number():
     raw = idx_bytes(np.zeros(4), magic=0x00000901, dims=(4,))
     with pytest.raises(StageError, match="labels: wrong IDX magic number 0x00000901"):
-        data.parse_idx(raw, "labels", expect_ndim=1)
+        mnist_files.parse_idx(raw, "labels", expect_ndim=1)
     with pytest.raises(StageError, match="wrong IDX magic"):  # labels file where images were expected
-        data.parse_idx(idx_bytes(np.zeros(4)), "images", expect_ndim=3)
+        mnist_files.parse_idx(idx_bytes(np.zeros(4)), "images", expect_ndim=3)
 
 
 def test_count_mismatch_between_images_and_labels(tmp_path):
@@ -55,22 +55,22 @@ def test_count_mismatch_between_images_and_labels(tmp_path):
     (tmp_path / "l.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3))))
     reader = lambda name: (tmp_path / name).read_bytes()
     with pytest.raises(StageError, match="i.gz has 4 images but l.gz has 3 labels"):
-        data.read_pair("i.gz", "l.gz", reader=reader)
+        mnist_files.read_pair("i.gz", "l.gz", reader=reader)
 
 
 def test_label_out_of_range(tmp_path):
     (tmp_path / "i.gz").write_bytes(idx_bytes(np.zeros((2, 28, 28))))
     (tmp_path / "l.gz").write_bytes(idx_bytes(np.array([1, 11])))
     with pytest.raises(StageError, match="l.gz: label 11 outside 0..9"):
-        data.read_pair("i.gz", "l.gz", reader=lambda n: (tmp_path / n).read_bytes())
+        mnist_files.read_pair("i.gz", "l.gz", reader=lambda n: (tmp_path / n).read_bytes())
 
 
 def test_md5_mismatch_names_file(tmp_path, monkeypatch):
     name = "t10k-labels-idx1-ubyte.gz"
     (tmp_path / name).write_bytes(gzip.compress(idx_bytes(np.zeros(10))))
     monkeypatch.setenv("MNIST_MIRROR", str(tmp_path))
-    with pytest.raises(StageError, match=f"{name}: MD5 .* does not match the official {data.MNIST_FILES[name]}"):
-        data.fetch_verified(name)
+    with pytest.raises(StageError, match=f"{name}: MD5 .* does not match the official {mnist_files.MNIST_FILES[name]}"):
+        mnist_files.fetch_verified(name)
 
 
 def test_mirror_folder_and_missing_file(tmp_path, monkeypatch):
@@ -78,10 +78,10 @@ def test_mirror_folder_and_missing_file(tmp_path, monkeypatch):
     blob = gzip.compress(idx_bytes(np.zeros(10)))
     (tmp_path / name).write_bytes(blob)
     monkeypatch.setenv("MNIST_MIRROR", str(tmp_path))
-    monkeypatch.setitem(data.MNIST_FILES, name, hashlib.md5(blob).hexdigest())
-    assert data.fetch_verified(name) == blob
+    monkeypatch.setitem(mnist_files.MNIST_FILES, name, hashlib.md5(blob).hexdigest())
+    assert mnist_files.fetch_verified(name) == blob
     with pytest.raises(StageError, match="train-labels-idx1-ubyte.gz: cannot read MNIST file"):
-        data.fetch_verified("train-labels-idx1-ubyte.gz")
+        mnist_files.fetch_verified("train-labels-idx1-ubyte.gz")
 
 
 def test_a_url_mirror_is_downloaded_and_checked(tmp_path, monkeypatch):
@@ -99,11 +99,11 @@ def test_a_url_mirror_is_downloaded_and_checked(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("MNIST_MIRROR", f"http://127.0.0.1:{server.server_port}/")
-        monkeypatch.setitem(data.MNIST_FILES, name, hashlib.md5(blob).hexdigest())
-        assert data.fetch_verified(name) == blob
+        monkeypatch.setitem(mnist_files.MNIST_FILES, name, hashlib.md5(blob).hexdigest())
+        assert mnist_files.fetch_verified(name) == blob
         (tmp_path / name).write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
         with pytest.raises(StageError, match=f"127.0.0.1:{server.server_port}/{name}: MD5 .* does not match"):
-            data.fetch_verified(name)
+            mnist_files.fetch_verified(name)
     finally:
         server.shutdown()
 
@@ -111,7 +111,7 @@ def test_a_url_mirror_is_downloaded_and_checked(tmp_path, monkeypatch):
 def test_unreachable_url_mirror(monkeypatch):
     monkeypatch.setenv("MNIST_MIRROR", "http://127.0.0.1:9/mnist")
     with pytest.raises(StageError, match="http://127.0.0.1:9/mnist/t10k-labels-idx1-ubyte.gz: mirror unreachable"):
-        data.fetch_verified("t10k-labels-idx1-ubyte.gz")
+        mnist_files.fetch_verified("t10k-labels-idx1-ubyte.gz")
 
 
 def test_splits_are_seeded_disjoint_and_limited():
@@ -154,14 +154,14 @@ def test_prepare_stage_bad_input_leaves_nothing(tmp_path):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     junk = b"\x1f\x8b not really gzip"
-    for name in data.MNIST_FILES:
+    for name in mnist_files.MNIST_FILES:
         (mirror / name).write_bytes(junk)
     (tmp_path / "params.yaml").write_text("prepare:\n  val_size: 10\n  split_seed: 0\n  limit_train: 0\n  limit_test: 0\n")
     result = run_prepare(tmp_path, mirror)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {mirror}/train-images-idx3-ubyte.gz: MD5 {hashlib.md5(junk).hexdigest()} "
-        f"does not match the official {data.MNIST_FILES['train-images-idx3-ubyte.gz']}"
+        f"does not match the official {mnist_files.MNIST_FILES['train-images-idx3-ubyte.gz']}"
     ]
     assert not (tmp_path / "data" / "prepared").exists()
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from sklearn.metrics import silhouette_samples
 
+from mnistgen import metrics
 from mnistgen.metrics import (
     class_coverage,
     fid,
@@ -312,3 +314,20 @@ def test_knn_radius_is_the_distance_to_the_kth_other_point():
     for k in (1, 3, 5):
         expected = torch.cdist(x, x).sort(dim=1).values[:, k]
         assert torch.equal(metrics._knn_radii(x, k), expected), k
+
+
+@pytest.mark.parametrize(("n", "clusters"), [(400, 10), (60, 3)])
+def test_silhouette_is_sklearns(n, clusters):
+    gen = torch.Generator().manual_seed(n)
+    labels = torch.randint(clusters, (n,), generator=gen) * 7 + 2  # any label values, not 0..C-1
+    points = torch.randn(n, 5, generator=gen) + labels[:, None].float() / 7
+    labels[0] = 99  # a point alone in its cluster scores 0
+    expected = torch.as_tensor(silhouette_samples(points.double().numpy(), labels.numpy()))
+    assert torch.allclose(metrics.silhouette(points, labels), expected, atol=1e-9)
+    assert metrics.silhouette(points, labels)[0] == 0
+
+
+def test_silhouette_is_one_for_tight_far_clusters_and_negative_for_swapped_labels():
+    points = torch.tensor([[0.0], [0.01], [10.0], [10.01]])
+    assert torch.allclose(metrics.silhouette(points, torch.tensor([0, 0, 1, 1])), torch.ones(4, dtype=torch.float64), atol=2e-3)
+    assert (metrics.silhouette(points, torch.tensor([0, 1, 0, 1])) < 0).all()

@@ -5,7 +5,6 @@ import configparser
 import ipaddress
 import os
 import pwd
-import signal
 import sys
 
 import pytest
@@ -101,8 +100,16 @@ def test_the_mlflow_servers_secrets_travel_in_its_environment_and_a_private_file
 def test_processes_are_ours_by_pid_and_start_time_and_stop_with_their_group(settings, tmp_path):
     s = settings("127.0.0.1")
     s.state.mkdir(parents=True)
-    child = processes.popen_as(ME, [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "child.log")
+    # The sleeper writes which signal ended it: its exit status cannot say, as psutil, waiting in stop_group, may reap
+    # it before Popen.wait does (which then reads 0). It says "ready" once its handler is in place.
+    marker = tmp_path / "signal"
+    sleeper = (
+        "import pathlib, signal, sys, time; m = pathlib.Path(sys.argv[1]); "
+        "signal.signal(signal.SIGTERM, lambda *_: (m.write_text('SIGTERM'), sys.exit(0))); m.write_text('ready'); time.sleep(60)"
+    )
+    child = processes.popen_as(ME, [sys.executable, "-c", sleeper, str(marker)], tmp_path / "child.log")
     try:
+        processes.wait_for(lambda: marker.exists() and marker.read_text() == "ready", "the sleeper", 30, proc=child)
         processes.write_pid(s, "sleeper", child.pid)
         assert processes.read_pids(s) == {"sleeper": child.pid} and processes.alive(child.pid)
         assert processes.rss_mb([child.pid]) > 1
@@ -112,7 +119,7 @@ def test_processes_are_ours_by_pid_and_start_time_and_stop_with_their_group(sett
     finally:
         processes.stop_group(child.pid, timeout=10)
     child.wait(timeout=10)
-    assert child.returncode == -signal.SIGTERM and not processes.alive(child.pid)
+    assert marker.read_text() == "SIGTERM" and not processes.alive(child.pid)
 
 
 def test_a_stack_that_never_ran_is_all_down_and_down_says_so(settings, capsys):

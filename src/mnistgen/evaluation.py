@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
-from sklearn.metrics import silhouette_samples
 
 from . import data, evaluators, figures, likelihood, metrics, protocol
 from .config import EvaluateParams
@@ -185,6 +184,7 @@ class Evaluation:
         self.timings: dict[str, float] = {}
         self._samples: tuple[torch.Tensor, dict] | None = None
         self._conditional: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._paths: dict[str, tuple[torch.Tensor, dict]] = {}  # interpolation images and their features, by path
 
     def figure(self, name: str) -> Path | None:
         return None if self.out is None else self.out / name
@@ -249,7 +249,7 @@ class Evaluation:
         if (path := self.figure("latent_scatter.png")) is not None:
             means = self.model.class_latent_means()
             figures.latent_scatter(codes, y[:n], path, f"{self.model.family} latent codes of test digits", means=means)
-        silhouette = torch.as_tensor(silhouette_samples(codes.double().cpu().numpy(), y[:n].cpu().numpy()))
+        silhouette = metrics.silhouette(codes.cpu(), y[:n].cpu())
         self.metrics["latent_silhouette"] = silhouette.mean().item()
         self.metrics["latent_silhouette_stderr"] = (silhouette.std() / math.sqrt(len(silhouette))).item()
 
@@ -317,9 +317,12 @@ class Evaluation:
         interior_steps = p.interp_steps - 2
         counts = metrics.bootstrap_counts(len(z_a) * interior_steps, p.bootstrap, p.bootstrap_seed, groups=interior_steps)
         for name, path in paths.items():
-            z = path(z_a, z_b, t)  # [pairs, steps, latent]
-            images = decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
-            embedded = self.embed(images[:, 1:-1].flatten(0, 1))
+            key = f"interpolation_{name}"
+            if key not in self._paths or self.model.has_encoder:  # a noise model's paths are the same on every split
+                z = path(z_a, z_b, t)  # [pairs, steps, latent]
+                images = decode(z.flatten(0, 1)).view(len(z_a), p.interp_steps, 1, 28, 28)
+                self._paths[key] = images, self.embed(images[:, 1:-1].flatten(0, 1))
+            images, embedded = self._paths[key]
             for suffix, (feats, _) in embedded.items():
                 stats = self.refs[suffix].stats
                 with_band(

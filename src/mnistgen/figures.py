@@ -5,14 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from PIL import Image
+from torch.nn import functional as F
+
+
+def grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """Images [N, 1, H, W] -> one grey image [rows * (H + padding) + padding, nrow * (W + padding) + padding], nrow per row,
+    the layout of torchvision's make_grid. Written here because importing torchvision costs every stage 1.7 s."""
+    x = images.detach().float().cpu().clamp(0, 1)[:, 0]
+    per_row = min(nrow, len(x))
+    rows = -(-len(x) // per_row)
+    x = torch.cat([x, x.new_full((rows * per_row - len(x), *x.shape[1:]), pad_value)])  # fill the last row
+    x = F.pad(x, (padding, 0, padding, 0), value=pad_value)  # a border above and left of every image
+    h, w = x.shape[1:]
+    tiled = x.view(rows, per_row, h, w).permute(0, 2, 1, 3).reshape(rows * h, per_row * w)
+    return F.pad(tiled, (0, padding, 0, padding), value=pad_value)  # and the closing border
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Images [N, 1, 28, 28] in [0, 1] -> one PNG grid (torchvision's make_grid + save_image)."""
+    """Images [N, 1, 28, 28] in [0, 1] -> one grey PNG grid, nrow images per row."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images.detach().float().cpu().clamp(0, 1), path, nrow=nrow, padding=2, pad_value=1.0)
+    pixels = grid(images, nrow).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)  # save_image's rounding
+    Image.fromarray(pixels.numpy(), mode="L").save(path)
     return path
 
 

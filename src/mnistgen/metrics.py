@@ -173,6 +173,27 @@ def class_coverage(pred_labels: Tensor, num_classes: int = 10) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------
+# Clustering of codes
+# --------------------------------------------------------------------------
+
+
+def silhouette(points: Tensor, labels: Tensor) -> Tensor:
+    """Each point's silhouette (Rousseeuw 1987) with Euclidean distances, as sklearn's silhouette_samples:
+    (b - a) / max(a, b), a the mean distance to the rest of its own cluster, b the least mean distance to another
+    cluster; 0 for a point alone in its cluster. In float64, all pairs at once (5,000 points: 200 MB)."""
+    x = points.reshape(len(points), -1).to(torch.float64)
+    _, y = torch.unique(labels.reshape(-1), return_inverse=True)
+    members = torch.nn.functional.one_hot(y).to(torch.float64)  # [n, clusters]
+    sums = torch.cdist(x, x) @ members  # each point's summed distance to each cluster
+    sizes = members.sum(0)
+    own = sizes[y]
+    a = sums.gather(1, y[:, None]).squeeze(1) / (own - 1).clamp_min(1)
+    b = (sums / sizes).scatter(1, y[:, None], torch.inf).min(1).values
+    s = (b - a) / torch.maximum(a, b)
+    return torch.where(own > 1, s.nan_to_num(0.0), torch.zeros_like(s))
+
+
+# --------------------------------------------------------------------------
 # Noise bands: bootstrap over already-computed features
 # --------------------------------------------------------------------------
 #

@@ -30,7 +30,7 @@ from . import card, comparison, evaluation, gate, grades, protocol, tracking
 from .config import EvaluateParams, GateParams, GateSettings
 from .models import FAMILIES, load_trained
 from .registry import ChampionMoved, Registry, registered_name
-from .utils import StageError, git_show, pick_device
+from .utils import StageError, evaluation_device, git_show
 
 PROVENANCE = ("git_commit", "params_hash", "data_hash", "device", "torch_version", "family", "recipe", "selected_from")
 
@@ -298,4 +298,4 @@ def register(
 
 
 def context(registry: Registry, paths: Paths, settings: GateSettings, params: EvaluateParams) -> Context:
-    return Context(registry, paths, settings, params, committed_profiles(), pick_device("auto"), tracking.is_team_server())
+    return Context(registry, paths, settings, params, committed_profiles(), evaluation_device(), tracking.is_team_server())

@@ -104,10 +104,12 @@ def check_finite(metrics: dict[str, float], family: str, epoch: int) -> None:
 
 
 def rng_state() -> dict:
-    """This process's RNG states: torch's CPU generator, and every CUDA device's when there are any."""
+    """This process's RNG states: torch's CPU generator, and every CUDA device's or the MPS device's when there is one."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -115,6 +117,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 class Checkpoint:

@@ -26,13 +26,27 @@ class StageError(RuntimeError):
     """An expected failure (bad input, failed check): the stage prints one line and exits non-zero."""
 
 
+def accelerators() -> dict[str, bool]:
+    """Which accelerators this torch build sees, in the order `auto` prefers them."""
+    return {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA, then Apple's MPS, then the CPU; a named device that is not there is an error."""
+    present = accelerators()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(next((kind for kind, here in present.items() if here), "cpu"))
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StageError(f"params.yaml: train.device is {name!r} but CUDA is not available")
+    if device.type in present and not present[device.type]:
+        raise StageError(f"params.yaml: train.device is {name!r} but {device.type.upper()} is not available")
     return device
+
+
+def evaluation_device() -> torch.device:
+    """Where measurements run: the `auto` device, except MPS, which has no float64 for the metrics' statistics
+    (covariances, eigenvalues, bootstrap sums), so a Mac measures on its CPU."""
+    device = pick_device("auto")
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -46,7 +60,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on CPU (bf16 matmuls are slower than fp32 on most CPUs)."""
+    """bf16 autocast on CUDA; a no-op on the CPU (bf16 matmuls are slower than fp32 on most CPUs) and on MPS
+    (fp32 there: the same numerics as the CPU, and no device-specific precision to tune)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -55,7 +70,7 @@ def autocast(device: torch.device):
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CPU, where oneDNN's NHWC convolutions made a training step of every
     family 1.17-1.33x faster (benchmarks/benchmark_train.py --variants, 5 rounds); CUDA keeps the default."""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format  # CUDA and MPS: the default
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

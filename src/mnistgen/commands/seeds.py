@@ -37,7 +37,7 @@ from .. import comparison, data, evaluation, gate, grades, training
 from ..card import HEADLINE
 from ..config import EvaluateParams, GateParams, GateSettings, ParamsError, RunParams, load_section, model_names, read_params
 from ..models import build_model, load_model_params, load_trained
-from ..utils import StageError, pick_device, seed_everything, sha256_json, write_json
+from ..utils import StageError, evaluation_device, pick_device, seed_everything, sha256_json, write_json
 
 
 def train_seed(name: str, seed: int, prepared: Path, device: torch.device):
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         p = load_section(EvaluateParams, "evaluate")
         settings = load_section(GateSettings, "gate")
         own_seed = load_section(RunParams, "train").seed
-        device = pick_device("auto")
+        device = pick_device("auto")  # trains here, measures on the evaluation device
+        measuring = evaluation_device()
         refs = {suffix: ref.feats for suffix, ref in evaluation.load_references(args.evaluator, "val").items()}
         for name in args.models or model_names():
             started = time.perf_counter()
@@ -149,13 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                 own_seed: {split: json.loads(Path(f"metrics/{split}/{name}.json").read_text()) for split in ("val", "test")}
             }
             evidence = {
-                own_seed: torch.load(Path("evaluation") / name / evaluation.EVIDENCE, map_location=device, weights_only=True)
+                own_seed: torch.load(Path("evaluation") / name / evaluation.EVIDENCE, map_location=measuring, weights_only=True)
             }
             for seed in args.seeds:
                 folder = args.keep / name / f"seed{seed}"
-                model = seed_model(name, seed, folder, args.data, device, args.reuse)
+                model = seed_model(name, seed, folder, args.data, device, args.reuse).to(measuring)
                 with data.reading_test("seeds"):  # the spread beside each reported test figure
-                    measured[seed], evidence[seed] = evaluation.measure(model, args.evaluator, args.data, p, device)
+                    measured[seed], evidence[seed] = evaluation.measure(model, args.evaluator, args.data, p, measuring)
                 torch.save(evidence[seed], folder / evaluation.EVIDENCE)
                 print(f"seeds {name} seed {seed}: val fid_cls {measured[seed]['val']['fid_cls']:.3f}", flush=True)
             if len({m["val"]["protocol"] for m in measured.values()}) != 1:

@@ -21,7 +21,7 @@ import torch
 from mnistgen import data, evaluation, tracking
 from mnistgen.config import EvaluateParams, load_section
 from mnistgen.models import load_trained
-from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
+from mnistgen.utils import StageError, atomic_dir, evaluation_device, run_stage, write_json
 
 
 @data.reads_test("evaluate")  # one of the readers of the test split (data.TEST_READERS)
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     params = load_section(EvaluateParams, "evaluate")
-    device = pick_device("auto")
+    device = evaluation_device()
     run = tracking.Run.resume(tracking.read_run_file(args.model_dir / "run.json").get("run_id"))
     try:
         model = load_trained(args.model_dir, device)

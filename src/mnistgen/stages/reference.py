@@ -25,7 +25,7 @@ import torch
 from mnistgen import data
 from mnistgen.config import EvaluatorParams, ReferenceParams, load_section
 from mnistgen.evaluators import FEATURE_SPACES, SPACES_FILE, accuracy, load_classifier, read_pinned
-from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, write_json
+from mnistgen.utils import StageError, atomic_dir, evaluation_device, run_stage, write_json
 
 
 @data.reads_test("reference")  # one of the readers of the test split (data.TEST_READERS)
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     reference = load_section(ReferenceParams, "evaluate")
-    device = pick_device("auto")
+    device = evaluation_device()
     pinned = read_pinned(args.evaluators)
     splits = {name: data.load_split(args.data, name) for name in ("train", "val", "test")}
     images = {name: data.to_float(split.images, device) for name, split in splits.items()}
