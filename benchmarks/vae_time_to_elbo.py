@@ -67,7 +67,7 @@ from mnistgen.utils import seed_everything
 EVAL_SEED = 1234
 # ours by device: (batch size, peak lr, epoch budget); see the module docstring. cuda: the best
 # of a sweep on an H100 (docs/benchmarks/h100-time_to_elbo.log).
-DEFAULTS = {"cpu": (256, 1e-2, 5), "cuda": (1024, 1e-2, 10)}
+DEFAULTS = {"cpu": (256, 2e-2, 5), "cuda": (1024, 1e-2, 10)}  # cpu: 1e-2 missed 105.6 on validation by 0.06
 
 
 @contextlib.contextmanager
@@ -267,6 +267,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.5, help="ours: epochs of linear lr warm-up")
     parser.add_argument("--no-bias-init", action="store_true", help="ours: keep PyTorch's default decoder output bias")
     parser.add_argument("--skip-baseline", action="store_true", help="run ours only")
+    parser.add_argument("--skip-ours", action="store_true", help="run the baseline only (to time each whole process)")
     parser.add_argument(
         "--baseline-seconds", type=float, default=0.0, help="with --skip-baseline: a baseline time measured before, for the ratio"
     )
@@ -307,7 +308,7 @@ def main() -> None:
     base_seconds = baseline["seconds"] if baseline else (args.baseline_seconds or None)
 
     runs = [tuple(t(v) for t, v in zip((int, float, int), triple.split(":"))) for triple in args.sweep or []]
-    runs = runs or [(args.batch_size, args.lr, args.epochs)]
+    runs = [] if args.skip_ours else runs or [(args.batch_size, args.lr, args.epochs)]
     autocast_name = "bf16 autocast" if device.type == "cuda" else "fp32"
     results = []
     for bs, lr, epochs in runs:
@@ -350,11 +351,11 @@ def main() -> None:
             f"  ours (bs {ours['batch_size']}, lr {ours['lr']:g}, budget {ours['budget'] or 'none'}):{'':>4}"
             f"{fmt_seconds(ours)}, {ours['epochs']} epochs, validation -ELBO {ours['nelbo']:.2f}, test -ELBO {ours['test_nelbo']:.2f}"
         )
-    else:
+    elif results:
         print(f"  ours: target not reached (best {min(r['best'] for r in results):.2f})")
     if base_seconds and ours:
         ratio = base_seconds / ours["seconds"]
-        print(f"  speed-up: {ratio:.2f}x (goal 5x: {'met' if ratio >= 5 else 'not met'})")
+        print(f"  speed-up inside the clocks: {ratio:.2f}x (time each whole process for the goal, 12x)")
 
 
 if __name__ == "__main__":

@@ -52,11 +52,17 @@ def test_time_to_elbo_runs_the_harness_with_its_schedule(prepared):
     assert "constant lr 0.005" in out
     assert re.search(r"^ +64 +0\.01 +2 \| +[0-9.]+ s \| +1 \|", out, re.MULTILINE), out
     assert re.search(r"^ +128 +0\.005 +const \| +[0-9.]+ s \| +1 \|", out, re.MULTILINE), out
-    assert re.search(r"speed-up: [0-9.]+x", out), out
+    assert re.search(r"speed-up inside the clocks: [0-9.]+x", out), out
     # each run stops on the validation split; the test figure of its weights is reported after the clocks
     assert "epoch 1:" in out and "validation -ELBO" in out and re.search(r"validation -ELBO [0-9.]+, test -ELBO [0-9.]+", out), (
         out
     )
+
+
+def test_time_to_elbo_times_the_baseline_alone_for_a_whole_process_comparison(prepared):
+    out = run("vae_time_to_elbo.py", "--prepared", prepared, "--target", 1e9, "--skip-ours")
+    assert re.search(r"baseline \(DataLoader, bs 128, lr 1e-3\): [0-9.]+ s, 1 epochs", out), out
+    assert "ours:" not in out and "ours (" not in out, out
 
 
 def test_the_gate_error_rate_benchmark_prints_each_metrics_rate_and_power():
