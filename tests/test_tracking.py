@@ -312,9 +312,9 @@ def test_sigterm_and_sigint_end_the_run_killed(store):
         proc, run_id = start_stage(uri)
         assert store.get_run(run_id).info.status == "RUNNING"
         proc.send_signal(sig)
-        proc.wait(timeout=60)
+        _, stderr = proc.communicate(timeout=60)  # drains the pipes: a child blocked on a full one never exits
         assert proc.returncode != 0
-        assert store.get_run(run_id).info.status == "KILLED", proc.stderr.read()[-2000:]
+        assert store.get_run(run_id).info.status == "KILLED", stderr[-2000:]
 
 
 @pytest.mark.slow  # processes and a server's retries: the slow tier
