@@ -88,7 +88,7 @@ def harness_steps(
     device = train_images.device
     channels_last = memory_format(device) == torch.channels_last  # as training.train does
     model, optimizers, _ = prepare_model(params, device, seed, compile_, channels_last)
-    harness = Harness(model, optimizers, train_images, seed, mixed_precision=use_autocast)
+    harness = Harness(model, optimizers, train_images, seed, precision="bf16" if use_autocast else "fp32")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -28,7 +28,7 @@ the target; every check's time is inside the clock.
             latent_dim 20, beta 1; see vae_params), trained by the project's harness itself,
             mnistgen.training.train, whose every step is training.step
             (device-resident data, seeded randperm slices, fused Adam, the decoder's output
-            bias started at the pixel log-odds, utils.autocast: bf16 on CUDA, fp32 on CPU,
+            bias started at the pixel log-odds, train.precision auto: bf16 autocast on AMX CPUs,
             its per-epoch validation losses on the 5,000 validation images), with the validation
             check in its on_epoch callback, which stops the run once the target is reached.
 
@@ -62,7 +62,7 @@ from torch.nn import functional as F
 
 from mnistgen import data, models, training
 from mnistgen.models import build_model
-from mnistgen.utils import seed_everything
+from mnistgen.utils import seed_everything, training_dtype
 
 EVAL_SEED = 1234
 # ours by device: (batch size, peak lr, epoch budget); see the module docstring. cuda: the best
@@ -219,7 +219,7 @@ def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int
             raise StopRun
 
     try:
-        training.train(model, train_images, val_images, seed=args.seed, on_epoch=check, progress=False)
+        training.train(model, train_images, val_images, seed=args.seed, on_epoch=check, progress=False, precision=args.precision)
     except StopRun:
         pass
     except training.DivergenceError as err:
@@ -266,6 +266,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=float, default=0.5, help="ours: epochs of linear lr warm-up")
     parser.add_argument("--no-bias-init", action="store_true", help="ours: keep PyTorch's default decoder output bias")
+    parser.add_argument(
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="ours: train.precision (utils.training_dtype)"
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="run ours only")
     parser.add_argument("--skip-ours", action="store_true", help="run the baseline only (to time each whole process)")
     parser.add_argument(
@@ -309,7 +312,7 @@ def main() -> None:
 
     runs = [tuple(t(v) for t, v in zip((int, float, int), triple.split(":"))) for triple in args.sweep or []]
     runs = [] if args.skip_ours else runs or [(args.batch_size, args.lr, args.epochs)]
-    autocast_name = "bf16 autocast" if device.type == "cuda" else "fp32"
+    autocast_name = {torch.bfloat16: "bf16 autocast", torch.float32: "fp32"}[training_dtype(device, args.precision)]
     results = []
     for bs, lr, epochs in runs:
         schedule = (

@@ -27,6 +27,7 @@ def workspace(path):
         "experiment": "drill",
         "sample_every": 10,
         "dist_timeout_s": 60,
+        "precision": "auto",
     }
     write_params(
         path,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import ROOT, tiny_model_params, write_params, write_prepared
 from mlflow import MlflowClient
 
@@ -24,6 +25,7 @@ RUN_SECTION = {
     "experiment": "test-exp",
     "sample_every": 1,
     "dist_timeout_s": 60,
+    "precision": "auto",
 }
 
 
@@ -82,6 +84,8 @@ def test_train_stage_logs_params_curves_tags_and_model(trained):
     for key in ("git_commit", "data_hash", "params_hash", "device", "torch_version"):
         assert run.data.tags[key]
     assert run.data.tags["device"] == "cpu"
+    # train.precision auto, resolved on this CPU: the run says which precision trained it
+    assert run.data.tags["precision"] == ("bfloat16" if torch.cpu.get_capabilities().get("amx_bf16") else "float32")
     # where the seconds were measured: the CPU, and how many of its logical CPUs torch's threads use
     assert run.data.tags["cpu"] and 1 <= int(run.data.tags["torch_threads"]) <= int(run.data.tags["cpus"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}

@@ -1,4 +1,5 @@
-"""Atomic writes leave ordinary files (whole or absent, readable as the umask allows); `auto` picks the device."""
+"""Atomic writes leave ordinary files (whole or absent, readable as the umask allows); `auto` picks the device and
+training's precision."""
 
 import os
 import stat
@@ -14,6 +15,7 @@ from mnistgen.utils import (
     atomic_write_text,
     evaluation_device,
     pick_device,
+    training_dtype,
     write_json,
 )
 
@@ -67,3 +69,21 @@ def test_a_named_device_that_is_not_there_is_one_clear_error(monkeypatch, name):
     with pytest.raises(StageError, match=f"train.device is '{name}' but {name.upper()} is not available"):
         pick_device(name)
     assert pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("device", "amx", "expected"),
+    [("cpu", True, torch.bfloat16), ("cpu", False, torch.float32), ("cuda", True, torch.float32), ("mps", True, torch.float32)],
+)
+def test_auto_precision_is_bf16_only_on_a_cpu_with_amx(monkeypatch, device, amx, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx, "avx512_bf16": True})
+    assert training_dtype(torch.device(device), "auto") == expected
+    assert training_dtype(torch.device(device), "fp32") == torch.float32
+
+
+def test_a_precision_the_device_cannot_run_is_one_clear_error():
+    assert training_dtype(torch.device("cpu"), "bf16") == torch.bfloat16  # emulated where not native, but it runs
+    with pytest.raises(StageError, match="train.precision is 'bf16', which autocast does not run on MPS"):
+        training_dtype(torch.device("mps"), "bf16")
+    with pytest.raises(StageError, match="train.precision is 'fp16'; it is one of auto, fp32, bf16"):
+        training_dtype(torch.device("cpu"), "fp16")

@@ -81,6 +81,7 @@ class RunParams(Section):
     ]  # set by the params profile (params-smoke.yaml, params-paper.yaml); sweep trials are "sweep"
     seed: int
     device: str  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"]  # training's autocast (utils.training_dtype); measurement is fp32
     deterministic: bool
     experiment: str
     sample_every: PositiveInt  # log a fixed-noise sample grid every N epochs

@@ -33,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from . import distributed
 from .models.base import GenerativeModel
-from .utils import StageError, atomic_torch_save, autocast, memory_format, progress_bar, sha256_json
+from .utils import StageError, atomic_torch_save, autocast, memory_format, progress_bar, sha256_json, training_dtype
 
 EpochCallback = Callable[[int, dict, GenerativeModel], None]
 # A GAN's generator schedule advances on the critic's steps too, before the generator's first step.
@@ -53,14 +53,18 @@ def batches(n: int, batch_size: int) -> int:
 
 @torch.no_grad()
 def validation_losses(
-    model: GenerativeModel, images: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None
+    model: GenerativeModel,
+    images: torch.Tensor,
+    batch_size: int,
+    labels: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         given = () if labels is None else (labels[start : start + batch_size],)
-        with autocast(x.device):
+        with autocast(x.device, dtype):
             for key, value in model.validation_losses(x, *given).items():
                 sums[key] = sums.get(key, 0) + value.float() * len(x)
     model.train()
@@ -195,14 +199,13 @@ def step(
     x: torch.Tensor,
     optimizers: dict,
     global_step: int,
-    mixed_precision: bool = True,
+    dtype: torch.dtype = torch.float32,
     y: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One optimisation step of any family on batch x (and its labels y, for a conditional family), under the
-    device's autocast unless `mixed_precision` is off (the benchmarks time this, and gpu_check compares it with
-    full precision)."""
+    """One optimisation step of any family on batch x (and its labels y, for a conditional family), its matmuls
+    and convolutions autocast to `dtype` (utils.training_dtype)."""
     given = () if y is None else (y,)
-    with autocast(x.device) if mixed_precision else contextlib.nullcontext(), distributed.training_step():
+    with autocast(x.device, dtype), distributed.training_step():
         return model.train_step(x, optimizers, global_step, *given)
 
 
@@ -280,10 +283,10 @@ class Stepper:
         shuffle_rng: torch.Generator,
         labels: torch.Tensor | None = None,
         ema: AveragedModel | None = None,
-        mixed_precision: bool = True,
+        dtype: torch.dtype = torch.float32,
     ):
         self.model, self.images, self.labels, self.optimizers = model, images, labels, optimizers
-        self.lr_schedules, self.shuffle_rng, self.ema, self.mixed_precision = lr_schedules, shuffle_rng, ema, mixed_precision
+        self.lr_schedules, self.shuffle_rng, self.ema, self.dtype = lr_schedules, shuffle_rng, ema, dtype
         self.batch_size = model.params.batch_size
         self.per_epoch = batches(len(images), self.batch_size)
         self.global_step = 0
@@ -303,7 +306,7 @@ class Stepper:
         """`count` steps (with a progress bar on a terminal when `description` is given)."""
         for _ in progress_bar(range(count), description or "", description is not None):
             x, y = self.next_batch()
-            losses = step(self.model, x, self.optimizers, self.global_step, self.mixed_precision, y=y)
+            losses = step(self.model, x, self.optimizers, self.global_step, self.dtype, y=y)
             for scheduler in self.lr_schedules:
                 scheduler.step()
             if self.ema is not None:
@@ -332,6 +335,7 @@ def train(
     train_labels: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
     raw_weights: dict | None = None,
+    precision: str = "auto",
 ) -> list[dict]:
     """Train `model` as its params say (epochs, batch size, schedule) on device-resident images in [0, 1].
 
@@ -342,6 +346,7 @@ def train(
 
     With `ema_decay` > 0 the moving average is what every epoch's validation losses and `on_epoch` see, and
     what the model holds at the end; `raw_weights`, when given, receives the last raw weights of model.averaged().
+    `precision` is train.precision (utils.training_dtype): the steps' and the validation losses' autocast.
     """
     if not model.conditional:
         train_labels = val_labels = None
@@ -373,7 +378,8 @@ def train(
         history, start_epoch = state["history"], state["epoch"]
         if main:
             print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
-    stepper = Stepper(model, train_images, optimizers, lr_schedules, shuffle_rng, train_labels, ema)
+    dtype = training_dtype(train_images.device, precision)
+    stepper = Stepper(model, train_images, optimizers, lr_schedules, shuffle_rng, train_labels, ema, dtype)
     stepper.global_step = start_epoch * steps
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -385,7 +391,7 @@ def train(
         check_finite(metrics, model.family, epoch)
         seconds = time.perf_counter() - started
         with sampling_weights(model, ema):
-            metrics.update(validation_losses(model, val_images, 1000, val_labels))
+            metrics.update(validation_losses(model, val_images, 1000, val_labels, dtype))
         check_finite(metrics, model.family, epoch)
         history.append(
             {"epoch": epoch, **metrics, "epoch_seconds": seconds, "images_per_second": steps * params.batch_size / seconds}

@@ -59,12 +59,29 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on the CPU (bf16 matmuls are slower than fp32 on most CPUs) and on MPS
-    (fp32 there: the same numerics as the CPU, and no device-specific precision to tune)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def training_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype of training's matmuls and convolutions (train.precision): `fp32`, `bf16`, or `auto`: bf16 where it
+    was measured faster, a CPU with AMX bf16 tiles (Intel Sapphire Rapids and later; `mnistgen bench train
+    --variants channels_last+fp32 channels_last+bf16`), else fp32: on an H100 these small models are bound by kernel
+    launches and bf16's casts made steps slower (docs/benchmarks.md), other CPUs emulate bf16, and MPS keeps fp32.
+    Weights, optimiser states and losses stay fp32 either way: bf16 is autocast's, per op."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if device.type == "mps":
+            raise StageError("params.yaml: train.precision is 'bf16', which autocast does not run on MPS; use fp32 or auto")
+        return torch.bfloat16
+    if precision != "auto":
+        raise StageError(f"params.yaml: train.precision is {precision!r}; it is one of auto, fp32, bf16")
+    amx = device.type == "cpu" and torch.cpu.get_capabilities().get("amx_bf16", False)
+    return torch.bfloat16 if amx else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to `dtype` (training_dtype's) on `device`; fp32 is no autocast at all."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def memory_format(device: torch.device) -> torch.memory_format:

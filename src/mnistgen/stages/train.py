@@ -24,7 +24,7 @@ import torch
 from mnistgen import data, distributed, figures, grades, tracking, training
 from mnistgen.config import ModelParams, RunParams, flatten, load_section, read_params
 from mnistgen.models import build_model, load_model_params
-from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, seed_everything, sha256_json
+from mnistgen.utils import StageError, atomic_dir, pick_device, run_stage, seed_everything, sha256_json, training_dtype
 
 NOT_CURVES = {"epoch", "epoch_seconds", "images_per_second"}
 
@@ -134,6 +134,7 @@ class Stage:
             "recipe": grades.recipe_hash(read_params(), self.name),
             "selected_from": str(selected_from()),
             "device": str(self.device),
+            "precision": str(training_dtype(self.device, self.run_params.precision)).removeprefix("torch."),
             "torch_version": torch.__version__,
             **host_tags(),
         }
@@ -169,6 +170,7 @@ class Stage:
             on_epoch=lambda epoch, metrics, model: self.on_epoch(run, epoch, metrics, model),
             train_labels=train_split.labels.to(self.device),
             val_labels=val_split.labels.to(self.device),
+            precision=self.run_params.precision,
         )
 
     def fixed_samples(self, model) -> torch.Tensor:
