@@ -106,7 +106,9 @@ class Harness(training.Stepper):
     """training.train's own step loop (training.Stepper), run a given number of steps at a time, with the
     params' learning-rate schedule; a conditional family gets the digits 0..9 in turn (any do for speed)."""
 
-    def __init__(self, model, optimizers, train_images: torch.Tensor, seed: int, label: str = "ours", precision: str = "auto"):
+    def __init__(
+        self, model, optimizers, train_images: torch.Tensor, seed: int, label: str = "ours", precision: str | None = None
+    ):
         p = model.params
         per_epoch = training.batches(len(train_images), p.batch_size)
         labels = torch.arange(len(train_images), device=train_images.device) % 10 if model.conditional else None
@@ -117,7 +119,7 @@ class Harness(training.Stepper):
             training.schedules(optimizers, per_epoch, p.epochs, p.lr_warmup, p.lr_decay),
             torch.Generator().manual_seed(seed),
             labels,
-            training_dtype(train_images.device, precision),
+            training_dtype(train_images.device, precision or p.precision),
         )
         self.label, self.device = label, train_images.device
 

@@ -14,8 +14,8 @@ For each model (section `models.<name>` of params.yaml, with --profile applied a
               the one step, training.step: the whole training set is one float tensor on the
               device, each epoch draws a seeded randperm and batches are slices of it
               (training.batches per epoch); training.schedules set the learning rate, then
-              training.step runs train_step under utils.autocast at train.precision auto
-              (utils.training_dtype: bf16 on CPUs with AMX, else fp32); the model in
+              training.step runs train_step under utils.autocast at the model's precision
+              (utils.training_dtype: auto is bf16 on CPUs with AMX, else fp32); the model in
               utils.memory_format(device) (channels_last on CPU); losses are summed on the device, never read in the loop.
   DataLoader  a typical MNIST tutorial: a per-sample Dataset whose __getitem__ turns one
               uint8 image into a PIL image and then a float tensor
@@ -32,8 +32,8 @@ boundaries of a round. The epoch time is implied for the 55,000-image training s
 55,000 / (images per second).
 
 With --variants, the harness itself is timed once per variant instead (eager, channels_last,
-compile, compile+channels_last at precision auto; channels_last+fp32 and channels_last+bf16 to compare the
-precisions), each variant on its own copy of the same initial model, in
+compile, compile+channels_last at the model's precision; channels_last+fp32 and channels_last+bf16 to compare
+the precisions), each variant on its own copy of the same initial model, in
 alternating rounds in one process so that machine noise hits every variant alike; the table
 gives each variant's median and best round and its median relative to eager.
 
@@ -65,11 +65,11 @@ from mnistgen import data, training
 from mnistgen.utils import memory_format, training_dtype
 
 EPOCH_IMAGES = 55_000
-VARIANTS = {  # name -> (compile, channels_last, train.precision)
-    "eager": (False, False, "auto"),
-    "channels_last": (False, True, "auto"),
-    "compile": (True, False, "auto"),
-    "compile+channels_last": (True, True, "auto"),
+VARIANTS = {  # name -> (compile, channels_last, precision: None = the model's own)
+    "eager": (False, False, None),
+    "channels_last": (False, True, None),
+    "compile": (True, False, None),
+    "compile+channels_last": (True, True, None),
     "channels_last+fp32": (False, True, "fp32"),
     "channels_last+bf16": (False, True, "bf16"),
 }
@@ -82,7 +82,9 @@ class LoaderBaseline(Harness):
     """A tutorial's loop, deliberately not the harness's batches: DataLoader(per-sample Dataset, shuffle=True),
     each batch moved to the device, then the same step (training.Stepper.run), at a constant learning rate."""
 
-    def __init__(self, model, optimizers, split: data.Split, device: torch.device, seed: int, precision: str, workers: int):
+    def __init__(
+        self, model, optimizers, split: data.Split, device: torch.device, seed: int, precision: str | None, workers: int
+    ):
         # The Stepper's own batches are never drawn (next_batch below): a single batch stands in for its images.
         training.Stepper.__init__(
             self,
@@ -91,7 +93,7 @@ class LoaderBaseline(Harness):
             optimizers,
             [],
             torch.Generator(),
-            dtype=training_dtype(device, precision),
+            dtype=training_dtype(device, precision or model.params.precision),
         )
         self.label, self.device = "DataLoader", device
         self.loader = torch.utils.data.DataLoader(
@@ -176,8 +178,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device} ({name}), {len(train_images)} training images")
     print(
         f"options: compile={'on' if args.compile else 'off'}, channels_last={'on' if args.channels_last else 'off'}, "
-        f"precision auto={training_dtype(device, 'auto')}, "
-        f"baseline precision={'fp32' if args.baseline_fp32 else 'auto'}, "
+        f"precision: each model's own (auto = {training_dtype(device, 'auto')}), "
+        f"baseline precision={'fp32' if args.baseline_fp32 else 'as ours'}, "
         f"baseline workers={args.baseline_workers}, {args.steps} timed steps after {args.warmup} warm-up, "
         f"best of {args.repeats} alternating round(s)"
     )
@@ -191,7 +193,7 @@ def main() -> None:
         print(f"\n{family}: {params.arch}, width {params.width}, latent {params.latent_dim}, batch {bs}", flush=True)
         runners = []
         for label in args.variants or ["ours"]:
-            compile_, channels_last, precision = VARIANTS[label] if args.variants else (args.compile, args.channels_last, "auto")
+            compile_, channels_last, precision = VARIANTS[label] if args.variants else (args.compile, args.channels_last, None)
             model, optimizers, compiled = prepare_model(params, device, args.seed, compile_, channels_last)
             if compile_:
                 print(
@@ -203,7 +205,7 @@ def main() -> None:
             model, optimizers, _ = prepare_model(params, device, args.seed, args.compile, args.channels_last)
             runners.append(
                 LoaderBaseline(
-                    model, optimizers, split, device, args.seed, "fp32" if args.baseline_fp32 else "auto", args.baseline_workers
+                    model, optimizers, split, device, args.seed, "fp32" if args.baseline_fp32 else None, args.baseline_workers
                 )
             )
         rounds: dict[str, list[tuple[float, int]]] = {runner.label: [] for runner in runners}

@@ -45,6 +45,7 @@ _GAN_COMMON = {
     "lr_warmup": 0.0,
     "lr_decay": False,
     "ema_decay": 0.0,
+    "precision": "fp32",  # the tutorials' own
     "betas": [0.5, 0.999],
 }
 RECIPES: dict[str, tuple[str, dict]] = {  # a project family -> (the baseline's name, its models.<name> section)
@@ -62,6 +63,7 @@ RECIPES: dict[str, tuple[str, dict]] = {  # a project family -> (the baseline's 
             "lr_warmup": 0.0,
             "lr_decay": False,
             "ema_decay": 0.0,
+            "precision": "fp32",  # the tutorial's own
             "beta": 1.0,
             "dynamic_binarization": False,
         },

@@ -28,7 +28,7 @@ the target; every check's time is inside the clock.
             latent_dim 20, beta 1; see vae_params), trained by the project's harness itself,
             mnistgen.training.train, whose every step is training.step
             (device-resident data, seeded randperm slices, fused Adam, the decoder's output
-            bias started at the pixel log-odds, train.precision auto: bf16 autocast on AMX CPUs,
+            bias started at the pixel log-odds, precision auto: bf16 autocast on AMX CPUs,
             its per-epoch validation losses on the 5,000 validation images), with the validation
             check in its on_epoch callback, which stops the run once the target is reached.
 
@@ -186,7 +186,7 @@ def split_nelbo(model, images: torch.Tensor, batch_size: int = 2000) -> float:
     return total.item() / len(images)  # the one host sync of a check
 
 
-def vae_params(batch_size: int, lr: float, epochs: int, warmup: float):
+def vae_params(batch_size: int, lr: float, epochs: int, warmup: float, precision: str = "fp32"):
     """The peers' VAE section (peer_recipes: the examples' 784-400-20 MLP, the ELBO with beta 1 on grey pixels)
     with our training settings, so the two runs differ only in how they train. epochs 0 = a constant lr (no budget)."""
     _, examples = peer_recipes.RECIPES["vae"]
@@ -196,6 +196,7 @@ def vae_params(batch_size: int, lr: float, epochs: int, warmup: float):
         "lr": lr,
         "lr_warmup": warmup if epochs else 0.0,
         "lr_decay": bool(epochs),
+        "precision": precision,
     }
     return models.model_params({**examples, **training_settings}, "vae_time_to_elbo")
 
@@ -207,7 +208,7 @@ def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int
     train_images, val_images = (data.to_float(splits[k].images, device) for k in ("train", "val"))
     # The ablation --no-bias-init is the peers' model class: PyTorch's default output bias, not the log-odds start
     build = peer_recipes.ExamplesVAE if args.no_bias_init else build_model
-    model = build(vae_params(batch_size, lr, epochs, args.warmup)).to(device)
+    model = build(vae_params(batch_size, lr, epochs, args.warmup, args.precision)).to(device)
     history = []
 
     def check(epoch: int, metrics: dict, model) -> None:
@@ -219,7 +220,7 @@ def run_ours(splits: dict, device, args, batch_size: int, lr: float, epochs: int
             raise StopRun
 
     try:
-        training.train(model, train_images, val_images, seed=args.seed, on_epoch=check, progress=False, precision=args.precision)
+        training.train(model, train_images, val_images, seed=args.seed, on_epoch=check, progress=False)
     except StopRun:
         pass
     except training.DivergenceError as err:
@@ -267,7 +268,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.5, help="ours: epochs of linear lr warm-up")
     parser.add_argument("--no-bias-init", action="store_true", help="ours: keep PyTorch's default decoder output bias")
     parser.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="ours: train.precision (utils.training_dtype)"
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="ours: the precision of its vae section (utils.training_dtype)",
     )
     parser.add_argument("--skip-baseline", action="store_true", help="run ours only")
     parser.add_argument("--skip-ours", action="store_true", help="run the baseline only (to time each whole process)")

@@ -19,8 +19,19 @@ EPOCHS = 2  # 16 steps each: the ranks' random streams must stay in step across 
 
 
 def params(family: str, **changes):
-    """A tiny conv model (batch norm 2d in the GAN's critic, 1d and 2d in the generators), warm-up and decay."""
-    return tiny(family, arch="conv", width=4, epochs=EPOCHS, batch_size=GLOBAL_BATCH, lr_warmup=0.5, lr_decay=True, **changes)
+    """A tiny conv model (batch norm 2d in the GAN's critic, 1d and 2d in the generators), warm-up and decay; fp32 on
+    every CPU: the check is the batch split, and bf16 rounding would amplify the ranks' summation order."""
+    return tiny(
+        family,
+        arch="conv",
+        width=4,
+        epochs=EPOCHS,
+        batch_size=GLOBAL_BATCH,
+        lr_warmup=0.5,
+        lr_decay=True,
+        precision="fp32",
+        **changes,
+    )
 
 
 def data(n: int = 256, n_val: int = 40):

@@ -23,10 +23,7 @@ def main(out: Path) -> None:
             seed_everything(0, deterministic=True)  # every rank alike: same initial weights, same noise stream
             model = build_model(params(family, **changes))
             images, labels, val_images, val_labels = data()
-            # fp32 on every CPU: the check is the batch split, and bf16 rounding would amplify the summation order
-            training.train(
-                model, images, val_images, seed=0, progress=False, train_labels=labels, val_labels=val_labels, precision="fp32"
-            )
+            training.train(model, images, val_images, seed=0, progress=False, train_labels=labels, val_labels=val_labels)
             if distributed.is_main():
                 torch.save(model.state_dict(), out / f"{name}.pt")
 

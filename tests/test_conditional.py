@@ -327,7 +327,6 @@ def test_the_logged_conditional_model_takes_a_digit_through_mlflow(tmp_path):
             "experiment": "test-exp",
             "sample_every": 1,
             "dist_timeout_s": 60,
-            "precision": "auto",
         },
         models={"cwgan": tiny_model_params("cwgan")},
     )

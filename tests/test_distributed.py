@@ -32,7 +32,6 @@ RUN_SECTION = {
     "experiment": "test-exp",
     "sample_every": 1,
     "dist_timeout_s": 60,
-    "precision": "auto",
 }
 
 
@@ -139,9 +138,7 @@ def one_process_reference(family: str, changes: dict) -> nn.Module:
         seed_everything(0, deterministic=True)
         model = build_model(params(family, **changes))
         images, labels, val_images, val_labels = data()
-        training.train(
-            model, images, val_images, seed=0, progress=False, train_labels=labels, val_labels=val_labels, precision="fp32"
-        )
+        training.train(model, images, val_images, seed=0, progress=False, train_labels=labels, val_labels=val_labels)
     finally:
         torch.set_num_threads(threads)
     return model

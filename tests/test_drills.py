@@ -27,7 +27,6 @@ def workspace(path):
         "experiment": "drill",
         "sample_every": 10,
         "dist_timeout_s": 60,
-        "precision": "auto",
     }
     write_params(
         path,

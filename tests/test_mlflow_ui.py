@@ -66,7 +66,6 @@ def _run_stages(work: Path, db_uri: str) -> None:
             "experiment": EXPERIMENT,
             "sample_every": 1,
             "dist_timeout_s": 60,
-            "precision": "auto",
         },
         models={m: tiny_model_params(m) for m in TRAINED},
         gate={**GATE_SETTINGS, **dict.fromkeys(TRAINED, LOOSE_GATE)},

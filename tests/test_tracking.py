@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import ROOT, tiny_model_params, write_params, write_prepared
 from mlflow import MlflowClient
 
@@ -25,7 +24,6 @@ RUN_SECTION = {
     "experiment": "test-exp",
     "sample_every": 1,
     "dist_timeout_s": 60,
-    "precision": "auto",
 }
 
 
@@ -39,7 +37,7 @@ def trained(tmp_path_factory, empty_store):
     work = tmp_path_factory.mktemp("train")
     shutil.copy(empty_store, work / "mlflow.db")
     write_prepared(work / "data" / "prepared")
-    write_params(work, train=RUN_SECTION, models={"vae": tiny_model_params("vae", epochs=2)})
+    write_params(work, train=RUN_SECTION, models={"vae": tiny_model_params("vae", epochs=2, precision="bf16")})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
     result = subprocess.run(
         [sys.executable, "-m", "mnistgen.stages.train", *train_args("vae")],
@@ -84,8 +82,7 @@ def test_train_stage_logs_params_curves_tags_and_model(trained):
     for key in ("git_commit", "data_hash", "params_hash", "device", "torch_version"):
         assert run.data.tags[key]
     assert run.data.tags["device"] == "cpu"
-    # train.precision auto, resolved on this CPU: the run says which precision trained it
-    assert run.data.tags["precision"] == ("bfloat16" if torch.cpu.get_capabilities().get("amx_bf16") else "float32")
+    assert run.data.tags["precision"] == "bfloat16"  # models.vae.precision: the run says which precision trained it
     # where the seconds were measured: the CPU, and how many of its logical CPUs torch's threads use
     assert run.data.tags["cpu"] and 1 <= int(run.data.tags["torch_threads"]) <= int(run.data.tags["cpus"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}

@@ -208,10 +208,10 @@ def test_every_epoch_callback_sees_the_averaged_weights_the_run_keeps(tmp_path):
 @pytest.mark.parametrize(("precision", "matmul_dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_precision_sets_the_steps_autocast_and_leaves_weights_and_losses_fp32(precision, matmul_dtype):
     seed_everything(0)
-    model = build_model(params("vae", epochs=1))
+    model = build_model(params("vae", epochs=1, precision=precision))
     seen: set[torch.dtype] = set()
     model.encoder.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
-    history = training.train(model, images(), images(32, 1), seed=0, progress=False, precision=precision)
+    history = training.train(model, images(), images(32, 1), seed=0, progress=False)
     assert seen == {matmul_dtype}  # every training step's and validation pass's encoder ran in the precision's dtype
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(math.isfinite(v) for v in history[-1].values())

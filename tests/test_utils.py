@@ -83,7 +83,7 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_amx(monkeypatch, device, amx,
 
 def test_a_precision_the_device_cannot_run_is_one_clear_error():
     assert training_dtype(torch.device("cpu"), "bf16") == torch.bfloat16  # emulated where not native, but it runs
-    with pytest.raises(StageError, match="train.precision is 'bf16', which autocast does not run on MPS"):
+    with pytest.raises(StageError, match="precision is 'bf16', which autocast does not run on MPS"):
         training_dtype(torch.device("mps"), "bf16")
-    with pytest.raises(StageError, match="train.precision is 'fp16'; it is one of auto, fp32, bf16"):
+    with pytest.raises(StageError, match="precision is 'fp16'; it is one of auto, fp32, bf16"):
         training_dtype(torch.device("cpu"), "fp16")

@@ -81,7 +81,6 @@ class RunParams(Section):
     ]  # set by the params profile (params-smoke.yaml, params-paper.yaml); sweep trials are "sweep"
     seed: int
     device: str  # auto | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16"]  # training's autocast (utils.training_dtype); measurement is fp32
     deterministic: bool
     experiment: str
     sample_every: PositiveInt  # log a fixed-noise sample grid every N epochs
@@ -102,6 +101,7 @@ class ModelParams(Section):
     lr_warmup: NonNegativeFloat  # epochs of linear learning-rate warm-up at the start
     lr_decay: bool  # linear learning-rate decay to 0 at the last step (after the warm-up)
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]  # moving average of the sampling weights per step; 0 = off
+    precision: Literal["auto", "fp32", "bf16"]  # training's autocast (utils.training_dtype); measurement is fp32
 
 
 class EvaluateParams(Section):

@@ -193,7 +193,6 @@ class Objective:
                 progress=False,
                 train_labels=self.train_y,
                 val_labels=self.val_y,
-                precision=self.run_params.precision,
             )
         except optuna.TrialPruned:
             run.set_tags({"optuna_state": "PRUNED"})

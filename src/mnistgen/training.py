@@ -335,7 +335,6 @@ def train(
     train_labels: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
     raw_weights: dict | None = None,
-    precision: str = "auto",
 ) -> list[dict]:
     """Train `model` as its params say (epochs, batch size, schedule) on device-resident images in [0, 1].
 
@@ -346,7 +345,7 @@ def train(
 
     With `ema_decay` > 0 the moving average is what every epoch's validation losses and `on_epoch` see, and
     what the model holds at the end; `raw_weights`, when given, receives the last raw weights of model.averaged().
-    `precision` is train.precision (utils.training_dtype): the steps' and the validation losses' autocast.
+    The params' `precision` (utils.training_dtype) is the steps' and the validation losses' autocast.
     """
     if not model.conditional:
         train_labels = val_labels = None
@@ -378,7 +377,7 @@ def train(
         history, start_epoch = state["history"], state["epoch"]
         if main:
             print(f"{model.family}: resumed from {checkpoint.path} after epoch {start_epoch}")
-    dtype = training_dtype(train_images.device, precision)
+    dtype = training_dtype(train_images.device, params.precision)
     stepper = Stepper(model, train_images, optimizers, lr_schedules, shuffle_rng, train_labels, ema, dtype)
     stepper.global_step = start_epoch * steps
     model.train()

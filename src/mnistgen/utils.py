@@ -60,7 +60,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def training_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The dtype of training's matmuls and convolutions (train.precision): `fp32`, `bf16`, or `auto`: bf16 where it
+    """The dtype of training's matmuls and convolutions (models.<name>.precision): `fp32`, `bf16`, or `auto`: bf16 where it
     was measured faster, a CPU with AMX bf16 tiles (Intel Sapphire Rapids and later; `mnistgen bench train
     --variants channels_last+fp32 channels_last+bf16`), else fp32: on an H100 these small models are bound by kernel
     launches and bf16's casts made steps slower (docs/benchmarks.md), other CPUs emulate bf16, and MPS keeps fp32.
@@ -69,10 +69,10 @@ def training_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
         return torch.float32
     if precision == "bf16":
         if device.type == "mps":
-            raise StageError("params.yaml: train.precision is 'bf16', which autocast does not run on MPS; use fp32 or auto")
+            raise StageError("params.yaml: precision is 'bf16', which autocast does not run on MPS; use fp32 or auto")
         return torch.bfloat16
     if precision != "auto":
-        raise StageError(f"params.yaml: train.precision is {precision!r}; it is one of auto, fp32, bf16")
+        raise StageError(f"params.yaml: precision is {precision!r}; it is one of auto, fp32, bf16")
     amx = device.type == "cpu" and torch.cpu.get_capabilities().get("amx_bf16", False)
     return torch.bfloat16 if amx else torch.float32
 

@@ -54,7 +54,6 @@ def train_seed(name: str, seed: int, prepared: Path, device: torch.device):
         progress=False,
         train_labels=train.labels.to(device),
         val_labels=val.labels.to(device),
-        precision=run_params.precision,
     )
     return model.eval()
 

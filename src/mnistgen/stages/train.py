@@ -134,7 +134,7 @@ class Stage:
             "recipe": grades.recipe_hash(read_params(), self.name),
             "selected_from": str(selected_from()),
             "device": str(self.device),
-            "precision": str(training_dtype(self.device, self.run_params.precision)).removeprefix("torch."),
+            "precision": str(training_dtype(self.device, self.params.precision)).removeprefix("torch."),
             "torch_version": torch.__version__,
             **host_tags(),
         }
@@ -170,7 +170,6 @@ class Stage:
             on_epoch=lambda epoch, metrics, model: self.on_epoch(run, epoch, metrics, model),
             train_labels=train_split.labels.to(self.device),
             val_labels=val_split.labels.to(self.device),
-            precision=self.run_params.precision,
         )
 
     def fixed_samples(self, model) -> torch.Tensor:
