@@ -119,7 +119,7 @@ class Harness(training.Stepper):
             training.schedules(optimizers, per_epoch, p.epochs, p.lr_warmup, p.lr_decay),
             torch.Generator().manual_seed(seed),
             labels,
-            training_dtype(train_images.device, precision or p.precision),
+            dtype=training_dtype(train_images.device, precision or p.precision),
         )
         self.label, self.device = label, train_images.device
 

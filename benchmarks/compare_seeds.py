@@ -16,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-LOWER_IS_BETTER = ("fid", "mse", "iwae")
+LOWER_IS_BETTER = ("fid_cls", "kid_cls", "recon_mse", "iwae_nll")  # prefixes; label_fidelity is not a FID
 
 
 def worse_by(key: str, a_mean: float, b_mean: float) -> float:
     """How much worse B's mean is than A's (positive = worse)."""
-    lower_is_better = any(word in key for word in LOWER_IS_BETTER)
+    lower_is_better = key.startswith(LOWER_IS_BETTER)
     return b_mean - a_mean if lower_is_better else a_mean - b_mean
 
 
