@@ -175,6 +175,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
+        dtype, x = x.dtype, x.float()  # statistics in fp32 under bf16 autocast, as torch's batch norm keeps them
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = x.numel() // x.shape[1] * world_size()
@@ -184,7 +185,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             self._track(mean.detach(), var.detach() * count / (count - 1))  # the unbiased variance, as BatchNorm tracks
         out = centred * torch.rsqrt(var + self.eps).view(shape)
-        return out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+        out = out * self.weight.view(shape) + self.bias.view(shape) if self.affine else out
+        return out.to(dtype)
 
     @torch.no_grad()
     def _track(self, mean, var):
